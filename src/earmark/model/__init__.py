@@ -1,5 +1,14 @@
 """Pure domain types shared by every layer. No I/O, no third-party imports."""
 
+from earmark.model.evidence import Evidence, EvidenceKind
+from earmark.model.intel import (
+    ActorProfile,
+    Indicator,
+    IndicatorType,
+    IntelRelation,
+    IntelReport,
+)
+from earmark.model.kb import FunctionTable, Provenance, SampleLabel, SampleRecord, Tlp
 from earmark.model.sample import (
     FEATURES_FORMAT_VERSION,
     MINHASH_PERMUTATIONS,
@@ -19,15 +28,27 @@ from earmark.model.sample import (
 __all__ = [
     "FEATURES_FORMAT_VERSION",
     "MINHASH_PERMUTATIONS",
+    "ActorProfile",
     "ElfInfo",
+    "Evidence",
+    "EvidenceKind",
     "Export",
     "FunctionFeatures",
+    "FunctionTable",
     "Import",
+    "Indicator",
+    "IndicatorType",
+    "IntelRelation",
+    "IntelReport",
     "PeInfo",
+    "Provenance",
     "RichEntry",
     "RichHeader",
     "SampleFeatures",
+    "SampleLabel",
+    "SampleRecord",
     "Section",
     "Signer",
     "StringRef",
+    "Tlp",
 ]
