@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
-from enum import Enum
+from enum import StrEnum
 
 from earmark.model.kb import Tlp
 
 
-class IndicatorType(str, Enum):
+class IndicatorType(StrEnum):
     IPV4 = "ipv4"
     IPV6 = "ipv6"
     DOMAIN = "domain"

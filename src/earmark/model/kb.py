@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
 
 
-class Tlp(str, Enum):
+class Tlp(StrEnum):
     """Traffic Light Protocol 2.0 markings."""
 
     CLEAR = "clear"
