@@ -1,0 +1,30 @@
+"""The knowledge base: samples, their functions and labels, behind the ``Store`` protocol.
+
+``open_store()`` opens ``$EARMARK_DB`` or ``./earmark.db``; ``open_store("kb.db")`` a SQLite file;
+``open_store("postgresql+psycopg://...")`` any SQLAlchemy URL. See docs/store.md.
+"""
+
+from earmark.store.base import FeaturesCodec, Store, StoreStats
+from earmark.store.migrations import MIGRATIONS, schema_version
+from earmark.store.sql import (
+    DATABASE_ENV_VAR,
+    DEFAULT_DATABASE_PATH,
+    FreezeCodec,
+    SqlStore,
+    open_store,
+    resolve_database_url,
+)
+
+__all__ = [
+    "DATABASE_ENV_VAR",
+    "DEFAULT_DATABASE_PATH",
+    "MIGRATIONS",
+    "FeaturesCodec",
+    "FreezeCodec",
+    "SqlStore",
+    "Store",
+    "StoreStats",
+    "open_store",
+    "resolve_database_url",
+    "schema_version",
+]

@@ -1,0 +1,183 @@
+"""Schema migrations: small recorded functions, each applied in its own transaction.
+
+Each migration is a frozen snapshot of the DDL of its day: once released it never changes, and a
+later change to the tables is a new migration appended to ``MIGRATIONS`` (with ``schema.py``
+updated to the new shape). The ``schema_migrations`` table records which ones ran and when.
+
+Opening a store applies the pending ones in order. A database that records a migration this code
+does not know was written by a newer earmark; it is refused with ``StoreError`` rather than
+written by code that does not understand its tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    inspect,
+    select,
+)
+from sqlalchemy.engine import Connection
+
+from earmark.errors import StoreError
+from earmark.store import schema
+
+# Execution option read by the SQLite "begin" hook in ``earmark.store.sql``: write transactions
+# start with BEGIN IMMEDIATE so two writers queue on the lock instead of both reading under a
+# shared lock and then failing to upgrade it (SQLITE_BUSY without waiting).
+SQLITE_BEGIN_OPTION = "earmark_sqlite_begin"
+
+
+@contextmanager
+def begin_write(engine: Engine) -> Iterator[Connection]:
+    """One write transaction: committed when the block ends, rolled back if it raises."""
+    with engine.connect() as connection:
+        connection = connection.execution_options(**{SQLITE_BEGIN_OPTION: "BEGIN IMMEDIATE"})
+        with connection.begin():
+            yield connection
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    id: int
+    name: str
+    apply: Callable[[Connection], None]
+
+
+def _create_core_tables(connection: Connection) -> None:
+    """Version 1: samples, their functions and labels, and the revision counter."""
+    snapshot = MetaData()
+    Table(
+        "kb_revision",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("revision", BigInteger, nullable=False),
+    )
+    Table(
+        "samples",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("sha256", String(64), nullable=False, unique=True),
+        Column("sha1", String(40), nullable=False),
+        Column("md5", String(32), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("format", String(16), nullable=False),
+        Column("arch", String(16), nullable=False),
+        Column("bits", Integer, nullable=False),
+        Column("imphash", String(64), nullable=True),
+        Column("tlsh", String(80), nullable=True),
+        Column("pdb_path", Text, nullable=True),
+        Column("rich_header", Text, nullable=True),
+        Column("function_count", Integer, nullable=False),
+        Column("features_format_version", String(16), nullable=False),
+        Column("analyzer_version", String(64), nullable=False),
+        Column("features", LargeBinary, nullable=False),
+        Column("source", Text, nullable=False),
+        Column("first_seen", DateTime(timezone=True), nullable=False),
+        Column("tlp", String(16), nullable=False),
+    )
+    Table(
+        "labels",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("sample_id", Integer, ForeignKey("samples.id", ondelete="CASCADE"), nullable=False),
+        Column("actor", Text, nullable=True),
+        Column("family", Text, nullable=True),
+        Column("goodware", Boolean, nullable=False),
+        Column("source", Text, nullable=False),
+        Column("recorded_at", DateTime(timezone=True), nullable=False),
+        Column("tlp", String(16), nullable=False),
+        Index("ix_labels_sample_id", "sample_id"),
+    )
+    Table(
+        "functions",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("sample_id", Integer, ForeignKey("samples.id", ondelete="CASCADE"), nullable=False),
+        Column("address", BigInteger, nullable=False),
+        Column("size", Integer, nullable=False),
+        Column("instruction_count", Integer, nullable=False),
+        Column("block_count", Integer, nullable=False),
+        Column("exact_hash", BigInteger, nullable=False),
+        Column("minhash", LargeBinary, nullable=False),
+        Index("ix_functions_exact_hash", "exact_hash"),
+        Index("ix_functions_sample_id", "sample_id"),
+    )
+    snapshot.create_all(connection)
+    connection.execute(insert(snapshot.tables["kb_revision"]).values(id=1, revision=0))
+
+
+def _index_labels_by_name(connection: Connection) -> None:
+    """Version 2: find an actor's or family's samples without scanning every label."""
+    snapshot = MetaData()
+    labels = Table("labels", snapshot, autoload_with=connection)
+    Index("ix_labels_actor", labels.c.actor).create(connection)
+    Index("ix_labels_family", labels.c.family).create(connection)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "create samples, functions, labels and the revision counter", _create_core_tables),
+    Migration(2, "index labels by actor and family", _index_labels_by_name),
+)
+
+
+def schema_version(migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    """The schema version this code writes: the id of its last migration."""
+    return max(m.id for m in migrations)
+
+
+def _applied_ids(connection: Connection) -> set[int]:
+    return set(connection.scalars(select(schema.schema_migrations.c.id)))
+
+
+def apply_migrations(engine: Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+    """Bring the database up to date; returns the ids applied now (empty when already current).
+
+    Raises ``StoreError`` when the database was written by a newer earmark.
+    """
+    if not inspect(engine).has_table(schema.schema_migrations.name):
+        with begin_write(engine) as connection:
+            schema.schema_migrations.create(connection, checkfirst=True)
+    known = {m.id for m in migrations}
+    with engine.connect() as connection:
+        applied = _applied_ids(connection)
+    unknown = sorted(applied - known)
+    if unknown:
+        raise StoreError(
+            f"the knowledge base has schema version {max(applied)} (migrations {unknown} are "
+            "unknown here) but this earmark only knows up to version "
+            f"{schema_version(migrations)}; upgrade earmark to open it"
+        )
+    newly_applied: list[int] = []
+    for migration in sorted(migrations, key=lambda m: m.id):
+        if migration.id in applied:
+            continue
+        with begin_write(engine) as connection:
+            # Another process may have applied it since we looked; the write lock is ours now.
+            if migration.id in _applied_ids(connection):
+                continue
+            migration.apply(connection)
+            connection.execute(
+                insert(schema.schema_migrations).values(
+                    id=migration.id, name=migration.name, applied_at=datetime.now(UTC)
+                )
+            )
+        newly_applied.append(migration.id)
+    return newly_applied

@@ -1,0 +1,521 @@
+"""The SQLAlchemy-backed knowledge base: SQLite by default, any SQLAlchemy URL (PostgreSQL) too.
+
+All SQL in earmark lives in ``earmark.store``. Queries are SQLAlchemy Core built from
+``earmark.store.schema``, so the same code runs on SQLite and PostgreSQL; the only SQLite-specific
+parts are the connection pragmas and the BEGIN hook below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, cast
+
+import numpy as np
+from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine.url import URL
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError
+from sqlalchemy.pool import StaticPool
+
+from earmark.errors import StoreError
+from earmark.model.kb import FunctionTable, Provenance, SampleLabel, SampleRecord, Tlp
+from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
+from earmark.store import schema
+from earmark.store.base import FeaturesCodec, StoreStats
+from earmark.store.migrations import SQLITE_BEGIN_OPTION, apply_migrations, begin_write
+
+# Environment variable naming the knowledge base when no path or URL is given (DESIGN.md §1).
+DATABASE_ENV_VAR = "EARMARK_DB"
+# The knowledge base used when neither an argument nor EARMARK_DB names one.
+DEFAULT_DATABASE_PATH = "earmark.db"
+# How long a SQLite writer waits for another process's write transaction before failing. One
+# sample's write takes milliseconds; 30 s covers a parallel ingest writing a 50k-function sample.
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+# Rows fetched per round trip by load_function_table: bounds the peak of Python row objects to
+# ~30 MB whatever the table size, while the per-chunk overhead stays negligible.
+FUNCTION_TABLE_FETCH_ROWS = 65_536
+# Bytes of one stored MinHash signature (little-endian uint32 values).
+MINHASH_BLOB_BYTES = MINHASH_PERMUTATIONS * 4
+# Provenance given to a sample row stored without a label or explicit provenance.
+UNKNOWN_SOURCE = "unknown"
+
+_UINT64_SIGN_BIT = 1 << 63
+_UINT64_RANGE = 1 << 64
+
+
+def _to_signed64(value: int) -> int:
+    """The int64 with the same bits as an unsigned 64-bit value (SQL integers are signed)."""
+    return value - _UINT64_RANGE if value >= _UINT64_SIGN_BIT else value
+
+
+def _utc(moment: datetime) -> datetime:
+    """Aware UTC datetime; naive values (SQLite returns them) are taken to be UTC already."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+class FreezeCodec:
+    """The default ``FeaturesCodec``: ``earmark.freeze``, looked up when first used.
+
+    Looked up at run time so ``earmark.store`` keeps depending on ``earmark.model`` only
+    (DESIGN.md §3); pass another codec to ``open_store`` to replace it.
+    """
+
+    def _freeze(self) -> Any:
+        return importlib.import_module("earmark.freeze")
+
+    def to_bytes(self, features: SampleFeatures) -> bytes:
+        return cast(bytes, self._freeze().features_to_bytes(features))
+
+    def from_bytes(self, data: bytes) -> SampleFeatures:
+        return cast(SampleFeatures, self._freeze().features_from_bytes(data))
+
+
+def resolve_database_url(url_or_path: str | None) -> URL:
+    """None → $EARMARK_DB → ./earmark.db; a plain path → sqlite:///path; a URL as it is."""
+    target = url_or_path or os.environ.get(DATABASE_ENV_VAR) or DEFAULT_DATABASE_PATH
+    if target == ":memory:":
+        return make_url("sqlite://")
+    if "://" not in target:
+        return URL.create("sqlite", database=str(Path(target).expanduser()))
+    try:
+        return make_url(target)
+    except ArgumentError as error:
+        raise StoreError(f"not a database path or URL: {target!r} ({error})") from error
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
+    # Take transactions out of the sqlite3 module's hands (it would not BEGIN before DDL, so a
+    # migration would not be atomic); the "begin" hook below issues BEGIN itself.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # WAL: readers (the index) never block the ingest writer, and a killed writer leaves
+        # only uncommitted frames that the next open discards.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is crash-safe in WAL mode (a power cut may lose the last commits, never
+        # corrupts) and avoids an fsync per sample.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _begin_sqlite_transaction(connection: Connection) -> None:
+    connection.exec_driver_sql(connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "BEGIN"))
+
+
+def _create_engine(url: URL) -> Engine:
+    shown = url.render_as_string(hide_password=True)
+    try:
+        if url.get_backend_name() != "sqlite":
+            return create_engine(url, pool_pre_ping=True)
+        connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
+        if url.database in (None, "", ":memory:"):
+            # One shared connection, or every checkout would see a new empty database.
+            connect_args["check_same_thread"] = False
+            engine = create_engine(url, connect_args=connect_args, poolclass=StaticPool)
+        else:
+            parent = Path(url.database).parent
+            if not parent.is_dir():
+                raise StoreError(f"cannot create knowledge base {shown}: no directory {parent}")
+            engine = create_engine(url, connect_args=connect_args)
+    except (ArgumentError, NoSuchModuleError) as error:
+        raise StoreError(f"cannot use database URL {shown}: {error}") from error
+    event.listen(engine, "connect", _configure_sqlite_connection)
+    event.listen(engine, "begin", _begin_sqlite_transaction)
+    return engine
+
+
+@contextmanager
+def _database_errors(action: str) -> Iterator[None]:
+    """Turn driver failures (locked, corrupt, unreachable database) into ``StoreError``."""
+    try:
+        yield
+    except IntegrityError:
+        raise  # a constraint we did not expect to break is a bug, not a user error
+    except DatabaseError as error:
+        raise StoreError(f"knowledge base: cannot {action}: {error.orig}") from error
+
+
+def open_store(url_or_path: str | None = None, *, codec: FeaturesCodec | None = None) -> SqlStore:
+    """Open (creating and migrating as needed) the knowledge base at a path or SQLAlchemy URL."""
+    url = resolve_database_url(url_or_path)
+    engine = _create_engine(url)
+    try:
+        with _database_errors(f"open {url.render_as_string(hide_password=True)}"):
+            apply_migrations(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return SqlStore(engine, codec or FreezeCodec())
+
+
+def _minhash_blob(function: FunctionFeatures) -> bytes:
+    if len(function.minhash) != MINHASH_PERMUTATIONS:
+        raise StoreError(
+            f"function at {function.address:#x} has {len(function.minhash)} MinHash values, "
+            f"expected {MINHASH_PERMUTATIONS}"
+        )
+    return np.asarray(function.minhash, dtype="<u4").tobytes()
+
+
+def _rich_header_json(features: SampleFeatures) -> str | None:
+    rich = features.pe.rich_header if features.pe else None
+    if rich is None:
+        return None
+    entries = [[e.product_id, e.build, e.count] for e in rich.entries]
+    return json.dumps({"key": rich.key, "checksum_valid": rich.checksum_valid, "entries": entries})
+
+
+def _label_from_row(row: Any) -> SampleLabel:
+    return SampleLabel(
+        actor=row.actor,
+        family=row.family,
+        goodware=bool(row.goodware),
+        provenance=Provenance(
+            source=row.source, recorded_at=_utc(row.recorded_at), tlp=Tlp(row.tlp)
+        ),
+    )
+
+
+class SqlStore:
+    """``Store`` over a SQLAlchemy engine. Create it with ``open_store``."""
+
+    def __init__(self, engine: Engine, codec: FeaturesCodec) -> None:
+        self._engine = engine
+        self._codec = codec
+
+    @property
+    def url(self) -> str:
+        return self._engine.url.render_as_string(hide_password=True)
+
+    # -- writes -------------------------------------------------------------------------
+
+    def add_sample(
+        self,
+        features: SampleFeatures,
+        label: SampleLabel | None,
+        provenance: Provenance | None = None,
+    ) -> bool:
+        if provenance is None:
+            provenance = (
+                label.provenance if label else Provenance(UNKNOWN_SOURCE, datetime.now(UTC))
+            )
+        # Everything that can fail on bad input is computed before the transaction opens.
+        blob = self._codec.to_bytes(features)
+        function_rows = [
+            {
+                "address": _to_signed64(fn.address),
+                "size": fn.size,
+                "instruction_count": fn.instruction_count,
+                "block_count": fn.block_count,
+                "exact_hash": _to_signed64(fn.exact_hash),
+                "minhash": _minhash_blob(fn),
+            }
+            for fn in features.functions
+        ]
+        try:
+            with (
+                _database_errors(f"store sample {features.sha256}"),
+                begin_write(self._engine) as connection,
+            ):
+                if self._sample_id(connection, features.sha256) is not None:
+                    self._add_label_in(connection, features.sha256, label)
+                    return False
+                sample_id = self._insert_sample_row(connection, features, blob, provenance)
+                self._insert_functions(connection, sample_id, function_rows)
+                if label is not None:
+                    self._insert_label(connection, sample_id, label)
+                self._bump_revision(connection)
+        except IntegrityError:
+            # Another writer stored the same sha256 between our check and our insert.
+            if not self.has_sample(features.sha256):
+                raise
+            if label is not None:
+                self.add_label(features.sha256, label)
+            return False
+        return True
+
+    def add_label(self, sha256: str, label: SampleLabel) -> bool:
+        with _database_errors(f"label sample {sha256}"), begin_write(self._engine) as connection:
+            return self._add_label_in(connection, sha256, label)
+
+    def _add_label_in(self, connection: Connection, sha256: str, label: SampleLabel | None) -> bool:
+        sample_id = self._sample_id(connection, sha256)
+        if sample_id is None:
+            raise StoreError(f"cannot label sample {sha256}: it is not in the knowledge base")
+        if label is None or self._has_same_claim(connection, sample_id, label):
+            return False
+        self._insert_label(connection, sample_id, label)
+        self._bump_revision(connection)
+        return True
+
+    def _sample_id(self, connection: Connection, sha256: str) -> int | None:
+        return connection.scalar(
+            select(schema.samples.c.id).where(schema.samples.c.sha256 == sha256.lower())
+        )
+
+    def _insert_sample_row(
+        self,
+        connection: Connection,
+        features: SampleFeatures,
+        blob: bytes,
+        provenance: Provenance,
+    ) -> int:
+        pe = features.pe
+        result = connection.execute(
+            insert(schema.samples).values(
+                sha256=features.sha256.lower(),
+                sha1=features.sha1.lower(),
+                md5=features.md5.lower(),
+                size=features.size,
+                format=features.format,
+                arch=features.arch,
+                bits=features.bits,
+                imphash=pe.imphash if pe else None,
+                tlsh=features.tlsh,
+                pdb_path=pe.pdb_path if pe else None,
+                rich_header=_rich_header_json(features),
+                function_count=len(features.functions),
+                features_format_version=features.format_version,
+                analyzer_version=features.analyzer_version,
+                features=blob,
+                source=provenance.source,
+                first_seen=_utc(provenance.recorded_at),
+                tlp=provenance.tlp.value,
+            )
+        )
+        primary_key = result.inserted_primary_key
+        assert primary_key is not None  # an INSERT of one row always has one
+        return int(primary_key[0])
+
+    def _insert_functions(
+        self, connection: Connection, sample_id: int, rows: Sequence[dict[str, Any]]
+    ) -> None:
+        if rows:
+            connection.execute(
+                insert(schema.functions), [{"sample_id": sample_id, **row} for row in rows]
+            )
+
+    def _has_same_claim(self, connection: Connection, sample_id: int, label: SampleLabel) -> bool:
+        labels = schema.labels.c
+        same = connection.scalar(
+            select(func.count())
+            .select_from(schema.labels)
+            .where(
+                and_(
+                    labels.sample_id == sample_id,
+                    labels.actor.is_(None) if label.actor is None else labels.actor == label.actor,
+                    labels.family.is_(None)
+                    if label.family is None
+                    else labels.family == label.family,
+                    labels.goodware == label.goodware,
+                    labels.source == label.provenance.source,
+                    labels.tlp == label.provenance.tlp.value,
+                )
+            )
+        )
+        return bool(same)
+
+    def _insert_label(self, connection: Connection, sample_id: int, label: SampleLabel) -> None:
+        connection.execute(
+            insert(schema.labels).values(
+                sample_id=sample_id,
+                actor=label.actor,
+                family=label.family,
+                goodware=label.goodware,
+                source=label.provenance.source,
+                recorded_at=_utc(label.provenance.recorded_at),
+                tlp=label.provenance.tlp.value,
+            )
+        )
+
+    def _bump_revision(self, connection: Connection) -> None:
+        connection.execute(
+            update(schema.kb_revision)
+            .where(schema.kb_revision.c.id == 1)
+            .values(revision=schema.kb_revision.c.revision + 1)
+        )
+
+    # -- reads --------------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self, action: str) -> Iterator[Connection]:
+        """A read transaction, so several queries see one consistent snapshot."""
+        with (
+            _database_errors(action),
+            self._engine.connect() as connection,
+            connection.begin(),
+        ):
+            yield connection
+
+    def has_sample(self, sha256: str) -> bool:
+        with _database_errors("read samples"), self._engine.connect() as connection:
+            return self._sample_id(connection, sha256) is not None
+
+    def get_sample(self, sha256: str) -> SampleRecord | None:
+        records = self._sample_records(schema.samples.c.sha256 == sha256.lower())
+        return records[0] if records else None
+
+    def list_samples(self) -> list[SampleRecord]:
+        return self._sample_records(None)
+
+    def sample_labels(self) -> Mapping[int, SampleRecord]:
+        return {record.sample_id: record for record in self._sample_records(None)}
+
+    def _sample_records(self, condition: Any) -> list[SampleRecord]:
+        samples = schema.samples.c
+        sample_query = select(
+            samples.id,
+            samples.sha256,
+            samples.format,
+            samples.arch,
+            samples.size,
+            samples.function_count,
+        ).order_by(samples.id)
+        label_query = select(schema.labels).order_by(schema.labels.c.id)
+        if condition is not None:
+            sample_query = sample_query.where(condition)
+            label_query = label_query.join(schema.samples).where(condition)
+        with self._read("read samples") as connection:  # one snapshot for both queries
+            sample_rows = connection.execute(sample_query).all()
+            label_rows = connection.execute(label_query).all()
+        labels_by_sample: dict[int, list[SampleLabel]] = {}
+        for row in label_rows:
+            labels_by_sample.setdefault(row.sample_id, []).append(_label_from_row(row))
+        return [
+            SampleRecord(
+                sample_id=row.id,
+                sha256=row.sha256,
+                format=row.format,
+                arch=row.arch,
+                size=row.size,
+                function_count=row.function_count,
+                labels=tuple(labels_by_sample.get(row.id, ())),
+            )
+            for row in sample_rows
+        ]
+
+    def load_features(self, sha256: str) -> SampleFeatures:
+        with _database_errors("read features"), self._engine.connect() as connection:
+            blob = connection.scalar(
+                select(schema.samples.c.features).where(schema.samples.c.sha256 == sha256.lower())
+            )
+        if blob is None:
+            raise StoreError(f"sample {sha256} is not in the knowledge base")
+        return self._codec.from_bytes(bytes(blob))
+
+    def load_function_table(self) -> FunctionTable:
+        """All functions as numpy arrays, ordered by function id; the arrays are read-only."""
+        columns = schema.functions.c
+        query = select(
+            columns.id,
+            columns.sample_id,
+            columns.address,
+            columns.size,
+            columns.instruction_count,
+            columns.exact_hash,
+            columns.minhash,
+        ).order_by(columns.id)
+        with self._read("read functions") as connection:  # count and rows: one snapshot
+            expected = int(
+                connection.scalar(select(func.count()).select_from(schema.functions)) or 0
+            )
+            function_id = np.empty(expected, dtype=np.int64)
+            sample_id = np.empty(expected, dtype=np.int64)
+            address = np.empty(expected, dtype=np.int64)
+            size = np.empty(expected, dtype=np.uint32)
+            instruction_count = np.empty(expected, dtype=np.uint32)
+            exact_hash = np.empty(expected, dtype=np.int64)
+            minhash = np.empty((expected, MINHASH_PERMUTATIONS), dtype=np.uint32)
+            filled = 0
+            # The driver's own cursor, inside the transaction begun above: SQLAlchemy's Row
+            # objects cost ~2x here (measured in docs/store.md), and all values are plain.
+            cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            cursor.execute(str(query.compile(dialect=connection.dialect)))
+            while chunk := cursor.fetchmany(FUNCTION_TABLE_FETCH_ROWS):
+                end = min(filled + len(chunk), expected)
+                taken = chunk[: end - filled]
+                if not taken:
+                    break
+                ids, samples, addresses, sizes, counts, hashes, blobs = zip(*taken, strict=True)
+                function_id[filled:end] = ids
+                sample_id[filled:end] = samples
+                address[filled:end] = addresses
+                size[filled:end] = sizes
+                instruction_count[filled:end] = counts
+                exact_hash[filled:end] = hashes
+                signatures = b"".join(blobs)
+                if len(signatures) != len(taken) * MINHASH_BLOB_BYTES:
+                    raise StoreError("knowledge base damaged: a MinHash blob has a wrong size")
+                minhash[filled:end] = np.frombuffer(signatures, dtype="<u4").reshape(
+                    len(taken), MINHASH_PERMUTATIONS
+                )
+                filled = end
+            cursor.close()
+        arrays = (function_id, sample_id, address, size, instruction_count, exact_hash, minhash)
+        for array in arrays:
+            array.setflags(write=False)
+        return FunctionTable(
+            function_id=function_id[:filled],
+            sample_id=sample_id[:filled],
+            address=address[:filled].view(np.uint64),
+            size=size[:filled],
+            instruction_count=instruction_count[:filled],
+            exact_hash=exact_hash[:filled].view(np.uint64),
+            minhash=minhash[:filled],
+        )
+
+    def revision(self) -> int:
+        with _database_errors("read the revision"), self._engine.connect() as connection:
+            value = connection.scalar(
+                select(schema.kb_revision.c.revision).where(schema.kb_revision.c.id == 1)
+            )
+        return int(value or 0)
+
+    def stats(self) -> StoreStats:
+        labels = schema.labels.c
+
+        def count(query: Any) -> int:
+            return int(connection.scalar(query) or 0)
+
+        with self._read("read statistics") as connection:
+            stats = StoreStats(
+                samples=count(select(func.count()).select_from(schema.samples)),
+                functions=count(select(func.count()).select_from(schema.functions)),
+                labels=count(select(func.count()).select_from(schema.labels)),
+                goodware_samples=count(
+                    select(func.count(labels.sample_id.distinct())).where(labels.goodware)
+                ),
+                labelled_samples=count(select(func.count(labels.sample_id.distinct()))),
+                actors=count(select(func.count(labels.actor.distinct()))),
+                families=count(select(func.count(labels.family.distinct()))),
+                schema_version=count(select(func.max(schema.schema_migrations.c.id))),
+                revision=count(
+                    select(schema.kb_revision.c.revision).where(schema.kb_revision.c.id == 1)
+                ),
+            )
+        return stats
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
