@@ -1,0 +1,424 @@
+"""Put samples into the knowledge base: files, directories, zip archives and frozen features.
+
+``ingest_paths`` is the library function behind ``earmark ingest``. The parent process hashes
+every input first and skips analysis of samples the store already has (only the label is added);
+new samples are analysed in a process pool and written by the parent, one transaction per sample,
+so a killed batch leaves whole samples or nothing.
+
+Inputs are hostile: archive members are read into memory with bounded size and count (zip bombs)
+and never extracted to paths named by the archive; a worker killed by a crashing parser costs the
+one file that crashed it, not the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import cast
+
+import pyzipper
+
+from earmark.config import DEFAULT_LIMITS, Limits
+from earmark.errors import (
+    EarmarkError,
+    EmptyFileError,
+    FeaturesFileError,
+    FileTooLargeError,
+    InputError,
+    MalformedFileError,
+    UnsupportedFormatError,
+    UsageError,
+)
+from earmark.model.kb import Provenance, SampleLabel, Tlp
+from earmark.model.sample import SampleFeatures
+from earmark.store.base import Store
+
+# Password the malware-sharing community puts on sample archives (VirusTotal, MalwareBazaar, ...).
+COMMUNITY_ARCHIVE_PASSWORD = b"infected"
+# Members read from one archive; MalwareBazaar daily batches hold a few thousand, and an archive
+# with more is more likely a bomb of tiny members than a collection.
+MAX_ARCHIVE_MEMBERS = 100_000
+# Frozen features files written by ``earmark.freeze`` (analysed once, replayed here).
+FROZEN_FEATURES_SUFFIX = ".emf"
+# Analyses queued per worker: keeps workers busy while bounding the bytes of archive members
+# held on disk for queued work.
+QUEUED_ANALYSES_PER_WORKER = 2
+ZIP_MAGIC = b"PK\x03\x04"
+DEFAULT_SOURCE = "ingest"
+
+Analyzer = Callable[[Path, Limits], SampleFeatures]
+
+
+class IngestStatus(StrEnum):
+    INGESTED = "ingested"  # new sample written
+    SKIPPED = "skipped"  # already in the knowledge base (or twice in the batch): label added only
+    FAILED = "failed"  # refused or unreadable; see error
+
+
+@dataclass(frozen=True, slots=True)
+class IngestOutcome:
+    name: str  # the path, or "archive.zip!member" (control characters replaced)
+    status: IngestStatus
+    sha256: str | None = None
+    error_type: str | None = None  # exception class name, e.g. "UnsupportedFormatError"
+    error: str | None = None
+    exit_code: int | None = None  # the exit code of that error (earmark.errors)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSummary:
+    outcomes: tuple[IngestOutcome, ...]
+
+    def _count(self, status: IngestStatus) -> int:
+        return sum(1 for outcome in self.outcomes if outcome.status is status)
+
+    @property
+    def ingested(self) -> int:
+        return self._count(IngestStatus.INGESTED)
+
+    @property
+    def skipped(self) -> int:
+        return self._count(IngestStatus.SKIPPED)
+
+    @property
+    def failed(self) -> int:
+        return self._count(IngestStatus.FAILED)
+
+    @property
+    def failures(self) -> tuple[IngestOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.status is IngestStatus.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelTemplate:
+    """What ``--actor/--family/--goodware/--source/--tlp`` say about every sample of a batch."""
+
+    actor: str | None = None
+    family: str | None = None
+    goodware: bool = False
+    source: str = DEFAULT_SOURCE
+    tlp: Tlp = Tlp.AMBER
+
+    def __post_init__(self) -> None:
+        if self.goodware and self.actor:
+            raise UsageError("a sample cannot be goodware and attributed to an actor at once")
+        if not self.source.strip():
+            raise UsageError("the source of a label cannot be empty")
+
+    def provenance(self, recorded_at: datetime) -> Provenance:
+        return Provenance(source=self.source, recorded_at=recorded_at, tlp=self.tlp)
+
+    def label(self, recorded_at: datetime) -> SampleLabel | None:
+        """The label to record, or None when the template makes no claim (provenance only)."""
+        if not (self.actor or self.family or self.goodware):
+            return None
+        return SampleLabel(
+            actor=self.actor or None,
+            family=self.family or None,
+            goodware=self.goodware,
+            provenance=self.provenance(recorded_at),
+        )
+
+
+def analyze_with_extract(path: Path, limits: Limits) -> SampleFeatures:
+    """The default analyser, ``earmark.extract.analyze_file`` (module-level: workers run it)."""
+    extract = importlib.import_module("earmark.extract")
+    return cast(SampleFeatures, extract.analyze_file(path, limits))
+
+
+def _load_frozen_features(path: Path) -> SampleFeatures:
+    freeze = importlib.import_module("earmark.freeze")
+    return cast(SampleFeatures, freeze.load_features(path))
+
+
+def _printable(text: str) -> str:
+    """Names from archives are untrusted: no control characters reach a terminal or log."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _failure(name: str, error: EarmarkError, sha256: str | None = None) -> IngestOutcome:
+    return IngestOutcome(
+        name=name,
+        status=IngestStatus.FAILED,
+        sha256=sha256,
+        error_type=type(error).__name__,
+        error=_printable(str(error)),
+        exit_code=error.exit_code,
+    )
+
+
+@dataclass(slots=True)
+class _Job:
+    """One sample waiting for analysis: a file on disk (ours, or a temp copy of a member)."""
+
+    name: str
+    sha256: str
+    path: Path
+    temporary: bool  # a member copy in our temp dir, deleted when the job ends
+    crashes: int = 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    store: Store
+    label: SampleLabel | None
+    provenance: Provenance
+    limits: Limits
+    temp_dir: Path
+    on_progress: Callable[[IngestOutcome], None] | None
+    outcomes: list[IngestOutcome] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)  # sha256s met in this batch
+    temp_counter: int = 0
+
+    def report(self, outcome: IngestOutcome) -> None:
+        self.outcomes.append(outcome)
+        if self.on_progress is not None:
+            self.on_progress(outcome)
+
+    def known(self, name: str, sha256: str) -> bool:
+        """True (and the outcome reported) when this sample needs no analysis."""
+        if sha256 in self.seen:
+            self.report(IngestOutcome(name, IngestStatus.SKIPPED, sha256))
+            return True
+        self.seen.add(sha256)
+        if not self.store.has_sample(sha256):
+            return False
+        if self.label is not None:
+            self.store.add_label(sha256, self.label)
+        self.report(IngestOutcome(name, IngestStatus.SKIPPED, sha256))
+        return True
+
+    def write(self, name: str, features: SampleFeatures) -> None:
+        is_new = self.store.add_sample(features, self.label, self.provenance)
+        status = IngestStatus.INGESTED if is_new else IngestStatus.SKIPPED
+        self.report(IngestOutcome(name, status, features.sha256))
+
+    def member_file(self, data: bytes) -> Path:
+        # Our own name in our own private directory: nothing the archive says reaches a path.
+        self.temp_counter += 1
+        path = self.temp_dir / f"member-{self.temp_counter:08d}"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        return path
+
+
+def _walk(path: Path) -> Iterator[Path]:
+    """Files under a directory, sorted, without following symlinked directories (no loops)."""
+    for directory, subdirectories, files in os.walk(path, followlinks=False):
+        subdirectories.sort()
+        for name in sorted(files):
+            yield Path(directory) / name
+
+
+def _read_member(archive: pyzipper.AESZipFile, info: pyzipper.ZipInfo, limit: int) -> bytes:
+    """The member's bytes, trying no password and then the community one; bounded by ``limit``."""
+    last_error: RuntimeError | None = None
+    for password in (None, COMMUNITY_ARCHIVE_PASSWORD):
+        try:
+            with archive.open(info, pwd=password) as handle:
+                data = cast(bytes, handle.read(limit + 1))
+        except RuntimeError as error:  # pyzipper: "password required" / "Bad password"
+            last_error = error
+            continue
+        if len(data) > limit:  # the declared size lied: stop at the limit, never inflate more
+            raise FileTooLargeError(f"expands to more than {limit} bytes")
+        return data
+    raise UnsupportedFormatError(f"encrypted with an unknown password ({last_error})")
+
+
+def _archive_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
+    shown = _printable(str(path))
+    try:
+        archive = pyzipper.AESZipFile(path)
+    except (pyzipper.BadZipFile, OSError, ValueError) as error:
+        batch.report(_failure(shown, MalformedFileError(f"not a readable zip archive: {error}")))
+        return
+    with archive:
+        members = [info for info in archive.infolist() if not info.is_dir()]
+        if len(members) > MAX_ARCHIVE_MEMBERS:
+            too_many = FileTooLargeError(
+                f"{len(members)} members; only the first {MAX_ARCHIVE_MEMBERS} are read"
+            )
+            batch.report(_failure(shown, too_many))
+            members = members[:MAX_ARCHIVE_MEMBERS]
+        for info in members:
+            name = f"{shown}!{_printable(info.filename)}"
+            limit = min(batch.limits.max_archive_member_bytes, batch.limits.max_file_bytes)
+            try:
+                if info.file_size > limit:
+                    raise FileTooLargeError(f"declares {info.file_size} bytes, over {limit}")
+                data = _read_member(archive, info, limit)
+            except InputError as error:
+                batch.report(_failure(name, error))
+                continue
+            except (pyzipper.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+                batch.report(_failure(name, MalformedFileError(f"damaged member: {error}")))
+                continue
+            if not data:
+                batch.report(_failure(name, EmptyFileError("empty archive member")))
+                continue
+            sha256 = hashlib.sha256(data).hexdigest()
+            if not batch.known(name, sha256):
+                yield _Job(name, sha256, batch.member_file(data), temporary=True)
+
+
+def _file_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
+    shown = _printable(str(path))
+    if path.suffix.lower() == FROZEN_FEATURES_SUFFIX:
+        try:
+            features = _load_frozen_features(path)
+        except (FeaturesFileError, InputError) as error:
+            batch.report(_failure(shown, error))
+            return
+        if not batch.known(shown, features.sha256):
+            batch.write(shown, features)
+        return
+    sha256: str | None = None  # stays None for a zip archive: its members are the samples
+    try:
+        with path.open("rb") as handle:
+            if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+                size = os.fstat(handle.fileno()).st_size
+                if size == 0:
+                    raise EmptyFileError("empty file")
+                if size > batch.limits.max_file_bytes:
+                    raise FileTooLargeError(f"{size} bytes, over {batch.limits.max_file_bytes}")
+                handle.seek(0)
+                sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as error:
+        batch.report(_failure(shown, InputError(f"cannot read: {error.strerror}")))
+        return
+    except InputError as error:
+        batch.report(_failure(shown, error))
+        return
+    if sha256 is None:
+        yield from _archive_jobs(path, batch)
+    elif not batch.known(shown, sha256):
+        yield _Job(shown, sha256, path, temporary=False)
+
+
+def _jobs(paths: Iterable[str | Path], batch: _Batch) -> Iterator[_Job]:
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            for file in _walk(path):
+                yield from _file_jobs(file, batch)
+        elif path.is_file():
+            yield from _file_jobs(path, batch)
+        else:
+            batch.report(_failure(_printable(str(path)), InputError("no such file or directory")))
+
+
+def _analyze(analyzer: Analyzer, path: Path, limits: Limits) -> SampleFeatures | InputError:
+    """Runs in a worker: typed input errors come back as values, bugs propagate."""
+    try:
+        return analyzer(path, limits)
+    except InputError as error:
+        return error
+
+
+def _finish(job: _Job, result: SampleFeatures | InputError, batch: _Batch) -> None:
+    if job.temporary:
+        job.path.unlink(missing_ok=True)
+    if isinstance(result, InputError):
+        batch.report(_failure(job.name, result, job.sha256))
+    elif result.sha256.lower() != job.sha256:
+        batch.report(_failure(job.name, InputError("the file changed while it was ingested")))
+    else:
+        batch.write(job.name, result)
+
+
+def _run_in_pool(jobs: Iterator[_Job], analyzer: Analyzer, workers: int, batch: _Batch) -> None:
+    """Analyse in ``workers`` processes; the parent writes. A crashed worker costs one file.
+
+    When a parser crash kills a worker, every analysis in flight fails with BrokenProcessPool and
+    the culprit is unknown; those jobs are re-run one at a time in a new pool, and a job that
+    breaks the pool while running alone is reported as failed.
+    """
+    suspects: list[_Job] = []
+    pool = ProcessPoolExecutor(max_workers=workers)
+    pending: dict[Future[SampleFeatures | InputError], _Job] = {}
+    try:
+        while True:
+            capacity = 1 if suspects else workers * QUEUED_ANALYSES_PER_WORKER
+            while len(pending) < capacity:
+                job = suspects.pop(0) if suspects else next(jobs, None)
+                if job is None:
+                    break
+                pending[pool.submit(_analyze, analyzer, job.path, batch.limits)] = job
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            broken: list[_Job] = []
+            for future in done:
+                job = pending.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    broken.append(job)
+                    continue
+                _finish(job, result, batch)
+            if broken:
+                in_flight = broken + list(pending.values())
+                pending.clear()
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = ProcessPoolExecutor(max_workers=workers)
+                for job in in_flight:
+                    job.crashes += 1
+                    if len(in_flight) == 1 or job.crashes > 1:
+                        crash = MalformedFileError("the analysis process crashed on this file")
+                        _finish(job, crash, batch)
+                    else:
+                        suspects.append(job)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ingest_paths(
+    store: Store,
+    paths: Sequence[str | Path],
+    labels: LabelTemplate | None = None,
+    *,
+    jobs: int = 1,
+    limits: Limits = DEFAULT_LIMITS,
+    on_progress: Callable[[IngestOutcome], None] | None = None,
+    analyzer: Analyzer = analyze_with_extract,
+) -> IngestSummary:
+    """Ingest files, directories (recursively), zip archives and ``.emf`` features files.
+
+    ``labels`` is applied to every sample (``None``: no claim, source "ingest"). ``jobs`` > 1
+    analyses in that many processes; 1 analyses in this process. ``on_progress`` is called in
+    this process after each file. ``analyzer`` must be a module-level function (it is sent to
+    worker processes). Raises ``UsageError`` for ``jobs`` < 1 and ``StoreError`` when the
+    knowledge base cannot be written; per-file problems are outcomes, not exceptions.
+    """
+    if jobs < 1:
+        raise UsageError(f"jobs must be at least 1, not {jobs}")
+    template = labels or LabelTemplate()
+    now = datetime.now(UTC)
+    with tempfile.TemporaryDirectory(prefix="earmark-ingest-") as temp_dir:
+        batch = _Batch(
+            store=store,
+            label=template.label(now),
+            provenance=template.provenance(now),
+            limits=limits,
+            temp_dir=Path(temp_dir),
+            on_progress=on_progress,
+        )
+        pending_jobs = _jobs(paths, batch)
+        if jobs == 1:
+            for job in pending_jobs:
+                _finish(job, _analyze(analyzer, job.path, limits), batch)
+        else:
+            _run_in_pool(pending_jobs, analyzer, jobs, batch)
+    return IngestSummary(tuple(batch.outcomes))
