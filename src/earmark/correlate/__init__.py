@@ -1,0 +1,1 @@
+"""Evidence producers: each pillar turns a query and the knowledge base into ``Evidence``."""
