@@ -150,7 +150,9 @@ def _applied_ids(connection: Connection) -> set[int]:
 def apply_migrations(engine: Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
     """Bring the database up to date; returns the ids applied now (empty when already current).
 
-    Raises ``StoreError`` when the database was written by a newer earmark.
+    ``engine`` must come from ``earmark.store.sql.connect_database``: on SQLite its BEGIN hook
+    is what makes a migration's DDL part of its transaction. Raises ``StoreError`` when the
+    database was written by a newer earmark.
     """
     if not inspect(engine).has_table(schema.schema_migrations.name):
         with begin_write(engine) as connection:

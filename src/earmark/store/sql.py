@@ -111,7 +111,8 @@ def _begin_sqlite_transaction(connection: Connection) -> None:
     connection.exec_driver_sql(connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "BEGIN"))
 
 
-def _create_engine(url: URL) -> Engine:
+def connect_database(url: URL) -> Engine:
+    """An engine with earmark's connection settings (SQLite: pragmas, transactional DDL)."""
     shown = url.render_as_string(hide_password=True)
     try:
         if url.get_backend_name() != "sqlite":
@@ -147,7 +148,7 @@ def _database_errors(action: str) -> Iterator[None]:
 def open_store(url_or_path: str | None = None, *, codec: FeaturesCodec | None = None) -> SqlStore:
     """Open (creating and migrating as needed) the knowledge base at a path or SQLAlchemy URL."""
     url = resolve_database_url(url_or_path)
-    engine = _create_engine(url)
+    engine = connect_database(url)
     try:
         with _database_errors(f"open {url.render_as_string(hide_password=True)}"):
             apply_migrations(engine)
