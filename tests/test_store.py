@@ -213,7 +213,7 @@ def test_database_from_newer_earmark_is_refused(tmp_path: Path) -> None:
             "INSERT INTO schema_migrations (id, name, applied_at) "
             "VALUES (999, 'future', '2030-01-01')"
         )
-    with pytest.raises(StoreError, match="schema version 999.*upgrade earmark"):
+    with pytest.raises(StoreError, match=r"schema version 999.*upgrade earmark"):
         open_store(str(path), codec=PickleCodec())
 
 
