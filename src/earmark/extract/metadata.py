@@ -60,4 +60,5 @@ def shannon_entropy(data: bytes) -> float:
         return 0.0
     counts = numpy.bincount(numpy.frombuffer(data, dtype=numpy.uint8), minlength=256)
     probabilities = counts[counts > 0] / len(data)
-    return float(-(probabilities * numpy.log2(probabilities)).sum())
+    # max() turns the -0.0 of a single-valued section into 0.0.
+    return max(0.0, float(-(probabilities * numpy.log2(probabilities)).sum()))

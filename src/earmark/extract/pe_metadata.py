@@ -39,7 +39,7 @@ def pe_sections(binary: lief.PE.Binary, header: PeHeader, data: bytes) -> tuple[
         content = data[raw.raw_offset : raw.raw_offset + raw.raw_size]
         sections.append(
             Section(
-                name=clean_text(parsed.name, 64),
+                name=clean_text(_long_section_name(binary, str(parsed.name)), 64),
                 virtual_address=header.image_base + raw.virtual_address,
                 virtual_size=raw.virtual_size,
                 raw_offset=raw.raw_offset,
@@ -49,6 +49,15 @@ def pe_sections(binary: lief.PE.Binary, header: PeHeader, data: bytes) -> tuple[
             )
         )
     return tuple(sections)
+
+
+def _long_section_name(binary: lief.PE.Binary, name: str) -> str:
+    """Resolve "/4"-style names (mingw debug sections) through the COFF string table."""
+    if name.startswith("/") and name[1:].isdigit():
+        entry = binary.find_coff_string(int(name[1:]))
+        if entry is not None:
+            return str(entry.string)
+    return name
 
 
 def pe_import_list(binary: lief.PE.Binary, image_base: int) -> tuple[Import, ...]:
