@@ -217,8 +217,10 @@ class InfrastructureIndex:
         if self._benign.customer_suffix(host):
             return []  # under free hosting / dynamic DNS each name is its own registrant
         registered = _registered_domain_extractor()(host).registered_domain
-        if not registered or registered == host:
+        if not registered:
             return []
+        # Indexed even when the name *is* the registered domain, so ``evil.com`` and
+        # ``www.evil.com`` meet; the exact pivot outranks this one when both match.
         if self._benign.is_benign_value(IndicatorType.DOMAIN, registered):
             return []  # sub-domains of a top site or shared service say nothing
         return [("registered-domain", registered)]
