@@ -55,6 +55,7 @@ _MAX_NAME_WORDS = 6
 
 _RANK_ATTACK_NAME, _RANK_ATTACK_ALIAS, _RANK_MISP_VALUE, _RANK_MISP_SYNONYM = range(4)
 
+_GENERIC_SUFFIX = re.compile(r"(?:group|team|gang|apt|actors?)$")
 _NOT_ALPHANUMERIC = re.compile(r"[\W_]+")
 _WORD = re.compile(r"[\w][\w&.'-]*[\w]|\w")
 
@@ -193,7 +194,12 @@ class AliasResolver:
 
     def resolve(self, name: str) -> str:
         """Canonical name; an unknown name comes back cleaned (whitespace, quotes)."""
-        canonical = self._claims.canonical.get(name_key(name))
+        key = name_key(name)
+        canonical = self._claims.canonical.get(key)
+        if canonical is None:
+            # "Turla Group", "Lazarus Gang": catalogues differ on a generic trailing word.
+            stem = _GENERIC_SUFFIX.sub("", key)
+            canonical = self._claims.canonical.get(stem) if stem else None
         if canonical is None:
             return clean_name(name)
         for _ in range(len(self._umbrella_of) + 1):  # bounded walk up nested umbrellas
