@@ -1,0 +1,140 @@
+"""Frozen features files: identical round trip, refusal of foreign, damaged, bomb-like and
+incompatible files."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from earmark import freeze
+from earmark.errors import FeaturesFileError, FeaturesVersionError
+from earmark.extract import analyze_file
+from earmark.freeze import dump_features, features_from_bytes, features_to_bytes, load_features
+from earmark.model.sample import ElfInfo, PeInfo, SampleFeatures, Section
+from fixtures.build import FixtureBuilder
+
+_finite = st.floats(allow_nan=False)
+_sections = st.lists(st.builds(Section, entropy=_finite), max_size=3).map(tuple)
+_features = st.builds(
+    SampleFeatures,
+    analysis_seconds=_finite,
+    sections=_sections,
+    pe=st.none() | st.from_type(PeInfo),
+    elf=st.none() | st.from_type(ElfInfo),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_features)
+def test_round_trip_of_generated_features(features: SampleFeatures) -> None:
+    assert features_from_bytes(features_to_bytes(features)) == features
+
+
+@pytest.mark.parametrize("toolchain", ["mingw64", "gcc32"])
+def test_round_trip_of_a_real_sample(
+    builder: FixtureBuilder, tmp_path: Path, toolchain: str
+) -> None:
+    features = analyze_file(builder.build("meta_hello.c", toolchain, "O2").stripped)
+    path = tmp_path / "sample.emf"
+    dump_features(features, path)
+    assert load_features(path) == features
+    assert path.read_bytes().startswith(freeze.MAGIC)
+
+
+def _sample_blob() -> bytes:
+    features = SampleFeatures(
+        "1.0",
+        "0.1.0",
+        "a" * 64,
+        "b" * 40,
+        "c" * 32,
+        1,
+        "elf",
+        "x86_64",
+        64,
+        0,
+        (),
+        None,
+        (),
+        (),
+        (),
+        (),
+        (),
+        None,
+        None,
+        (),
+        0.0,
+    )
+    return features_to_bytes(features)
+
+
+def test_wrong_magic_and_truncation_are_refused() -> None:
+    blob = _sample_blob()
+    with pytest.raises(FeaturesFileError):
+        features_from_bytes(b"NOTOURS!" + blob[8:])
+    for cut in (0, 4, 23, 30, len(blob) - 1):
+        with pytest.raises(FeaturesFileError):
+            features_from_bytes(blob[:cut])
+
+
+def test_damage_is_detected() -> None:
+    blob = bytearray(_sample_blob())
+    blob[-3] ^= 0xFF
+    with pytest.raises(FeaturesFileError, match="damaged"):
+        features_from_bytes(bytes(blob))
+
+
+def test_incompatible_major_version_is_refused() -> None:
+    blob = bytearray(_sample_blob())
+    struct.pack_into("<H", blob, 8, 99)
+    with pytest.raises(FeaturesVersionError):
+        features_from_bytes(bytes(blob))
+
+
+def test_newer_minor_version_with_unknown_field_is_read() -> None:
+    blob = _sample_blob()
+    payload = zlib.decompress(blob[24:]).replace(
+        b'{"format_version"', b'{"future":1,"format_version"'
+    )
+    compressed = zlib.compress(payload)
+    header = struct.pack("<8sHHQI", freeze.MAGIC, 1, 7, len(payload), zlib.crc32(compressed))
+    assert features_from_bytes(header + compressed) == features_from_bytes(blob)
+
+
+def test_decompression_bomb_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = zlib.compress(b"[" + b" " * 5_000_000 + b"]")
+    # Declared small, actually large: decompression stops at the declared size.
+    header = struct.pack("<8sHHQI", freeze.MAGIC, 1, 0, 100, zlib.crc32(bomb))
+    with pytest.raises(FeaturesFileError, match="length"):
+        features_from_bytes(header + bomb)
+    # Declared over the limit: refused before decompressing.
+    monkeypatch.setattr(freeze, "MAX_PAYLOAD_BYTES", 1000)
+    header = struct.pack("<8sHHQI", freeze.MAGIC, 1, 0, 5_000_002, zlib.crc32(bomb))
+    with pytest.raises(FeaturesFileError, match="refused"):
+        features_from_bytes(header + bomb)
+
+
+def test_well_formed_json_of_the_wrong_shape_is_refused() -> None:
+    blob = _sample_blob()
+    payload = zlib.decompress(blob[24:]).replace(b'"bits":64', b'"bits":"64"')
+    compressed = zlib.compress(payload)
+    header = struct.pack("<8sHHQI", freeze.MAGIC, 1, 0, len(payload), zlib.crc32(compressed))
+    with pytest.raises(FeaturesFileError):
+        features_from_bytes(header + compressed)
+
+
+def test_missing_file_is_a_features_error(tmp_path: Path) -> None:
+    with pytest.raises(FeaturesFileError):
+        load_features(tmp_path / "absent.emf")
+
+
+def test_features_are_replaceable_values() -> None:
+    original = features_from_bytes(_sample_blob())
+    changed = dataclasses.replace(original, size=2)
+    assert features_from_bytes(features_to_bytes(changed)).size == 2
