@@ -1,0 +1,435 @@
+"""The function index: exact-hash and MinHash-LSH lookup of a whole sample's functions at once.
+
+Memory layout (per indexed function; see docs/index.md for the measurements):
+  signatures   64 B  b-bit MinHash (uint8 x 64); rows sorted by band-0 key
+  band_orders  60 B  uint32 row permutation for bands 1..15 (band 0 is the row order itself)
+  exact_hash    8 B  read only for rows in the query's band-0 bucket
+  function_id, sample_id  16 B  to name what matched
+Exact duplicates have identical MinHash signatures, so they always fall in the query's band-0
+bucket: the exact-hash lookup is that bucket filtered by hash equality, which saves the 12 B a
+separate sorted hash array with its permutation would cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Final, Literal, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from earmark.errors import StoreError
+from earmark.index.lsh import (
+    BAND_COUNT,
+    ROWS_PER_BAND,
+    SIGNATURE_BITS,
+    band_keys,
+    count_agreeing_slots,
+    estimate_jaccard_from_agreement,
+    expand_ranges,
+    locate_keys,
+    reduce_signatures,
+    sort_band,
+)
+from earmark.index.rarity import RarityTable, compute_rarity
+from earmark.model.kb import FunctionTable, SampleRecord
+from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
+
+# Functions with fewer instructions are neither indexed nor matched. Measured on the xcomp
+# corpus (zlib/zstd/brotli, gcc+clang, 5 -O levels; `bench/index_scale.py min-size`, table in
+# docs/index.md): of bodies with 1-9 instructions 13-58 % also occur verbatim in an unrelated
+# library (`push rax; call; pop rcx; ret` wrappers, -O0 getters, error-name thunks); at 10-11
+# it is 3.4 %, at 12-15 0.7 %, from 16 on 0 %. 10 drops 14 % of functions, nearly all noise.
+MIN_INSTRUCTIONS: Final = 10
+
+# Rows read per band bucket for one query function. A fuller bucket is code that thousands of
+# stored functions share (runtime stubs): verifying all of it costs time and its rarity weight
+# is ~0 anyway. Cut buckets are counted in ``FunctionMatches.truncated_buckets``.
+MAX_ROWS_PER_BUCKET: Final = 512
+
+# Default similarity floor for a reported match: the LSH S-curve threshold (16 x 4 bands).
+DEFAULT_MIN_SIMILARITY: Final = 0.5
+# Matches kept per query function, best first.
+DEFAULT_TOP_K: Final = 20
+
+# Rows converted per chunk while building, so a 10^7-row table never needs a second full copy
+# of its uint32 signatures (2.5 GB) in temporaries.
+BUILD_CHUNK_ROWS: Final = 1 << 20
+
+INDEX_FORMAT: Final = "earmark-function-index"
+INDEX_FORMAT_VERSION: Final = 1
+_MANIFEST: Final = "manifest.json"
+_LOOKUP_ARRAYS: Final = ("signatures", "band_orders")
+_CORE_ARRAYS: Final = ("signatures", "band_orders", "exact_hash", "function_id", "sample_id")
+
+
+class IndexCacheError(StoreError):
+    """A persisted index that is damaged or was written by another format version."""
+
+
+@dataclass(frozen=True)
+class QueryFunctions:
+    """Query functions as arrays (Q rows), the batch form of ``FunctionFeatures``."""
+
+    exact_hash: npt.NDArray[np.uint64]
+    minhash: npt.NDArray[np.uint32]  # (Q, MINHASH_PERMUTATIONS)
+    instruction_count: npt.NDArray[np.uint32]
+
+    @classmethod
+    def from_features(cls, functions: Sequence[FunctionFeatures]) -> QueryFunctions:
+        minhash = np.array([f.minhash for f in functions], dtype=np.uint32)
+        return cls(
+            exact_hash=np.array([f.exact_hash for f in functions], dtype=np.uint64),
+            minhash=minhash.reshape(len(functions), MINHASH_PERMUTATIONS),
+            instruction_count=np.array([f.instruction_count for f in functions], dtype=np.uint32),
+        )
+
+
+@dataclass(frozen=True)
+class FunctionMatches:
+    """Matches of a query batch as parallel arrays, grouped by query, best first."""
+
+    query: npt.NDArray[np.int64]  # position in the caller's query sequence
+    row: npt.NDArray[np.int64]  # index row (for rarity look-ups)
+    function_id: npt.NDArray[np.int64]
+    sample_id: npt.NDArray[np.int64]
+    similarity: npt.NDArray[np.float32]  # estimated Jaccard; 1.0 for exact matches
+    exact: npt.NDArray[np.bool_]
+    skipped_small: int  # query functions under the minimum size, not looked up
+    truncated_buckets: int  # buckets cut at MAX_ROWS_PER_BUCKET
+
+    def __len__(self) -> int:
+        return int(self.query.shape[0])
+
+    def for_query(self, position: int) -> FunctionMatches:
+        selected = self.query == position
+        return replace(
+            self,
+            query=self.query[selected],
+            row=self.row[selected],
+            function_id=self.function_id[selected],
+            sample_id=self.sample_id[selected],
+            similarity=self.similarity[selected],
+            exact=self.exact[selected],
+        )
+
+
+class FunctionIndexBuilder:
+    """Collects table chunks (filtered and cut to b-bit signatures at once), then sorts."""
+
+    def __init__(self, revision: int, min_instructions: int = MIN_INSTRUCTIONS) -> None:
+        self.revision = revision
+        self.min_instructions = min_instructions
+        self._signatures: list[npt.NDArray[np.uint8]] = []
+        self._exact: list[npt.NDArray[np.uint64]] = []
+        self._function_id: list[npt.NDArray[np.int64]] = []
+        self._sample_id: list[npt.NDArray[np.int64]] = []
+
+    def add(self, table: FunctionTable) -> None:
+        for start in range(0, len(table), BUILD_CHUNK_ROWS):
+            window = slice(start, start + BUILD_CHUNK_ROWS)
+            keep = np.flatnonzero(table.instruction_count[window] >= self.min_instructions)
+            keep += start
+            self._signatures.append(reduce_signatures(table.minhash[keep]))
+            self._exact.append(table.exact_hash[keep].astype(np.uint64))
+            self._function_id.append(table.function_id[keep].astype(np.int64))
+            self._sample_id.append(table.sample_id[keep].astype(np.int64))
+
+    def finish(self) -> FunctionIndex:
+        signatures = _concatenate(self._signatures, np.uint8, (0, MINHASH_PERMUTATIONS))
+        self._signatures.clear()  # drop chunk references before the sorted copy is made
+        order = sort_band(np.ascontiguousarray(band_keys(signatures)[:, 0]))
+        signatures = signatures[order]
+        keys = band_keys(signatures)
+        band_orders = np.empty((BAND_COUNT - 1, len(order)), dtype=np.uint32)
+        for band in range(1, BAND_COUNT):
+            band_orders[band - 1] = sort_band(np.ascontiguousarray(keys[:, band]))
+        return FunctionIndex(
+            revision=self.revision,
+            min_instructions=self.min_instructions,
+            signatures=signatures,
+            band_orders=band_orders,
+            exact_hash=_concatenate(self._exact, np.uint64, (0,))[order],
+            function_id=_concatenate(self._function_id, np.int64, (0,))[order],
+            sample_id=_concatenate(self._sample_id, np.int64, (0,))[order],
+            rarity=None,
+        )
+
+
+_Scalar = TypeVar("_Scalar", bound=np.generic)
+
+
+def _concatenate(
+    parts: list[npt.NDArray[_Scalar]], dtype: type[_Scalar], empty_shape: tuple[int, ...]
+) -> npt.NDArray[_Scalar]:
+    if not parts:
+        return np.zeros(empty_shape, dtype=dtype)
+    return np.concatenate(parts)
+
+
+@dataclass(frozen=True)
+class FunctionIndex:
+    """Exact + MinHash-LSH index over the KB's functions, with optional rarity statistics."""
+
+    revision: int  # store revision the index was built from (the cache key)
+    min_instructions: int
+    signatures: npt.NDArray[np.uint8]  # (rows, 64), sorted by band-0 key
+    band_orders: npt.NDArray[np.uint32]  # (BAND_COUNT - 1, rows)
+    exact_hash: npt.NDArray[np.uint64]
+    function_id: npt.NDArray[np.int64]
+    sample_id: npt.NDArray[np.int64]
+    rarity: RarityTable | None
+
+    @classmethod
+    def build(
+        cls,
+        table: FunctionTable,
+        revision: int,
+        samples: Mapping[int, SampleRecord] | None = None,
+        min_instructions: int = MIN_INSTRUCTIONS,
+    ) -> FunctionIndex:
+        """Index ``table``; with ``samples`` also compute rarity for every row."""
+        builder = FunctionIndexBuilder(revision, min_instructions)
+        builder.add(table)
+        index = builder.finish()
+        return index.with_rarity(samples) if samples is not None else index
+
+    def with_rarity(self, samples: Mapping[int, SampleRecord]) -> FunctionIndex:
+        rarity = compute_rarity(
+            self.signatures, self.band_orders, self.exact_hash, self.sample_id, samples
+        )
+        return replace(self, rarity=rarity)
+
+    def __len__(self) -> int:
+        return int(self.signatures.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the lookup arrays (rarity arrays not included; see ``rarity.nbytes``)."""
+        return sum(int(getattr(self, name).nbytes) for name in _CORE_ARRAYS)
+
+    def query(
+        self,
+        functions: Sequence[FunctionFeatures] | QueryFunctions,
+        min_similarity: float = DEFAULT_MIN_SIMILARITY,
+        top_k: int = DEFAULT_TOP_K,
+    ) -> FunctionMatches:
+        """Stored functions similar to each query function, as one batch of array operations."""
+        batch = (
+            functions
+            if isinstance(functions, QueryFunctions)
+            else (QueryFunctions.from_features(functions))
+        )
+        large = np.flatnonzero(batch.instruction_count >= self.min_instructions)
+        skipped = int(len(batch.instruction_count) - len(large))
+        if len(large) == 0 or len(self) == 0:
+            return _empty_matches(skipped)
+        query_signatures = reduce_signatures(batch.minhash[large])
+        query_keys = band_keys(query_signatures)
+        stored_keys = band_keys(self.signatures)
+        pair_queries: list[npt.NDArray[np.int64]] = []
+        pair_rows: list[npt.NDArray[np.int64]] = []
+        truncated = 0
+        for band in range(BAND_COUNT):
+            order = None if band == 0 else self.band_orders[band - 1]
+            targets = np.ascontiguousarray(query_keys[:, band])
+            starts, stops = locate_keys(stored_keys, band, order, targets)
+            owners, positions, cut = expand_ranges(starts, stops, MAX_ROWS_PER_BUCKET)
+            truncated += cut
+            pair_queries.append(owners)
+            pair_rows.append(positions if order is None else order[positions].astype(np.int64))
+        combined = np.unique(np.concatenate(pair_queries) * len(self) + np.concatenate(pair_rows))
+        queries = combined // len(self)
+        rows = combined % len(self)
+        agreeing = count_agreeing_slots(self.signatures, rows, query_signatures, queries)
+        similarity = estimate_jaccard_from_agreement(agreeing)
+        exact = self.exact_hash[rows] == batch.exact_hash[large][queries]
+        similarity[exact] = 1.0
+        keep = (similarity >= min_similarity) | exact
+        queries, rows, similarity, exact = queries[keep], rows[keep], similarity[keep], exact[keep]
+        best_first = np.lexsort((rows, -similarity, queries))
+        queries, rows = queries[best_first], rows[best_first]
+        similarity, exact = similarity[best_first], exact[best_first]
+        group_start = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
+        group_sizes = np.diff(np.r_[group_start, len(queries)])
+        rank = np.arange(len(queries)) - np.repeat(group_start, group_sizes)
+        top = rank < top_k
+        rows = rows[top]
+        return FunctionMatches(
+            query=large[queries[top]].astype(np.int64),
+            row=rows,
+            function_id=self.function_id[rows],
+            sample_id=self.sample_id[rows],
+            similarity=similarity[top],
+            exact=exact[top],
+            skipped_small=skipped,
+            truncated_buckets=truncated,
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the index (and rarity) as a directory of .npy files plus a manifest.
+
+        Written to a temporary sibling first and renamed, so a reader never sees half a file.
+        """
+        staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        arrays: dict[str, npt.NDArray[np.generic]] = {
+            name: getattr(self, name) for name in _CORE_ARRAYS
+        }
+        if self.rarity is not None:
+            arrays.update(self.rarity.arrays())
+        for name, array in arrays.items():
+            np.save(staging / f"{name}.npy", array, allow_pickle=False)
+        manifest = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_FORMAT_VERSION,
+            "revision": self.revision,
+            "min_instructions": self.min_instructions,
+            "bands": BAND_COUNT,
+            "rows_per_band": ROWS_PER_BAND,
+            "signature_bits": SIGNATURE_BITS,
+            "rows": len(self),
+            "arrays": sorted(arrays),
+            "rarity": None
+            if self.rarity is None
+            else {
+                "family_names": list(self.rarity.family_names),
+                "actor_names": list(self.rarity.actor_names),
+                "total_owners": self.rarity.total_owners,
+            },
+        }
+        (staging / _MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+
+    @classmethod
+    def load(cls, path: Path, revision: int, memory_map: bool = False) -> FunctionIndex | None:
+        """The index saved at ``path`` if it was built from ``revision``; None if absent or stale.
+
+        ``memory_map`` keeps the per-row columns (exact hash, ids, rarity) on disk, paged in
+        only for candidate rows; the lookup arrays (signatures, band orders; 124 B/function)
+        are always read into memory because every query touches them at random.
+        Raises IndexCacheError when the directory is damaged or of another format.
+        """
+        manifest_path = path / _MANIFEST
+        if not manifest_path.is_file():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if manifest.get("format") != INDEX_FORMAT:
+                raise IndexCacheError(f"{path} is not an earmark function index")
+            if (
+                manifest.get("version") != INDEX_FORMAT_VERSION
+                or manifest.get("bands") != BAND_COUNT
+                or manifest.get("rows_per_band") != ROWS_PER_BAND
+                or manifest.get("signature_bits") != SIGNATURE_BITS
+            ):
+                raise IndexCacheError(f"{path} was written with other index parameters")
+            if manifest.get("revision") != revision:
+                return None
+            mode: Literal["r"] | None = "r" if memory_map else None
+            arrays = {
+                name: np.load(
+                    path / f"{name}.npy",
+                    mmap_mode=None if name in _LOOKUP_ARRAYS else mode,
+                    allow_pickle=False,
+                )
+                for name in manifest["arrays"]
+            }
+            rarity_names = manifest["rarity"]
+            index = cls(
+                revision=revision,
+                min_instructions=int(manifest["min_instructions"]),
+                signatures=arrays["signatures"],
+                band_orders=arrays["band_orders"],
+                exact_hash=arrays["exact_hash"],
+                function_id=arrays["function_id"],
+                sample_id=arrays["sample_id"],
+                rarity=None
+                if rarity_names is None
+                else RarityTable(
+                    cluster=arrays["rarity_cluster"],
+                    family_count=arrays["rarity_family_count"],
+                    actor_count=arrays["rarity_actor_count"],
+                    owner_count=arrays["rarity_owner_count"],
+                    goodware_count=arrays["rarity_goodware_count"],
+                    weight=arrays["rarity_weight"],
+                    family_examples=arrays["rarity_family_examples"],
+                    actor_examples=arrays["rarity_actor_examples"],
+                    family_names=tuple(rarity_names["family_names"]),
+                    actor_names=tuple(rarity_names["actor_names"]),
+                    total_owners=int(rarity_names["total_owners"]),
+                ),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise IndexCacheError(f"cannot read the function index at {path}: {error}") from error
+        _check_consistent(index, path)
+        return index
+
+    @classmethod
+    def load_or_build(
+        cls,
+        path: Path,
+        revision: int,
+        table: FunctionTable,
+        samples: Mapping[int, SampleRecord],
+    ) -> FunctionIndex:
+        """The cached index for ``revision``, rebuilt (and saved) when missing, stale or damaged."""
+        try:
+            cached = cls.load(path, revision)
+        except IndexCacheError:
+            cached = None  # a damaged cache is rebuilt, never trusted
+        if cached is not None and cached.rarity is not None:
+            return cached
+        index = cls.build(table, revision, samples)
+        index.save(path)
+        return index
+
+
+def _check_consistent(index: FunctionIndex, path: Path) -> None:
+    """Shapes, dtypes and permutation bounds, so a damaged file fails here and not mid-query."""
+    rows = len(index)
+    expected = {
+        "signatures": (np.uint8, (rows, MINHASH_PERMUTATIONS)),
+        "band_orders": (np.uint32, (BAND_COUNT - 1, rows)),
+        "exact_hash": (np.uint64, (rows,)),
+        "function_id": (np.int64, (rows,)),
+        "sample_id": (np.int64, (rows,)),
+    }
+    for name, (dtype, shape) in expected.items():
+        array = getattr(index, name)
+        if array.dtype != dtype or array.shape != shape:
+            raise IndexCacheError(f"{path}: {name} has dtype {array.dtype} shape {array.shape}")
+    if rows and int(index.band_orders.max(initial=0)) >= rows:
+        raise IndexCacheError(f"{path}: band order points past the last row")
+    rarity = index.rarity
+    if rarity is not None:
+        clusters = rarity.weight.shape[0]
+        if rarity.cluster.shape != (rows,) or (rows and int(rarity.cluster.max()) >= clusters):
+            raise IndexCacheError(f"{path}: rarity clusters do not match the index rows")
+        names_ok = int(rarity.family_examples.max(initial=-1)) < len(rarity.family_names) and int(
+            rarity.actor_examples.max(initial=-1)
+        ) < len(rarity.actor_names)
+        if not names_ok:
+            raise IndexCacheError(f"{path}: rarity names do not match their codes")
+
+
+def _empty_matches(skipped: int) -> FunctionMatches:
+    return FunctionMatches(
+        query=np.zeros(0, dtype=np.int64),
+        row=np.zeros(0, dtype=np.int64),
+        function_id=np.zeros(0, dtype=np.int64),
+        sample_id=np.zeros(0, dtype=np.int64),
+        similarity=np.zeros(0, dtype=np.float32),
+        exact=np.zeros(0, dtype=bool),
+        skipped_small=skipped,
+        truncated_buckets=0,
+    )

@@ -1,0 +1,314 @@
+"""Function index: exact and near-duplicate lookup, LSH recall against theory, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import earmark.index
+from earmark.index import (
+    MIN_INSTRUCTIONS,
+    FunctionIndex,
+    IndexCacheError,
+    QueryFunctions,
+    candidate_probability,
+    s_curve_threshold,
+)
+from earmark.index.function_index import MAX_ROWS_PER_BUCKET
+from earmark.index.lsh import (
+    count_agreeing_slots,
+    estimate_jaccard_from_agreement,
+    expand_ranges,
+    reduce_signatures,
+)
+from earmark.model.kb import FunctionTable
+from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
+
+_PRIME = 4_294_967_291
+_COEFFICIENTS = np.random.default_rng(12345).integers(1, _PRIME, size=(2, MINHASH_PERMUTATIONS))
+
+
+def minhash_of(elements: np.ndarray) -> np.ndarray:
+    """Real MinHash (universal hashing mod a prime) of a set of integers, as the extractor does."""
+    values = elements.astype(np.uint64).reshape(1, -1)
+    a = _COEFFICIENTS[0].astype(np.uint64).reshape(-1, 1)
+    b = _COEFFICIENTS[1].astype(np.uint64).reshape(-1, 1)
+    return ((a * values + b) % np.uint64(_PRIME)).min(axis=1).astype(np.uint32)
+
+
+def set_pair(rng: np.random.Generator, jaccard: float, union: int = 240) -> tuple[np.ndarray, ...]:
+    """Two integer sets whose Jaccard index is exactly round(jaccard * union) / union."""
+    elements = rng.choice(1 << 31, size=union, replace=False)
+    shared = round(jaccard * union)
+    only = (union - shared) // 2
+    first = elements[: shared + only]
+    second = np.concatenate((elements[:shared], elements[shared + only : shared + 2 * only]))
+    return first, second
+
+
+def make_table(
+    minhash: np.ndarray,
+    sample_id: np.ndarray | None = None,
+    instruction_count: np.ndarray | None = None,
+    exact_hash: np.ndarray | None = None,
+) -> FunctionTable:
+    rows = minhash.shape[0]
+    rng = np.random.default_rng(rows)
+    return FunctionTable(
+        function_id=np.arange(1000, 1000 + rows, dtype=np.int64),
+        sample_id=np.zeros(rows, dtype=np.int64) if sample_id is None else sample_id,
+        address=np.arange(rows, dtype=np.uint64) * 16 + 0x401000,
+        size=np.full(rows, 80, dtype=np.uint32),
+        instruction_count=np.full(rows, 40, dtype=np.uint32)
+        if instruction_count is None
+        else instruction_count,
+        exact_hash=rng.integers(0, 1 << 63, size=rows, dtype=np.uint64)
+        if exact_hash is None
+        else exact_hash,
+        minhash=minhash.astype(np.uint32),
+    )
+
+
+def random_minhash(rng: np.random.Generator, rows: int) -> np.ndarray:
+    return rng.integers(0, 1 << 32, size=(rows, MINHASH_PERMUTATIONS), dtype=np.uint32)
+
+
+def queries_for(minhash: np.ndarray, exact_hash: np.ndarray | None = None) -> QueryFunctions:
+    rows = minhash.shape[0]
+    return QueryFunctions(
+        exact_hash=np.full(rows, 3, dtype=np.uint64) if exact_hash is None else exact_hash,
+        minhash=minhash.astype(np.uint32),
+        instruction_count=np.full(rows, 40, dtype=np.uint32),
+    )
+
+
+def test_public_api_is_exactly_all() -> None:
+    public = {name for name in dir(earmark.index) if not name.startswith("_")}
+    modules = {"function_index", "lsh", "rarity"}
+    assert public - modules == set(earmark.index.__all__)
+
+
+def test_exact_duplicates_are_found_and_marked_exact() -> None:
+    rng = np.random.default_rng(1)
+    table = make_table(random_minhash(rng, 5000))
+    index = FunctionIndex.build(table, revision=1)
+    picked = np.array([7, 1234, 4999])
+    matches = index.query(queries_for(table.minhash[picked], table.exact_hash[picked]))
+    for position, row in enumerate(picked):
+        found = matches.for_query(position)
+        assert found.function_id[0] == table.function_id[row]
+        assert bool(found.exact[0])
+        assert found.similarity[0] == 1.0
+        assert found.sample_id[0] == table.sample_id[row]
+
+
+def test_near_duplicates_found_and_unrelated_not() -> None:
+    rng = np.random.default_rng(2)
+    stored_sets = [rng.choice(1 << 31, size=200, replace=False) for _ in range(300)]
+    table = make_table(np.stack([minhash_of(s) for s in stored_sets]))
+    index = FunctionIndex.build(table, revision=1)
+    # Near duplicate: 90 % of the elements kept, a few new ones (Jaccard ~ 0.82).
+    near = np.concatenate((stored_sets[42][:180], rng.choice(1 << 31, size=20) + (1 << 31)))
+    unrelated = rng.choice(1 << 31, size=200, replace=False) + (1 << 32)
+    matches = index.query(queries_for(np.stack([minhash_of(near), minhash_of(unrelated)])))
+    near_matches = matches.for_query(0)
+    assert near_matches.function_id.tolist() == [table.function_id[42]]
+    assert 0.65 <= float(near_matches.similarity[0]) <= 0.98
+    assert not bool(near_matches.exact[0])
+    assert len(matches.for_query(1)) == 0
+
+
+def test_query_accepts_function_features() -> None:
+    rng = np.random.default_rng(3)
+    table = make_table(random_minhash(rng, 100))
+    index = FunctionIndex.build(table, revision=1)
+    feature = FunctionFeatures(
+        address=0x401000,
+        size=80,
+        block_count=3,
+        edge_count=2,
+        instruction_count=40,
+        exact_hash=int(table.exact_hash[5]),
+        minhash=tuple(int(v) for v in table.minhash[5]),
+        normalized=(),
+        calls=(),
+        called_imports=(),
+        strings=(),
+        constants=(),
+        name=None,
+        source="symbol",
+    )
+    matches = index.query([feature])
+    assert matches.function_id.tolist() == [int(table.function_id[5])]
+    assert matches.exact.tolist() == [True]
+
+
+@pytest.mark.parametrize("jaccard", [0.3, 0.5, 0.6, 0.8])
+def test_lsh_candidate_recall_follows_the_s_curve(jaccard: float) -> None:
+    """Candidate recall at min_similarity 0 vs 1 - (1 - p^4)^16 (p with b-bit agreement)."""
+    rng = np.random.default_rng(int(jaccard * 100))
+    pairs = 400
+    stored, queried = zip(*(set_pair(rng, jaccard) for _ in range(pairs)), strict=True)
+    table = make_table(np.stack([minhash_of(s) for s in stored]))
+    index = FunctionIndex.build(table, revision=1)
+    matches = index.query(queries_for(np.stack([minhash_of(s) for s in queried])), 0.0, 1000)
+    found = {(int(q), int(f)) for q, f in zip(matches.query, matches.function_id, strict=True)}
+    recall = sum((i, int(table.function_id[i])) in found for i in range(pairs)) / pairs
+    expected = candidate_probability(jaccard)
+    tolerance = 4 * np.sqrt(expected * (1 - expected) / pairs) + 0.02
+    assert abs(recall - expected) <= tolerance, (recall, expected)
+
+
+def test_s_curve_threshold_is_near_one_half() -> None:
+    assert s_curve_threshold() == pytest.approx(0.5, abs=0.01)
+    assert candidate_probability(0.2) < 0.05 < 0.95 < candidate_probability(0.8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(jaccard=st.floats(0.1, 0.95), seed=st.integers(0, 2**32 - 1))
+def test_bbit_estimate_is_close_to_true_jaccard(jaccard: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    first, second = set_pair(rng, jaccard)
+    true = len(np.intersect1d(first, second)) / len(np.union1d(first, second))
+    stored = reduce_signatures(minhash_of(first).reshape(1, -1))
+    query = reduce_signatures(minhash_of(second).reshape(1, -1))
+    row = np.zeros(1, dtype=np.int64)
+    estimate = float(
+        estimate_jaccard_from_agreement(count_agreeing_slots(stored, row, query, row))[0]
+    )
+    # 5 sigma of the 64-permutation estimator (sigma <= 0.0627 with 8-bit values).
+    assert abs(estimate - true) <= 5 * 0.0627
+
+
+def test_bbit_estimate_error_measured() -> None:
+    """8-bit values add little error: std of (estimate - J) at J=0.5 stays near 0.0625."""
+    rng = np.random.default_rng(9)
+    errors = []
+    for _ in range(1500):
+        first, second = set_pair(rng, 0.5)
+        stored = reduce_signatures(minhash_of(first).reshape(1, -1))
+        query = reduce_signatures(minhash_of(second).reshape(1, -1))
+        row = np.zeros(1, dtype=np.int64)
+        agreeing = count_agreeing_slots(stored, row, query, row)
+        errors.append(float(estimate_jaccard_from_agreement(agreeing)[0]) - 0.5)
+    assert abs(float(np.mean(errors))) < 0.01  # unbiased after removing chance agreement
+    assert float(np.std(errors)) < 0.07
+
+
+def test_min_similarity_and_top_k_order() -> None:
+    rng = np.random.default_rng(4)
+    base = random_minhash(rng, 1)[0]
+    variants = []
+    for keep in (64, 60, 52, 44, 36):  # slots kept equal to the base
+        variant = base.copy()
+        variant[keep:] = rng.integers(0, 1 << 32, size=64 - keep, dtype=np.uint32)
+        variants.append(variant)
+    table = make_table(np.stack(variants))
+    index = FunctionIndex.build(table, revision=1)
+    matches = index.query(queries_for(base.reshape(1, -1)), min_similarity=0.6, top_k=3)
+    assert matches.function_id.tolist() == [1000, 1001, 1002]
+    assert np.all(np.diff(matches.similarity) <= 0)
+    assert float(matches.similarity[-1]) >= 0.6
+
+
+def test_minimum_size_filter_on_both_sides() -> None:
+    rng = np.random.default_rng(5)
+    minhash = random_minhash(rng, 4)
+    counts = np.array([MIN_INSTRUCTIONS - 1, MIN_INSTRUCTIONS, 3, 200], dtype=np.uint32)
+    index = FunctionIndex.build(make_table(minhash, instruction_count=counts), revision=1)
+    assert len(index) == 2
+    assert sorted(index.function_id.tolist()) == [1001, 1003]
+    small_query = QueryFunctions(
+        exact_hash=np.zeros(2, dtype=np.uint64),
+        minhash=minhash[[1, 3]],
+        instruction_count=np.array([MIN_INSTRUCTIONS - 1, 50], dtype=np.uint32),
+    )
+    matches = index.query(small_query)
+    assert matches.skipped_small == 1
+    assert matches.query.tolist() == [1]
+    assert matches.function_id.tolist() == [1003]
+
+
+def test_full_buckets_are_cut_and_counted() -> None:
+    rng = np.random.default_rng(6)
+    common = random_minhash(rng, 1)
+    table = make_table(np.repeat(common, MAX_ROWS_PER_BUCKET + 50, axis=0))
+    index = FunctionIndex.build(table, revision=1)
+    matches = index.query(queries_for(common), top_k=10_000)
+    assert matches.truncated_buckets == 16
+    assert len(matches) == MAX_ROWS_PER_BUCKET
+
+
+def test_empty_index_and_empty_query() -> None:
+    rng = np.random.default_rng(7)
+    empty = FunctionIndex.build(make_table(random_minhash(rng, 0)), revision=1)
+    assert len(empty) == 0
+    assert len(empty.query(queries_for(random_minhash(rng, 3)))) == 0
+    index = FunctionIndex.build(make_table(random_minhash(rng, 10)), revision=1)
+    assert len(index.query(queries_for(random_minhash(rng, 0)))) == 0
+
+
+def test_expand_ranges_cuts_long_ranges() -> None:
+    owners, positions, cut = expand_ranges(
+        np.array([5, 0, 9], dtype=np.int64), np.array([8, 0, 20], dtype=np.int64), limit=4
+    )
+    assert owners.tolist() == [0, 0, 0, 2, 2, 2, 2]
+    assert positions.tolist() == [5, 6, 7, 9, 10, 11, 12]
+    assert cut == 1
+
+
+def test_persistence_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    table = make_table(random_minhash(rng, 3000), sample_id=np.arange(3000, dtype=np.int64) // 100)
+    index = FunctionIndex.build(table, revision=17, samples={})
+    path = tmp_path / "function-index"
+    index.save(path)
+    query = queries_for(table.minhash[:50], table.exact_hash[:50])
+    for memory_map in (False, True):
+        loaded = FunctionIndex.load(path, revision=17, memory_map=memory_map)
+        assert loaded is not None and loaded.rarity is not None and index.rarity is not None
+        np.testing.assert_array_equal(loaded.signatures, index.signatures)
+        np.testing.assert_array_equal(loaded.band_orders, index.band_orders)
+        np.testing.assert_array_equal(loaded.rarity.weight, index.rarity.weight)
+        expected, got = index.query(query), loaded.query(query)
+        np.testing.assert_array_equal(got.function_id, expected.function_id)
+        np.testing.assert_array_equal(got.similarity, expected.similarity)
+    assert FunctionIndex.load(path, revision=18) is None  # stale cache
+    assert FunctionIndex.load(tmp_path / "missing", revision=17) is None
+
+
+def test_damaged_cache_raises_typed_error_and_is_rebuilt(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    table = make_table(random_minhash(rng, 500))
+    path = tmp_path / "function-index"
+    FunctionIndex.build(table, revision=3, samples={}).save(path)
+    (path / "band_orders.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(IndexCacheError):
+        FunctionIndex.load(path, revision=3)
+    rebuilt = FunctionIndex.load_or_build(path, 3, table, samples={})
+    assert len(rebuilt) == 500
+    reloaded = FunctionIndex.load(path, revision=3)
+    assert reloaded is not None and len(reloaded) == 500
+
+
+def test_out_of_range_permutation_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    path = tmp_path / "function-index"
+    FunctionIndex.build(make_table(random_minhash(rng, 100)), revision=1).save(path)
+    orders = np.load(path / "band_orders.npy")
+    orders[0, 0] = 10_000
+    np.save(path / "band_orders.npy", orders)
+    with pytest.raises(IndexCacheError):
+        FunctionIndex.load(path, revision=1)
+
+
+def test_index_memory_per_function() -> None:
+    rng = np.random.default_rng(12)
+    index = FunctionIndex.build(make_table(random_minhash(rng, 2000)), revision=1)
+    lookup = index.signatures.nbytes + index.band_orders.nbytes
+    assert lookup / len(index) == 124  # 64 B signature + 15 x 4 B band permutations
+    assert index.nbytes / len(index) == 148  # + exact hash, function id, sample id
