@@ -8,12 +8,9 @@ Bad samples raise ``earmark.errors.InputError`` subclasses only (see ``earmark.e
 
 from __future__ import annotations
 
-import importlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import lief
 
@@ -21,7 +18,7 @@ import earmark
 from earmark.config import DEFAULT_LIMITS, Limits
 from earmark.errors import AnalysisTimeoutError, FileTooLargeError, InputError
 from earmark.extract import elf_metadata, pe_metadata
-from earmark.extract.image import CodeImage
+from earmark.extract.functions import recover_functions
 from earmark.extract.loader import LoadedSample, load_sample
 from earmark.extract.metadata import hash_file
 from earmark.extract.pe_image import PeHeader
@@ -30,7 +27,6 @@ from earmark.model.sample import (
     FEATURES_FORMAT_VERSION,
     ElfInfo,
     Export,
-    FunctionFeatures,
     Import,
     PeInfo,
     SampleFeatures,
@@ -38,18 +34,6 @@ from earmark.model.sample import (
 )
 
 __all__ = ["analyze_bytes", "analyze_file"]
-
-RecoverFunctions = Callable[
-    [CodeImage, Limits, float], tuple[tuple[FunctionFeatures, ...], tuple[str, ...]]
-]
-
-
-def _function_recovery() -> RecoverFunctions:
-    # Looked up at call time so tests can substitute it and extraction of metadata does not
-    # depend on the disassembler module being importable at package import.
-    module = importlib.import_module("earmark.extract.functions")
-    return cast(RecoverFunctions, module.recover_functions)
-
 
 def analyze_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> SampleFeatures:
     """Read ``path`` (refusing oversize files before reading them) and analyse its bytes."""
@@ -85,7 +69,7 @@ def analyze_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SampleFeature
             f"over {limits.max_seconds_per_sample}s before function recovery "
             "(Limits.max_seconds_per_sample)"
         )
-    functions, function_warnings = _function_recovery()(loaded.image, limits, deadline)
+    functions, function_warnings = recover_functions(loaded.image, limits, deadline)
     warnings.extend(function_warnings)
     metadata = _format_metadata(loaded, data)
     image = loaded.image
