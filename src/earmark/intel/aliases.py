@@ -67,7 +67,7 @@ def name_key(name: str) -> str:
 
 def clean_name(name: str) -> str:
     """Whitespace collapsed, enclosing quotes and trailing punctuation removed."""
-    name = " ".join(name.split())
+    name = " ".join(name.split()).rstrip(".,;:")
     while len(name) >= 2 and name[0] == name[-1] and name[0] in "\"'`":
         name = name[1:-1].strip()
     return name.rstrip(".,;:")

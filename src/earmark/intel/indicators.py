@@ -92,7 +92,9 @@ _ALTERNATIVES = {
     "email": rf"(?<![\w.+-])[a-z0-9][a-z0-9._%+-]{{0,63}}@{_DOMAIN}(?![\w-]|\.[a-z0-9])",
     "pipe": r"\\{2,4}\.\\{1,2}pipe\\{1,2}[^\s\\\"'<>|\x00-\x1f]{1,256}",
     "mutex": r"(?<![\w\\])(?:Global|Local|Session\\{1,2}\d{1,3})\\{1,2}"
-    r"[A-Za-z0-9_.{}@#$~+=-][A-Za-z0-9_.{}@#$~+= -]{2,127}(?<! )",
+    # Spaces are legal in object names but end the match: in text they end the name far more
+    # often than they belong to it.
+    r"[A-Za-z0-9_.{}@#$~+=-]{3,128}",
     "useragent": r"\bMozilla/\d\.\d \([^()\r\n\x00-\x1f]{3,200}\)[^\r\n\"\x00-\x1f]{0,300}",
     "ipv4": r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)",
     "ipv6": r"(?<![\w:.])(?:[0-9a-f]{0,4}:){2,7}(?:[0-9a-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"

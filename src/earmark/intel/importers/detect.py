@@ -36,8 +36,8 @@ def _json_format(data: Any) -> str:
 
 
 def _looks_like_ioc_list(text: str) -> bool:
-    lines = [line.strip() for line in text.splitlines()[:_SNIFF_LINES]]
-    values = [line for line in lines if line and not line.startswith("#")]
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()[:_SNIFF_LINES]]
+    values = [line for line in lines if line]
     if not values:
         return False
     typed = sum(1 for value in values if classify_value(value) is not None)

@@ -81,12 +81,14 @@ def import_csv(text: str, source: str, mapping: ColumnMapping | None = None,
     sample = text[:_SNIFF_BYTES]
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, ",;\t|")
-        has_header = csv.Sniffer().has_header(sample)
     except csv.Error:
-        dialect, has_header = csv.excel, True
+        dialect = csv.excel
     rows = [r for r in csv.reader(io.StringIO(text), dialect) if any(c.strip() for c in r)]
     if not rows:
         raise IntelError(f"{source}: the CSV file has no rows")
+    # A first row without any indicator in it is a header. csv.Sniffer().has_header guesses
+    # from column types and misses all-text IOC tables.
+    has_header = all(classify_value(c) is None for c in rows[0])
     header = rows[0] if has_header else [str(i) for i in range(len(rows[0]))]
     body = rows[1:] if has_header else rows
     wanted = mapping or ColumnMapping(value="")
