@@ -95,6 +95,8 @@ ESET_NON_ACTOR_FOLDERS = frozenset(
     }
 )
 MALTRAIL_NON_ACTOR_FILES = frozenset({"unclassified"})
+# maltrail file names the alias catalogue does not know and whose Aliases line names none.
+MALTRAIL_FILE_ACTORS: dict[str, str] = {"gamaredon": "Gamaredon Group"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +141,8 @@ def load_queries(intel_dir: Path, resolver: AliasResolver) -> list[Query]:
         stem = path.stem.removeprefix("apt_").split("-")[0]
         if stem in MALTRAIL_NON_ACTOR_FILES:
             continue
-        candidates = [stem, *parse_aliases(text)]
-        known = next((name for name in candidates if resolver.is_known(name)), stem)
+        candidates = [MALTRAIL_FILE_ACTORS.get(stem, stem), *parse_aliases(text)]
+        known = next((name for name in candidates if resolver.is_known(name)), candidates[0])
         actor = resolve(known)
         for block in parse_maltrail_file(path, lambda _name, actor=actor: actor):
             refs = frozenset(_normalise_reference(r) for r in block.references)

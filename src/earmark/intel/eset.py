@@ -154,9 +154,19 @@ def parse_eset_readme(
     return reports
 
 
+# AsciiDoc link macros (``https://host/path[label]``) in prose are citations and tool links
+# (YARA, Snort docs), never indicators: ESET writes indicators defanged or in backticks.
+_LINK_MACRO = re.compile(r"(?<![`+\\])\bhttps?://[^\s\[\]`]+\[[^\]]*\]", re.IGNORECASE)
+
+
 def _indicators(extract: IndicatorExtractor, text: str) -> tuple[Indicator, ...]:
     found: dict[Indicator, None] = {}
+    text = _LINK_MACRO.sub(" ", text)
     for indicator in extract(text):
+        if indicator.type == IndicatorType.EMAIL and _is_publication(
+            "http://" + indicator.value.rsplit("@", 1)[-1]
+        ):
+            continue  # the researchers' own contact addresses
         if indicator.type == IndicatorType.URL and _is_publication(
             indicator.value if "://" in indicator.value else "http://" + indicator.value
         ):
