@@ -141,3 +141,15 @@ def test_long_text_is_fast() -> None:
     elapsed = time.perf_counter() - started
     assert len(indicators) == 5000 * 4
     assert elapsed < 5.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1IIIIIIIIIIIIIIIIIIIIIIIIIIIIII",  # excluded Base58 letters must not crash the check
+        "anon.86d46c58b0185e052a62e8a10d3add5f.13.llvm.1849637444694865207",
+        "/rustc/897e37553bba8b42751c67658967889d11ecd120/library/core/src/fmt/mod.rs",
+    ],
+)
+def test_binary_string_noise(text: str) -> None:
+    assert found(text) == []

@@ -99,11 +99,14 @@ _ALTERNATIVES = {
     "ipv4": r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)",
     "ipv6": r"(?<![\w:.])(?:[0-9a-f]{0,4}:){2,7}(?:[0-9a-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
     r"(?![\w:])",
-    "hash": r"(?<!\w)(?:[0-9a-f]{64}|[0-9a-f]{40}|[0-9a-f]{32})(?!\w)",
+    # Not inside dotted or slashed names: "anon.<md5>.13.llvm" symbols, "/rustc/<sha1>/" paths.
+    "hash": r"(?<![\w./])(?:[0-9a-f]{64}|[0-9a-f]{40}|[0-9a-f]{32})(?!\w|\.\w|/)",
     "domain": rf"(?<![\w.@-]){_DOMAIN}(?![\w-]|\.[a-z0-9])",
     "bech32": rf"(?<!\w)bc1[{_BECH32}]{{11,71}}(?!\w)",
-    "monero": rf"(?<!\w)[48][0-9AB][{_BASE58}]{{93}}(?!\w)",
-    "base58": rf"(?<!\w)[13][{_BASE58}]{{25,34}}(?!\w)",
+    # Base58 is case-sensitive (it leaves out 0, O, I and l): the whole regex ignores case, so
+    # these two switch it off.
+    "monero": rf"(?-i:(?<!\w)[48][0-9AB][{_BASE58}]{{93}}(?!\w))",
+    "base58": rf"(?-i:(?<!\w)[13][{_BASE58}]{{25,34}}(?!\w))",
 }
 _CANDIDATE = re.compile(
     "|".join(f"(?P<{name}>{pattern})" for name, pattern in _ALTERNATIVES.items()),
@@ -201,6 +204,8 @@ _BASE58_INDEX = {c: i for i, c in enumerate(_BASE58_ALPHABET)}
 def _base58check_ok(text: str) -> bool:
     number = 0
     for char in text:
+        if char not in _BASE58_INDEX:
+            return False
         number = number * 58 + _BASE58_INDEX[char]
     leading_zeros = len(text) - len(text.lstrip("1"))
     body = number.to_bytes((number.bit_length() + 7) // 8, "big")
