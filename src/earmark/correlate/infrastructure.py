@@ -216,7 +216,7 @@ class InfrastructureIndex:
     def _registered_domain_keys(self, host: str) -> list[tuple[str, str]]:
         if self._benign.customer_suffix(host):
             return []  # under free hosting / dynamic DNS each name is its own registrant
-        registered = _registered_domain_extractor()(host).registered_domain
+        registered = _registered_domain_extractor()(host).top_domain_under_public_suffix
         if not registered:
             return []
         # Indexed even when the name *is* the registered domain, so ``evil.com`` and
