@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from earmark.intel.indicators import (
     classify_value,
@@ -153,3 +155,10 @@ def test_long_text_is_fast() -> None:
 )
 def test_binary_string_noise(text: str) -> None:
     assert found(text) == []
+
+
+@given(st.text(alphabet=st.sampled_from("13bcAIO0lx.:/\\[]@-_ hxtpsGlobalpie4568"), max_size=120))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_text_never_raises(text: str) -> None:
+    for indicator in extract_indicators(text, offset_base=0):
+        assert indicator.offset is not None and 0 <= indicator.offset <= len(text)
