@@ -105,8 +105,11 @@ def misp_event_for_case(
     if when:
         event.date = when
     event.add_tag(_tlp_tag(tlp))
+    withheld = {e.actor for e in evidence if e.report_id in red_report_ids and not include_red}
+    shown = {e.actor for e in evidence if e.report_id not in red_report_ids or include_red}
     for hypothesis in hypotheses:
-        event.add_tag(_actor_tag(hypothesis.actor))
+        if hypothesis.actor not in withheld - shown:  # named only by TLP:RED evidence: leak
+            event.add_tag(_actor_tag(hypothesis.actor))
     for item in evidence:
         if item.kind != "infrastructure" or not item.value or not item.pivot:
             continue

@@ -143,11 +143,17 @@ def build_stix_bundle(
         _add_report(builder, report)
     case_marking = _TLP_MARKINGS[evidence_tlp]
     if evidence_tlp != Tlp.RED or include_red:
+        withheld_actors: set[str] = set()
+        shown_actors: set[str] = set()
         for item in evidence:
             if item.report_id in red_reports and not include_red:
+                withheld_actors.update([item.actor] if item.actor else [])
                 continue
+            shown_actors.update([item.actor] if item.actor else [])
             _add_evidence(builder, item, case_marking)
         for hypothesis in hypotheses:
+            if hypothesis.actor in withheld_actors - shown_actors:
+                continue  # only TLP:RED evidence names this actor: naming it would leak it
             actor_id = builder.actor(hypothesis.actor, case_marking)
             builder.add(stix2.Opinion(
                 id=_stix_id("opinion", hypothesis.actor, f"{hypothesis.score:.4f}"),
