@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -191,7 +192,9 @@ class FunctionRecovery:
                 return
             self.check_deadline()
             body = self.explore(start, self.sources[start])
-            if body.invalid and self.sources[start] in ("reference", "prologue", "tail"):
+            if not body.instructions or (
+                body.invalid and self.sources[start] in ("reference", "prologue", "tail")
+            ):
                 del self.sources[start]  # a guess that decodes into garbage was not code
                 continue
             self.bodies[start] = body
@@ -216,6 +219,8 @@ class FunctionRecovery:
                 if address in instructions:
                     body.leaders.add(address)
                     break
+                if address != start and address in known:
+                    break  # flowed into another function (call we did not know never returns)
                 if len(instructions) >= max_instructions:
                     body.truncated = True
                     pending.clear()
@@ -333,14 +338,14 @@ class FunctionRecovery:
 
     def propose_references(self) -> None:
         """Code addresses taken as data (lea/push/mov imm) outside every known function."""
-        covered = self.covered_addresses()
+        covered = self.covered_lookup()
         for body in list(self.bodies.values()):
             for instruction in body.instructions.values():
                 candidates = list(instruction.address_immediates)
                 if instruction.mnemonic == "lea" and instruction.memory_address is not None:
                     candidates.append(instruction.memory_address)
                 for candidate in candidates:
-                    if candidate not in covered and self.decoder.is_code(candidate):
+                    if self.decoder.is_code(candidate) and not covered(candidate):
                         self.propose(candidate, "reference")
 
     def propose_data_pointers(self) -> None:
@@ -349,7 +354,7 @@ class FunctionRecovery:
         Function-pointer tables, vtables, .init_array and TLS callbacks: in 32-bit PE without
         .pdata this is the only way to see code that is never called directly.
         """
-        covered = self.covered_addresses()
+        covered = self.covered_lookup()
         width = self.image.bits // 8
         for segment in self.image.segments:
             if segment.executable:
@@ -357,7 +362,7 @@ class FunctionRecovery:
             data = segment.data
             for offset in range(0, len(data) - width + 1, width):
                 value = int.from_bytes(data[offset : offset + width], "little")
-                if value and value not in covered and self.decoder.is_code(value):
+                if value and self.decoder.is_code(value) and not covered(value):
                     self.propose(value, "reference")
 
     def propose_gap_prologues(self) -> None:
@@ -418,11 +423,15 @@ class FunctionRecovery:
         index = bisect.bisect_right(self._extent_starts, address) - 1
         return index >= 0 and address < self._extents[index][1]
 
-    def covered_addresses(self) -> set[int]:
-        covered: set[int] = set()
-        for body in self.bodies.values():
-            for instruction in body.instructions.values():
-                covered.update(range(instruction.address, instruction.address + instruction.size))
+    def covered_lookup(self) -> Callable[[int], bool]:
+        """A test for "inside some recovered instruction", by bisection over merged ranges."""
+        ranges = self._covered_ranges()
+        starts = [low for low, _high in ranges]
+
+        def covered(address: int) -> bool:
+            index = bisect.bisect_right(starts, address) - 1
+            return index >= 0 and address < ranges[index][1]
+
         return covered
 
     def _covered_ranges(self) -> list[tuple[int, int]]:

@@ -16,7 +16,8 @@ not tracked); their cases are still found when other code calls into them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 from earmark.extract.disasm import Instruction, InstructionDecoder, parse_scaled_memory
@@ -57,13 +58,13 @@ def _read_entries(
     entry_size: int,
     signed: bool,
     count: int | None,
-) -> list[int]:
+) -> Iterator[int]:
     limit = count if count is not None else MAX_JUMP_TABLE_ENTRIES
     raw = decoder.read(table, limit * entry_size)
-    entries: list[int] = []
-    for offset in range(0, len(raw) - entry_size + 1, entry_size):
-        entries.append(int.from_bytes(raw[offset : offset + entry_size], "little", signed=signed))
-    return entries
+    usable = len(raw) - len(raw) % entry_size
+    code = {4: "i", 8: "q"}[entry_size]
+    unpacked = struct.iter_unpack("<" + (code if signed else code.upper()), raw[:usable])
+    return (value for (value,) in unpacked)  # lazy: callers stop at the first bad entry
 
 
 def _got_base(decoder: InstructionDecoder) -> int | None:
