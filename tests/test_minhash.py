@@ -1,0 +1,79 @@
+"""MinHash signatures: stable, and their estimate is close to the exact Jaccard index."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from earmark.extract.minhash import (
+    estimate_jaccard,
+    exact_hash,
+    minhash_signature,
+    minhash_signatures,
+    shingle_hashes,
+    token_id,
+)
+from earmark.model.sample import MINHASH_PERMUTATIONS
+
+# 64 permutations: the estimate's standard deviation is sqrt(J(1-J)/64) <= 1/16; five sigma
+# keeps a correct implementation from failing by chance over hypothesis' runs.
+TOLERANCE = 5 * math.sqrt(0.25 / MINHASH_PERMUTATIONS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sets(st.integers(0, 2**32 - 1), min_size=1, max_size=300),
+    st.sets(st.integers(0, 2**32 - 1), min_size=1, max_size=300),
+    st.sets(st.integers(0, 2**32 - 1), max_size=300),
+)
+def test_estimate_is_close_to_exact_jaccard(
+    only_first: set[int], only_second: set[int], shared: set[int]
+) -> None:
+    first = only_first | shared
+    second = only_second | shared
+    exact = len(first & second) / len(first | second)
+    signatures = minhash_signatures(
+        [np.array(sorted(first), dtype=np.uint32), np.array(sorted(second), dtype=np.uint32)]
+    )
+    assert abs(estimate_jaccard(signatures[0], signatures[1]) - exact) <= TOLERANCE
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=200))
+def test_signature_ignores_order_and_duplicates(values: list[int]) -> None:
+    forward = minhash_signature(np.array(values, dtype=np.uint32))
+    shuffled = minhash_signature(np.array(sorted(values * 2, reverse=True), dtype=np.uint32))
+    assert forward.tolist() == shuffled.tolist()
+    assert forward.shape == (MINHASH_PERMUTATIONS,)
+
+
+def test_batch_equals_one_by_one() -> None:
+    streams = [
+        ("push r64", "mov r64,sp"),
+        ("ret",),
+        (),
+        tuple(f"add r32,{i:#x}" for i in range(99)),
+    ]
+    sets = [shingle_hashes(s) for s in streams]
+    batch = minhash_signatures(sets)
+    for row, shingles in zip(batch, sets, strict=True):
+        assert row.tolist() == minhash_signature(shingles).tolist()
+    assert batch[2].tolist() == [0xFFFFFFFF] * MINHASH_PERMUTATIONS  # empty stream
+
+
+def test_hashes_are_stable_across_runs() -> None:
+    # Stored in the knowledge base: these values must never change silently.
+    assert exact_hash(("push r64", "ret")) == 0x306ABD49C39D3B21
+    assert token_id("push r64") == int.from_bytes(
+        hashlib.blake2b(b"push r64", digest_size=4).digest(), "little"
+    )
+    assert exact_hash(("push r64", "ret")) != exact_hash(("ret", "push r64"))
+
+
+def test_shingles_cover_one_to_three_grams() -> None:
+    stream = ("a", "b", "c", "d")
+    assert len(shingle_hashes(stream)) == 4 + 3 + 2
+    assert len(set(shingle_hashes(("x", "x", "x")).tolist())) == 3  # 1-, 2- and 3-gram of x

@@ -1,0 +1,117 @@
+"""Normalisation masks load addresses; the exact hash survives relocation."""
+
+from __future__ import annotations
+
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from earmark.config import DEFAULT_LIMITS
+from earmark.extract.disasm import InstructionDecoder
+from earmark.extract.functions import recover_functions
+from earmark.extract.image import CodeImage, Segment
+from fixtures.build import FixtureBuilder
+from fixtures.truth import code_image
+
+
+def _image(code: bytes, base: int, bits: int, data: bytes = b"") -> CodeImage:
+    segments = [Segment(".text", base + 0x1000, code, True)]
+    if data:
+        segments.append(Segment(".rdata", base + 0x2000, data, False))
+    return CodeImage(
+        arch="x86_64" if bits == 64 else "x86",
+        bits=bits,
+        image_base=base,
+        segments=tuple(segments),
+        entry_points=(base + 0x1000,),
+        symbol_functions=(),
+        export_addresses=(),
+        exception_starts=(),
+    )
+
+
+def _tokens(code: bytes, base: int, bits: int) -> tuple[str, ...]:
+    data = b"hello world\x00"
+    functions, _ = recover_functions(
+        _image(code, base, bits, data), DEFAULT_LIMITS, time.monotonic() + 10
+    )
+    return functions[0].normalized
+
+
+def _x86_function(base: int, small: int, large: int) -> bytes:
+    """push string address; mov eax, small; and eax, large; call +0; ret."""
+    string = (base + 0x2000).to_bytes(4, "little")
+    return (
+        b"\x68" + string
+        + b"\xb8" + small.to_bytes(4, "little")
+        + b"\x25" + large.to_bytes(4, "little")
+        + b"\xe8\x01\x00\x00\x00\xc3\xc3"
+    )  # fmt: skip
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(0x10, 0x7FFF).map(lambda page: page << 16),
+    st.integers(0x10, 0x7FFF).map(lambda page: page << 16),
+    st.integers(0, 0xFFF),
+)
+def test_same_code_at_two_bases_normalises_identically(first: int, second: int, small: int) -> None:
+    large = 0xEDB88320
+    a = _tokens(_x86_function(first, small, large), first, 32)
+    b = _tokens(_x86_function(second, small, large), second, 32)
+    assert a == b
+    assert a[0] == "push addr"  # the string address is masked
+    assert a[1] == f"mov r32,{small:#x}"  # small constants are kept
+    assert a[2] == "and r32,imm"
+    assert not any(hex(first)[2:6] in token for token in a)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**31 - 8), st.integers(0, 0x7FFF))
+def test_rip_relative_displacements_are_masked(displacement: int, base_page: int) -> None:
+    code = b"\x48\x8d\x05" + displacement.to_bytes(4, "little") + b"\xc3"  # lea rax,[rip+d]
+    image = _image(code, base_page << 16, 64)
+    instruction = InstructionDecoder(image).decode(image.entry_points[0])
+    assert instruction is not None
+    assert instruction.token == "lea r64,m[addr]"
+    assert instruction.memory_address == image.entry_points[0] + 7 + displacement
+
+
+def test_stack_and_segment_operands() -> None:
+    code = (
+        b"\x64\x48\x8b\x04\x25\x28\x00\x00\x00"  # mov rax, qword ptr fs:[0x28]
+        b"\x48\x89\x44\x24\x08"  # mov [rsp+8], rax
+        b"\xc3"
+    )
+    image = _image(code, 0x400000, 64)
+    decoder = InstructionDecoder(image)
+    first = decoder.decode(0x401000)
+    second = decoder.decode(0x401009)
+    assert first is not None and first.token == "mov r64,fs:m64[addr]"
+    assert second is not None and second.token == "mov m64[stack],r64"
+
+
+def test_relocated_pe_functions_hash_equal(builder: FixtureBuilder) -> None:
+    # The same build loaded at another base: every exact hash must match.
+    build = builder.build("fx_codec.c", "mingw64", "O2")
+    image = code_image(build.stripped)
+    shift = 0x10000000
+    moved = CodeImage(
+        image.arch,
+        image.bits,
+        image.image_base + shift,
+        tuple(
+            Segment(s.name, s.virtual_address + shift, s.data, s.executable) for s in image.segments
+        ),
+        tuple(a + shift for a in image.entry_points),
+        (),
+        tuple(a + shift for a in image.export_addresses),
+        tuple(a + shift for a in image.exception_starts),
+        {a + shift: n for a, n in image.import_slots.items()},
+    )
+    original, _ = recover_functions(image, DEFAULT_LIMITS, time.monotonic() + 60)
+    relocated, _ = recover_functions(moved, DEFAULT_LIMITS, time.monotonic() + 60)
+    assert [f.address + shift for f in original] == [f.address for f in relocated]
+    assert [f.exact_hash for f in original] == [f.exact_hash for f in relocated]
+    assert [f.minhash for f in original] == [f.minhash for f in relocated]
