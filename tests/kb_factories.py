@@ -7,11 +7,10 @@ equal features and tests can compare what they stored with what they read back.
 from __future__ import annotations
 
 import hashlib
-import pickle
+import os
 import random
-import zlib
+import signal
 from datetime import UTC, datetime
-from pathlib import Path
 
 from earmark.config import Limits
 from earmark.errors import UnsupportedFormatError
@@ -27,16 +26,6 @@ from earmark.model.sample import (
 )
 
 FAKE_SAMPLE_MAGIC = b"FAKESAMPLE"
-
-
-class PickleCodec:
-    """Test stand-in for earmark.freeze (only ever fed features the test itself built)."""
-
-    def to_bytes(self, features: SampleFeatures) -> bytes:
-        return zlib.compress(pickle.dumps(features))
-
-    def from_bytes(self, data: bytes) -> SampleFeatures:
-        return pickle.loads(zlib.decompress(data))  # trusted: test data only
 
 
 def make_function(rng: random.Random, address: int) -> FunctionFeatures:
@@ -107,15 +96,14 @@ def make_features(
     )
 
 
-def fake_analyze_file(path: Path, limits: Limits) -> SampleFeatures:
-    """Stand-in for earmark.extract.analyze_file: features derived from the file's bytes.
+def fake_analyze_bytes(data: bytes, limits: Limits) -> SampleFeatures:
+    """Stand-in for earmark.extract.analyze_bytes: features derived from the bytes.
 
-    Files that do not start with FAKE_SAMPLE_MAGIC are refused as an unsupported format, so
+    Bytes that do not start with FAKE_SAMPLE_MAGIC are refused as an unsupported format, so
     tests can check that failures are reported per file.
     """
-    data = Path(path).read_bytes()
     if not data.startswith(FAKE_SAMPLE_MAGIC):
-        raise UnsupportedFormatError(f"{Path(path).name}: not a fake sample")
+        raise UnsupportedFormatError("not a fake sample")
     function_count = data[len(FAKE_SAMPLE_MAGIC)] if len(data) > len(FAKE_SAMPLE_MAGIC) else 3
     return make_features(data, function_count, sha256=hashlib.sha256(data).hexdigest())
 
@@ -137,3 +125,16 @@ def make_label(
         goodware=goodware,
         provenance=Provenance(source=source, recorded_at=datetime(2024, 5, 1, tzinfo=UTC), tlp=tlp),
     )
+
+
+def crashing_analyze_bytes(data: bytes, limits: Limits) -> SampleFeatures:
+    """Like fake_analyze_bytes, but bytes starting with b"CRASH" kill the (worker) process, as
+    a segfault in a native parser would. Only use it with jobs > 1."""
+    if data.startswith(b"CRASH"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return fake_analyze_bytes(data, limits)
+
+
+def refusing_analyze_bytes(data: bytes, limits: Limits) -> SampleFeatures:
+    """For tests where analysis must not happen at all."""
+    raise AssertionError("analysis was run on a sample that needed none")

@@ -24,7 +24,7 @@ from earmark.store import migrations as migrations_module
 from earmark.store import schema as schema_module
 from earmark.store.migrations import MIGRATIONS, Migration
 from earmark.store.sql import connect_database
-from kb_factories import PickleCodec, make_features, make_label
+from kb_factories import make_features, make_label
 
 
 @pytest.fixture(params=["sqlite-file", "sqlite-memory"])
@@ -36,7 +36,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def store(store_url: str) -> Iterator[SqlStore]:
-    with open_store(store_url, codec=PickleCodec()) as opened:
+    with open_store(store_url) as opened:
         yield opened
 
 
@@ -160,10 +160,10 @@ def test_wrong_minhash_length_is_refused_before_writing(store: SqlStore) -> None
 def test_reopen_keeps_data_and_revision(tmp_path: Path) -> None:
     path = str(tmp_path / "kb.db")
     features = make_features(5, 3)
-    with open_store(path, codec=PickleCodec()) as store:
+    with open_store(path) as store:
         store.add_sample(features, make_label())
         revision = store.revision()
-    with open_store(path, codec=PickleCodec()) as store:
+    with open_store(path) as store:
         assert store.has_sample(features.sha256)
         assert store.revision() == revision
         assert store.load_features(features.sha256) == features
@@ -171,7 +171,7 @@ def test_reopen_keeps_data_and_revision(tmp_path: Path) -> None:
 
 def test_migrations_are_applied_and_recorded(tmp_path: Path) -> None:
     path = tmp_path / "kb.db"
-    open_store(str(path), codec=PickleCodec()).close()
+    open_store(str(path)).close()
     with sqlite3.connect(path) as connection:
         rows = connection.execute("SELECT id, name FROM schema_migrations ORDER BY id").fetchall()
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -181,7 +181,7 @@ def test_migrations_are_applied_and_recorded(tmp_path: Path) -> None:
 
 def test_migrated_database_matches_schema_description(tmp_path: Path) -> None:
     path = tmp_path / "kb.db"
-    open_store(str(path), codec=PickleCodec()).close()
+    open_store(str(path)).close()
     inspector = inspect(connect_database(resolve_database_url(str(path))))
     for table in schema_module.metadata.sorted_tables:
         columns = {column["name"] for column in inspector.get_columns(table.name)}
@@ -192,7 +192,7 @@ def test_migrated_database_matches_schema_description(tmp_path: Path) -> None:
 
 def test_pending_migration_runs_on_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = str(tmp_path / "kb.db")
-    open_store(path, codec=PickleCodec()).close()
+    open_store(path).close()
     ran: list[int] = []
     extra = Migration(MIGRATIONS[-1].id + 1, "test migration", lambda _c: ran.append(1))
     applied = migrations_module.apply_migrations(
@@ -207,19 +207,19 @@ def test_pending_migration_runs_on_open(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_database_from_newer_earmark_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "kb.db"
-    open_store(str(path), codec=PickleCodec()).close()
+    open_store(str(path)).close()
     with sqlite3.connect(path) as connection:
         connection.execute(
             "INSERT INTO schema_migrations (id, name, applied_at) "
             "VALUES (999, 'future', '2030-01-01')"
         )
     with pytest.raises(StoreError, match=r"schema version 999.*upgrade earmark"):
-        open_store(str(path), codec=PickleCodec())
+        open_store(str(path))
 
 
 def test_failed_migration_is_rolled_back(tmp_path: Path) -> None:
     path = tmp_path / "kb.db"
-    open_store(str(path), codec=PickleCodec()).close()
+    open_store(str(path)).close()
 
     def half_done(connection: Connection) -> None:
         connection.execute(text("CREATE TABLE half_done (id INTEGER)"))
@@ -239,12 +239,12 @@ def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
     path = tmp_path / "kb.db"
     path.write_bytes(b"MZ" + b"\x00" * 4096)
     with pytest.raises(StoreError, match="cannot open"):
-        open_store(str(path), codec=PickleCodec())
+        open_store(str(path))
 
 
 def test_missing_directory_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no directory"):
-        open_store(str(tmp_path / "absent" / "kb.db"), codec=PickleCodec())
+        open_store(str(tmp_path / "absent" / "kb.db"))
 
 
 def test_database_location_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -257,4 +257,4 @@ def test_database_location_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert postgres.get_backend_name() == "postgresql"
     assert resolve_database_url(":memory:").database is None
     with pytest.raises(StoreError):
-        open_store("nosuchdialect://x", codec=PickleCodec())
+        open_store("nosuchdialect://x")

@@ -6,16 +6,14 @@ new samples are analysed in a process pool and written by the parent, one transa
 so a killed batch leaves whole samples or nothing.
 
 Inputs are hostile: archive members are read into memory with bounded size and count (zip bombs)
-and never extracted to paths named by the archive; a worker killed by a crashing parser costs the
-one file that crashed it, not the batch.
+and never written to disk at all (analysis works on bytes); a worker killed by a crashing parser
+costs the one file that crashed it, not the batch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -39,9 +37,11 @@ from earmark.errors import (
     UnsupportedFormatError,
     UsageError,
 )
+from earmark.extract import analyze_bytes
+from earmark.freeze import load_features as load_frozen_features
 from earmark.model.kb import Provenance, SampleLabel, Tlp
 from earmark.model.sample import SampleFeatures
-from earmark.store.base import Store
+from earmark.store.base import FeaturesCodec, Store
 
 # Password the malware-sharing community puts on sample archives (VirusTotal, MalwareBazaar, ...).
 COMMUNITY_ARCHIVE_PASSWORD = b"infected"
@@ -50,13 +50,13 @@ COMMUNITY_ARCHIVE_PASSWORD = b"infected"
 MAX_ARCHIVE_MEMBERS = 100_000
 # Frozen features files written by ``earmark.freeze`` (analysed once, replayed here).
 FROZEN_FEATURES_SUFFIX = ".emf"
-# Analyses queued per worker: keeps workers busy while bounding the bytes of archive members
-# held on disk for queued work.
+# Analyses queued per worker: keeps workers busy while bounding the sample bytes held in memory
+# for queued work (at most workers x 2 x Limits.max_file_bytes).
 QUEUED_ANALYSES_PER_WORKER = 2
 ZIP_MAGIC = b"PK\x03\x04"
 DEFAULT_SOURCE = "ingest"
 
-Analyzer = Callable[[Path, Limits], SampleFeatures]
+Analyzer = Callable[[bytes, Limits], SampleFeatures]
 
 
 class IngestStatus(StrEnum):
@@ -130,17 +130,6 @@ class LabelTemplate:
         )
 
 
-def analyze_with_extract(path: Path, limits: Limits) -> SampleFeatures:
-    """The default analyser, ``earmark.extract.analyze_file`` (module-level: workers run it)."""
-    extract = importlib.import_module("earmark.extract")
-    return cast(SampleFeatures, extract.analyze_file(path, limits))
-
-
-def _load_frozen_features(path: Path) -> SampleFeatures:
-    freeze = importlib.import_module("earmark.freeze")
-    return cast(SampleFeatures, freeze.load_features(path))
-
-
 def _printable(text: str) -> str:
     """Names from archives are untrusted: no control characters reach a terminal or log."""
     return "".join(ch if ch.isprintable() else "?" for ch in text)
@@ -159,12 +148,11 @@ def _failure(name: str, error: EarmarkError, sha256: str | None = None) -> Inges
 
 @dataclass(slots=True)
 class _Job:
-    """One sample waiting for analysis: a file on disk (ours, or a temp copy of a member)."""
+    """One sample waiting for analysis, with its bytes (read once, hashed, then analysed)."""
 
     name: str
     sha256: str
-    path: Path
-    temporary: bool  # a member copy in our temp dir, deleted when the job ends
+    data: bytes
     crashes: int = 0
 
 
@@ -174,11 +162,9 @@ class _Batch:
     label: SampleLabel | None
     provenance: Provenance
     limits: Limits
-    temp_dir: Path
     on_progress: Callable[[IngestOutcome], None] | None
     outcomes: list[IngestOutcome] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)  # sha256s met in this batch
-    temp_counter: int = 0
 
     def report(self, outcome: IngestOutcome) -> None:
         self.outcomes.append(outcome)
@@ -198,19 +184,10 @@ class _Batch:
         self.report(IngestOutcome(name, IngestStatus.SKIPPED, sha256))
         return True
 
-    def write(self, name: str, features: SampleFeatures) -> None:
-        is_new = self.store.add_sample(features, self.label, self.provenance)
+    def write(self, name: str, features: SampleFeatures, frozen: bytes | None = None) -> None:
+        is_new = self.store.add_sample(features, self.label, self.provenance, frozen)
         status = IngestStatus.INGESTED if is_new else IngestStatus.SKIPPED
         self.report(IngestOutcome(name, status, features.sha256))
-
-    def member_file(self, data: bytes) -> Path:
-        # Our own name in our own private directory: nothing the archive says reaches a path.
-        self.temp_counter += 1
-        path = self.temp_dir / f"member-{self.temp_counter:08d}"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        return path
 
 
 def _walk(path: Path) -> Iterator[Path]:
@@ -270,41 +247,43 @@ def _archive_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
                 continue
             sha256 = hashlib.sha256(data).hexdigest()
             if not batch.known(name, sha256):
-                yield _Job(name, sha256, batch.member_file(data), temporary=True)
+                yield _Job(name, sha256, data)
 
 
 def _file_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
     shown = _printable(str(path))
     if path.suffix.lower() == FROZEN_FEATURES_SUFFIX:
         try:
-            features = _load_frozen_features(path)
+            features = load_frozen_features(path)
         except (FeaturesFileError, InputError) as error:
             batch.report(_failure(shown, error))
             return
         if not batch.known(shown, features.sha256):
             batch.write(shown, features)
         return
-    sha256: str | None = None  # stays None for a zip archive: its members are the samples
+    data: bytes | None = None  # stays None for a zip archive: its members are the samples
+    limit = batch.limits.max_file_bytes
     try:
         with path.open("rb") as handle:
             if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
-                size = os.fstat(handle.fileno()).st_size
-                if size == 0:
-                    raise EmptyFileError("empty file")
-                if size > batch.limits.max_file_bytes:
-                    raise FileTooLargeError(f"{size} bytes, over {batch.limits.max_file_bytes}")
                 handle.seek(0)
-                sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+                data = handle.read(limit + 1)  # bounded even if the file grows meanwhile
+                if not data:
+                    raise EmptyFileError("empty file")
+                if len(data) > limit:
+                    raise FileTooLargeError(f"over the limit of {limit} bytes")
     except OSError as error:
         batch.report(_failure(shown, InputError(f"cannot read: {error.strerror}")))
         return
     except InputError as error:
         batch.report(_failure(shown, error))
         return
-    if sha256 is None:
+    if data is None:
         yield from _archive_jobs(path, batch)
-    elif not batch.known(shown, sha256):
-        yield _Job(shown, sha256, path, temporary=False)
+        return
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not batch.known(shown, sha256):
+        yield _Job(shown, sha256, data)
 
 
 def _jobs(paths: Iterable[str | Path], batch: _Batch) -> Iterator[_Job]:
@@ -319,44 +298,57 @@ def _jobs(paths: Iterable[str | Path], batch: _Batch) -> Iterator[_Job]:
             batch.report(_failure(_printable(str(path)), InputError("no such file or directory")))
 
 
-def _analyze(analyzer: Analyzer, path: Path, limits: Limits) -> SampleFeatures | InputError:
-    """Runs in a worker: typed input errors come back as values, bugs propagate."""
+_Analysis = tuple[SampleFeatures, bytes] | InputError
+
+
+def _analyze(analyzer: Analyzer, codec: FeaturesCodec, data: bytes, limits: Limits) -> _Analysis:
+    """Runs in a worker: features and their frozen bytes (encoding costs more than writing, so
+    it is done here in parallel, not in the writing parent); typed input errors come back as
+    values, bugs propagate."""
     try:
-        return analyzer(path, limits)
+        features = analyzer(data, limits)
     except InputError as error:
         return error
+    return features, codec.to_bytes(features)
 
 
-def _finish(job: _Job, result: SampleFeatures | InputError, batch: _Batch) -> None:
-    if job.temporary:
-        job.path.unlink(missing_ok=True)
+def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
     if isinstance(result, InputError):
         batch.report(_failure(job.name, result, job.sha256))
-    elif result.sha256.lower() != job.sha256:
-        batch.report(_failure(job.name, InputError("the file changed while it was ingested")))
+        return
+    features, frozen = result
+    if features.sha256.lower() != job.sha256:
+        error = InputError(f"analysis reported sha256 {features.sha256}, the bytes hash otherwise")
+        batch.report(_failure(job.name, error, job.sha256))
     else:
-        batch.write(job.name, result)
+        batch.write(job.name, features, frozen)
 
 
-def _run_in_pool(jobs: Iterator[_Job], analyzer: Analyzer, workers: int, batch: _Batch) -> None:
+def _run_in_pool(
+    jobs: Iterator[_Job], analyzer: Analyzer, codec: FeaturesCodec, workers: int, batch: _Batch
+) -> None:
     """Analyse in ``workers`` processes; the parent writes. A crashed worker costs one file.
 
     When a parser crash kills a worker, every analysis in flight fails with BrokenProcessPool and
     the culprit is unknown; those jobs are re-run one at a time in a new pool, and a job that
     breaks the pool while running alone is reported as failed.
     """
-    suspects: list[_Job] = []
+    suspects: list[_Job] = []  # were in flight when a worker died: re-run one at a time
+    unsent: list[_Job] = []  # refused by a pool already broken: re-run, not suspected
     pool = ProcessPoolExecutor(max_workers=workers)
-    pending: dict[Future[SampleFeatures | InputError], _Job] = {}
+    pending: dict[Future[_Analysis], _Job] = {}
     try:
         while True:
             capacity = 1 if suspects else workers * QUEUED_ANALYSES_PER_WORKER
-            while len(pending) < capacity:
+            while len(pending) < capacity and not unsent:
                 job = suspects.pop(0) if suspects else next(jobs, None)
                 if job is None:
                     break
-                pending[pool.submit(_analyze, analyzer, job.path, batch.limits)] = job
-            if not pending:
+                try:
+                    pending[pool.submit(_analyze, analyzer, codec, job.data, batch.limits)] = job
+                except BrokenProcessPool:  # broke since the last wait; this job never ran
+                    unsent.append(job)
+            if not pending and not unsent:
                 return
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             broken: list[_Job] = []
@@ -368,11 +360,13 @@ def _run_in_pool(jobs: Iterator[_Job], analyzer: Analyzer, workers: int, batch: 
                     broken.append(job)
                     continue
                 _finish(job, result, batch)
-            if broken:
+            if broken or unsent:
                 in_flight = broken + list(pending.values())
                 pending.clear()
                 pool.shutdown(wait=True, cancel_futures=True)
                 pool = ProcessPoolExecutor(max_workers=workers)
+                suspects.extend(unsent)
+                unsent.clear()
                 for job in in_flight:
                     job.crashes += 1
                     if len(in_flight) == 1 or job.crashes > 1:
@@ -392,7 +386,7 @@ def ingest_paths(
     jobs: int = 1,
     limits: Limits = DEFAULT_LIMITS,
     on_progress: Callable[[IngestOutcome], None] | None = None,
-    analyzer: Analyzer = analyze_with_extract,
+    analyzer: Analyzer = analyze_bytes,
 ) -> IngestSummary:
     """Ingest files, directories (recursively), zip archives and ``.emf`` features files.
 
@@ -406,19 +400,17 @@ def ingest_paths(
         raise UsageError(f"jobs must be at least 1, not {jobs}")
     template = labels or LabelTemplate()
     now = datetime.now(UTC)
-    with tempfile.TemporaryDirectory(prefix="earmark-ingest-") as temp_dir:
-        batch = _Batch(
-            store=store,
-            label=template.label(now),
-            provenance=template.provenance(now),
-            limits=limits,
-            temp_dir=Path(temp_dir),
-            on_progress=on_progress,
-        )
-        pending_jobs = _jobs(paths, batch)
-        if jobs == 1:
-            for job in pending_jobs:
-                _finish(job, _analyze(analyzer, job.path, limits), batch)
-        else:
-            _run_in_pool(pending_jobs, analyzer, jobs, batch)
+    batch = _Batch(
+        store=store,
+        label=template.label(now),
+        provenance=template.provenance(now),
+        limits=limits,
+        on_progress=on_progress,
+    )
+    pending_jobs = _jobs(paths, batch)
+    if jobs == 1:
+        for job in pending_jobs:
+            _finish(job, _analyze(analyzer, store.codec, job.data, limits), batch)
+    else:
+        _run_in_pool(pending_jobs, analyzer, store.codec, jobs, batch)
     return IngestSummary(tuple(batch.outcomes))

@@ -43,17 +43,25 @@ class StoreStats:
 class Store(Protocol):
     """The knowledge base. Samples are identified by sha256; every write is one transaction."""
 
+    @property
+    def codec(self) -> FeaturesCodec:
+        """How this store freezes features; ingest workers use it to encode in parallel."""
+        ...
+
     def add_sample(
         self,
         features: SampleFeatures,
         label: SampleLabel | None,
         provenance: Provenance | None = None,
+        frozen: bytes | None = None,
     ) -> bool:
         """Store a sample, its functions, its frozen features and its label in one transaction.
 
         Returns True when the sample is new. A sample already present is not written again:
         only ``label`` is added (and only if an identical claim is not already recorded).
         ``provenance`` describes the sample row itself; by default the label's, else "unknown".
+        ``frozen`` is ``codec.to_bytes(features)`` when the caller already has it (encoding is
+        most of the cost of a write, so ingest workers do it in parallel).
         """
         ...
 

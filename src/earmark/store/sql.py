@@ -194,6 +194,10 @@ class SqlStore:
         self._codec = codec
 
     @property
+    def codec(self) -> FeaturesCodec:
+        return self._codec
+
+    @property
     def url(self) -> str:
         return self._engine.url.render_as_string(hide_password=True)
 
@@ -204,13 +208,14 @@ class SqlStore:
         features: SampleFeatures,
         label: SampleLabel | None,
         provenance: Provenance | None = None,
+        frozen: bytes | None = None,
     ) -> bool:
         if provenance is None:
             provenance = (
                 label.provenance if label else Provenance(UNKNOWN_SOURCE, datetime.now(UTC))
             )
         # Everything that can fail on bad input is computed before the transaction opens.
-        blob = self._codec.to_bytes(features)
+        blob = frozen if frozen is not None else self._codec.to_bytes(features)
         function_rows = [
             {
                 "address": _to_signed64(fn.address),
