@@ -19,7 +19,7 @@ from earmark.config import DEFAULT_LIMITS, Limits
 from earmark.errors import AnalysisTimeoutError, FileTooLargeError, InputError
 from earmark.extract import elf_metadata, pe_metadata
 from earmark.extract.functions import recover_functions
-from earmark.extract.loader import LoadedSample, load_sample
+from earmark.extract.loader import LoadedSample, load_sample, parser_failures_as_malformed
 from earmark.extract.metadata import hash_file
 from earmark.extract.pe_image import PeHeader
 from earmark.extract.strings import extract_strings
@@ -34,6 +34,7 @@ from earmark.model.sample import (
 )
 
 __all__ = ["analyze_bytes", "analyze_file"]
+
 
 def analyze_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> SampleFeatures:
     """Read ``path`` (refusing oversize files before reading them) and analyse its bytes."""
@@ -71,7 +72,8 @@ def analyze_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SampleFeature
         )
     functions, function_warnings = recover_functions(loaded.image, limits, deadline)
     warnings.extend(function_warnings)
-    metadata = _format_metadata(loaded, data)
+    with parser_failures_as_malformed("metadata"):
+        metadata = _format_metadata(loaded, data)
     image = loaded.image
     return SampleFeatures(
         format_version=FEATURES_FORMAT_VERSION,
@@ -115,7 +117,7 @@ def _format_metadata(loaded: LoadedSample, data: bytes) -> _FormatMetadata:
             sections=pe_metadata.pe_sections(binary, header, data),
             imports=pe_metadata.pe_import_list(binary, base),
             exports=pe_metadata.pe_export_list(binary, base),
-            pe=pe_metadata.pe_info(binary, data),
+            pe=pe_metadata.pe_info(binary, header, data),
             elf=None,
         )
     if isinstance(binary, lief.ELF.Binary):

@@ -11,6 +11,8 @@ LIEF is touched here and in the format modules this one dispatches to (``pe_imag
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lief
@@ -67,14 +69,31 @@ def load_sample(data: bytes, limits: Limits) -> LoadedSample:
     if sample_format == "pe":
         header = pe_image.check_pe_header(data, limits)
         binary = _parse_pe(data)
-        image, image_warnings = pe_image.build_pe_image(binary, header, data)
+        with parser_failures_as_malformed("PE"):
+            image, image_warnings = pe_image.build_pe_image(binary, header, data)
         warnings = header.warnings + image_warnings
         return LoadedSample("pe", image, binary, header, warnings)
     elf_header = elf_image.check_elf_header(data, limits)
     elf_binary = _parse_elf(data)
-    image, image_warnings = elf_image.build_elf_image(elf_binary, elf_header, data)
+    with parser_failures_as_malformed("ELF"):
+        image, image_warnings = elf_image.build_elf_image(elf_binary, elf_header, data)
     warnings = elf_header.warnings + image_warnings
     return LoadedSample("elf", image, elf_binary, elf_header, warnings)
+
+
+@contextmanager
+def parser_failures_as_malformed(what: str) -> Iterator[None]:
+    """Turn LIEF's failures while reading an already parsed object into MalformedFileError.
+
+    LIEF's bindings raise SystemError/RuntimeError (nanobind) or ValueError (enum conversion of
+    an undocumented value) when a getter meets a field that the parse let through.
+    """
+    try:
+        yield
+    except (SystemError, RuntimeError, ValueError) as e:
+        raise MalformedFileError(
+            f"the {what} parser failed on this file: {type(e).__name__}"
+        ) from e
 
 
 def _parse_pe(data: bytes) -> lief.PE.Binary:

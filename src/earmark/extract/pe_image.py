@@ -43,6 +43,7 @@ class PeHeader:
     arch: Arch
     bits: int
     image_base: int
+    subsystem: int  # raw value: LIEF's enum getter fails on values it does not know
     sections: tuple[PeSectionHeader, ...]
     warnings: tuple[str, ...]
 
@@ -83,6 +84,7 @@ def check_pe_header(data: bytes, limits: Limits) -> PeHeader:
     else:
         (image_base,) = _unpack("<I", data, optional_offset + 28, "optional header")
     (size_of_image,) = _unpack("<I", data, optional_offset + 56, "optional header")
+    (subsystem,) = _unpack("<H", data, optional_offset + 68, "optional header")
     if size_of_image > limits.max_virtual_size:
         raise MalformedFileError(
             f"SizeOfImage 0x{size_of_image:x} is over Limits.max_virtual_size "
@@ -97,7 +99,7 @@ def check_pe_header(data: bytes, limits: Limits) -> PeHeader:
         for index in range(section_count)
     )
     _check_overlaps(sections, warnings)
-    return PeHeader(arch, bits, image_base, sections, tuple(warnings))
+    return PeHeader(arch, bits, image_base, subsystem, sections, tuple(warnings))
 
 
 def _read_section(data: bytes, offset: int, limits: Limits, warnings: list[str]) -> PeSectionHeader:

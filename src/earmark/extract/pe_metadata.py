@@ -72,7 +72,14 @@ def pe_export_list(binary: lief.PE.Binary, image_base: int) -> tuple[Export, ...
     )
 
 
-def pe_info(binary: lief.PE.Binary, data: bytes) -> PeInfo:
+def _subsystem_name(value: int) -> str:
+    try:
+        return str(lief.PE.OptionalHeader.SUBSYSTEM(value).name)
+    except ValueError:  # not a documented subsystem: keep the number for the analyst
+        return f"0x{value:04x}"
+
+
+def pe_info(binary: lief.PE.Binary, header: PeHeader, data: bytes) -> PeInfo:
     optional = binary.optional_header
     codeview = binary.codeview_pdb
     return PeInfo(
@@ -81,7 +88,7 @@ def pe_info(binary: lief.PE.Binary, data: bytes) -> PeInfo:
         os_version=(
             f"{optional.major_operating_system_version}.{optional.minor_operating_system_version}"
         ),
-        subsystem=str(optional.subsystem).rsplit(".", 1)[-1],
+        subsystem=_subsystem_name(header.subsystem),
         characteristics=tuple(
             str(flag).rsplit(".", 1)[-1] for flag in binary.header.characteristics_list
         ),
