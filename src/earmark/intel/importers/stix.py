@@ -19,7 +19,7 @@ from typing import Any
 
 import stix2
 import stix2.exceptions
-from stix2patterns.pattern import Pattern  # type: ignore[import-untyped]
+from stix2patterns.pattern import Pattern
 
 from earmark.errors import IntelError
 from earmark.intel.aliases import AliasResolver
