@@ -1,0 +1,1 @@
+"""Evidence fused into ranked, calibrated hypotheses."""
