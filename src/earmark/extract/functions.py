@@ -450,7 +450,7 @@ class FunctionRecovery:
         return merged
 
     def drop_unwind_fragments(self) -> None:
-        """Unwind entries that other functions only jump to are split-off cold blocks.
+        """Unwind entries that other functions only reach by a jcc are split-off cold blocks.
 
         gcc gives ``foo.cold`` its own FDE (MSVC chained .pdata entries do the same); the
         parent already contains those blocks through its conditional jumps.
@@ -460,7 +460,9 @@ class FunctionRecovery:
         for body in self.bodies.values():
             called.update(body.calls)
             for address, successors in body.successors.items():
-                if address != body.start:
+                # Only conditional jumps: an unconditional jmp to an unwind start is a tail
+                # call (MSVC emits many), while cold blocks are entered by a jcc.
+                if body.instructions[address].kind == KIND_CONDITIONAL:
                     jumped.update(s for s in successors if s != body.start)
         for start in list(self.bodies):
             if self.sources[start] == "unwind" and start in jumped and start not in called:
