@@ -20,6 +20,7 @@ and the ``earmark demo`` command check against.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -388,6 +389,26 @@ def _defined_functions(toolchain: _Toolchain, object_file: Path) -> tuple[str, .
     return tuple(sorted(set(names)))
 
 
+def _defined_in_source(names: Iterable[str], source: Path) -> tuple[str, ...]:
+    """Keep the functions whose definition is written in ``source`` itself.
+
+    An object also defines functions that headers inline into it (mingw-w64's stdio.h defines
+    printf and snprintf as static inline functions, kept out of line at -O0); they are C
+    runtime code, not the program's. Object files carry no source file per symbol without
+    debug information, so this looks for a definition line starting in column 0, which is how
+    both our sources and zlib's write them. Compiler clones (``name.constprop.0``) count as
+    their base function.
+    """
+    text = source.read_text(encoding="utf-8", errors="replace")
+    kept = []
+    for name in names:
+        base = name.split(".", 1)[0]
+        pattern = rf"^[A-Za-z_][\w \t*]*\b{re.escape(base)}\s*\("
+        if re.search(pattern, text, flags=re.MULTILINE):
+            kept.append(name)
+    return tuple(kept)
+
+
 def _compile_argv(toolchain: _Toolchain, unit: SourceUnit, opt: str) -> tuple[str, ...]:
     source = DEMO_SOURCES_DIR / unit.source
     # Our own sources must stay warning-free (tests check the diagnostics); the vendored zlib
@@ -473,7 +494,10 @@ def build_demo_corpus(
     commands += _run_steps(link_steps)
 
     functions_of_object = {
-        object_file: _defined_functions(toolchain, object_file) for object_file in compile_steps
+        object_file: _defined_in_source(
+            _defined_functions(toolchain, object_file), DEMO_SOURCES_DIR / unit.source
+        )
+        for (_, unit), object_file in object_of.items()
     }
     binaries = []
     for program, opt, stripped, unstripped in planned:

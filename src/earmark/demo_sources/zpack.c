@@ -98,6 +98,7 @@ int zpack_selftest(void)
     unsigned char unpacked[512];
     uLongf packed_length = sizeof packed;
     uLongf unpacked_length = sizeof unpacked;
+    char report[160];
 
     if (compress2(packed, &packed_length, (const Bytef *)text, sizeof text, Z_BEST_COMPRESSION) != Z_OK
         || uncompress(unpacked, &unpacked_length, packed, packed_length) != Z_OK
@@ -105,9 +106,11 @@ int zpack_selftest(void)
         printf("zpack selftest failed\n");
         return 1;
     }
-    printf("zpack selftest ok zlib=%s packed=%lu crc=%08lx adler=%08lx\n", zlibVersion(),
-           (unsigned long)packed_length, (unsigned long)crc32(0L, (const Bytef *)text, sizeof text),
-           (unsigned long)adler32(1L, (const Bytef *)text, sizeof text));
+    snprintf(report, sizeof report, "zpack selftest ok zlib=%s packed=%lu crc=%08lx adler=%08lx",
+             zlibVersion(), (unsigned long)packed_length,
+             (unsigned long)crc32(0L, (const Bytef *)text, sizeof text),
+             (unsigned long)adler32(1L, (const Bytef *)text, sizeof text));
+    printf("%s\n", report);
     return 0;
 }
 
