@@ -11,6 +11,7 @@ LIEF is touched here and in the format modules this one dispatches to (``pe_imag
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,10 +87,15 @@ def parser_failures_as_malformed(what: str) -> Iterator[None]:
     """Turn LIEF's failures while reading an already parsed object into MalformedFileError.
 
     LIEF's bindings raise SystemError/RuntimeError (nanobind) or ValueError (enum conversion of
-    an undocumented value) when a getter meets a field that the parse let through.
+    an undocumented value) when a getter meets a field that the parse let through. For
+    undocumented enum values in lists (symbol types, flags) LIEF only emits a RuntimeWarning and
+    returns an unnamed value, which compares unequal to every known one: that is the behaviour
+    we want, so those warnings are silenced here rather than surfacing per symbol.
     """
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
     except (SystemError, RuntimeError, ValueError) as e:
         raise MalformedFileError(
             f"the {what} parser failed on this file: {type(e).__name__}"
