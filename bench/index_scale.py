@@ -27,13 +27,14 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import psutil
 
 from earmark.index import FunctionIndex, FunctionIndexBuilder, QueryFunctions, candidate_probability
-from earmark.model.kb import FunctionTable, SampleLabel, SampleRecord
+from earmark.model.kb import FunctionTable, Provenance, SampleLabel, SampleRecord
 from earmark.model.sample import MINHASH_PERMUTATIONS
 
 CHUNK_ROWS = 1 << 20
@@ -117,10 +118,6 @@ def build_index(rows: int, directory: Path, seed: int = 7) -> dict[str, float]:
 
 def _synthetic_samples(rows: int, seed: int) -> dict[int, SampleRecord]:
     rng = np.random.default_rng(seed + 2)
-    from datetime import UTC, datetime
-
-    from earmark.model.kb import Provenance
-
     provenance = Provenance(source="bench", recorded_at=datetime(2025, 1, 1, tzinfo=UTC))
     samples: dict[int, SampleRecord] = {}
     for sample_id in range((rows + FUNCTIONS_PER_SAMPLE - 1) // FUNCTIONS_PER_SAMPLE):
