@@ -1,0 +1,1 @@
+"""Attribution of a sample or an incident: evidence, hypotheses, case document."""

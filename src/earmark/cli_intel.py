@@ -1,0 +1,1 @@
+"""Threat-intelligence commands: intel import, export, search."""

@@ -1,0 +1,1 @@
+"""Knowledge-base commands: ingest, attribute, compare, demo."""

@@ -1,0 +1,1 @@
+"""Threat intelligence in the knowledge base: import, export, search, infrastructure evidence."""
