@@ -29,14 +29,21 @@ def _section_table(data: bytes) -> tuple[int, int]:
     return pe_offset + 24 + optional_size, count
 
 
+class _Sample(bytes):
+    """Fixture bytes with a short repr, so a hypothesis failure report stays readable."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bytes>"
+
+
 @pytest.fixture(scope="module")
 def small_pe(builder: FixtureBuilder) -> bytes:
-    return builder.build("meta_hello.c", "mingw32", "Os").stripped.read_bytes()
+    return _Sample(builder.build("meta_hello.c", "mingw32", "Os").stripped.read_bytes())
 
 
 @pytest.fixture(scope="module")
 def small_elf(builder: FixtureBuilder) -> bytes:
-    return builder.build("meta_hello.c", "gcc64", "Os").stripped.read_bytes()
+    return _Sample(builder.build("meta_hello.c", "gcc64", "Os").stripped.read_bytes())
 
 
 def test_empty_file() -> None:
