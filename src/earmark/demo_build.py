@@ -128,43 +128,28 @@ class DemoProgram:
     shares_code_with: tuple[str, ...] = ()  # families whose rare code this program reuses
 
 
-def _alpha(version: int, role: Role) -> DemoProgram:
-    return DemoProgram(
-        name=f"alpha-v{version}",
-        family="alpha",
-        actor="Group A",
-        version=str(version),
-        role=role,
-        units=(SourceUnit("alpha.c", (f"ALPHA_VERSION={version}",)), SourceUnit("alpha_core.c")),
-    )
-
-
-def _bravo(version: int, role: Role) -> DemoProgram:
-    return DemoProgram(
-        name=f"bravo-v{version}",
-        family="bravo",
-        actor="Group B",
-        version=str(version),
-        role=role,
-        units=(SourceUnit("bravo.c", (f"BRAVO_VERSION={version}",)),),
-    )
+def _versioned(family: str, actor: str, version: int, role: Role, *units: str) -> DemoProgram:
+    """A family version: its first unit is compiled with ``-D<FAMILY>_VERSION=<version>``."""
+    macro = f"{family.upper()}_VERSION={version}"
+    sources = (SourceUnit(units[0], (macro,)), *(SourceUnit(unit) for unit in units[1:]))
+    return DemoProgram(f"{family}-v{version}", family, actor, str(version), role, sources)
 
 
 # The knowledge base learns from the older versions; the newest version of each family is the
 # query whose answer is known. charlie is a query too; delta must come out as "no known actor".
 DEMO_PROGRAMS: tuple[DemoProgram, ...] = (
-    _alpha(1, "kb"),
-    _alpha(2, "kb"),
-    _alpha(3, "query"),
-    _bravo(1, "kb"),
-    _bravo(2, "query"),
+    _versioned("alpha", "Group A", 1, "kb", "alpha.c", "alpha_core.c"),
+    _versioned("alpha", "Group A", 2, "kb", "alpha.c", "alpha_core.c"),
+    _versioned("alpha", "Group A", 3, "query", "alpha.c", "alpha_core.c"),
+    _versioned("bravo", "Group B", 1, "kb", "bravo.c"),
+    _versioned("bravo", "Group B", 2, "query", "bravo.c"),
     DemoProgram(
-        name="charlie",
-        family="charlie",
-        actor=None,
-        version=None,
-        role="query",
-        units=(SourceUnit("charlie.c"), SourceUnit("alpha_core.c")),
+        "charlie",
+        "charlie",
+        None,
+        None,
+        "query",
+        (SourceUnit("charlie.c"), SourceUnit("alpha_core.c")),
         shares_code_with=("alpha",),
     ),
     DemoProgram("delta", "delta", None, None, "negative", (SourceUnit("delta.c"),)),
@@ -213,20 +198,18 @@ class DemoBinary:
     @property
     def own_functions(self) -> tuple[str, ...]:
         """Functions from the program's own sources (rare code); not zlib, not the C runtime."""
-        return tuple(
-            name
-            for unit in self.unit_functions
-            if not unit.source.startswith(ZLIB_DIR_NAME + "/")
-            for name in unit.names
-        )
+        return self._functions(library=False)
 
     @property
     def library_functions(self) -> tuple[str, ...]:
         """Functions of the statically linked zlib."""
+        return self._functions(library=True)
+
+    def _functions(self, *, library: bool) -> tuple[str, ...]:
         return tuple(
             name
             for unit in self.unit_functions
-            if unit.source.startswith(ZLIB_DIR_NAME + "/")
+            if SourceUnit(unit.source).is_library == library
             for name in unit.names
         )
 
@@ -302,15 +285,10 @@ def _resolve_toolchain(compiler: str, target: str) -> _Toolchain:
     return _Toolchain(prefix, nm, suffix, symbol_prefix)
 
 
-def _newest_input_mtime(paths: Iterable[Path]) -> float:
-    return max(path.stat().st_mtime for path in paths)
-
-
 def _is_fresh(output: Path, inputs: Iterable[Path]) -> bool:
     """True when ``output`` exists and is newer than every input (make's rule)."""
-    if not output.exists():
-        return False
-    return output.stat().st_mtime >= _newest_input_mtime(inputs)
+    newest_input = max(path.stat().st_mtime for path in inputs)
+    return output.exists() and output.stat().st_mtime >= newest_input
 
 
 def _run_to(argv: list[str], output: Path, timeout: float) -> str:
@@ -534,22 +512,13 @@ def _functions_shared_by_source(
     binaries: Sequence[DemoBinary], program: str, family: str
 ) -> tuple[str, ...]:
     """Functions ``program`` gets from source files it shares with ``family`` (any -O level)."""
-    family_sources = {
-        unit.source
+    family_sources = {unit.source for p in DEMO_PROGRAMS if p.family == family for unit in p.units}
+    shared = {
+        name
         for binary in binaries
-        if binary.family == family
+        if binary.name == program
         for unit in binary.unit_functions
-        if not unit.source.startswith(ZLIB_DIR_NAME + "/")
+        if unit.source in family_sources
+        for name in unit.names
     }
-    return tuple(
-        sorted(
-            {
-                name
-                for binary in binaries
-                if binary.name == program
-                for unit in binary.unit_functions
-                if unit.source in family_sources
-                for name in unit.names
-            }
-        )
-    )
+    return tuple(sorted(shared))
