@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from earmark.errors import EarmarkError
+from earmark.errors import DemoBuildError
 
 __all__ = [
     "ALPHA_SHARED_ROUTINES",
@@ -89,12 +89,6 @@ ALPHA_SHARED_ROUTINES = (
     "alpha_hash_name",
     "alpha_deobfuscate_string",
 )
-
-
-class DemoBuildError(EarmarkError):
-    """The demo corpus could not be built: no compiler, a failed compile or link, a bad option."""
-
-    exit_code = 50
 
 
 @dataclass(frozen=True, slots=True)

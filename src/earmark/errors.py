@@ -10,7 +10,9 @@
     ├── FeaturesFileError             exit 20  a frozen features file that is not ours or is damaged
     │   └── FeaturesVersionError      exit 21  written by an incompatible format version
     ├── StoreError                    exit 30  the knowledge base cannot be opened or written
+    │   └── IndexCacheError           exit 31  a persisted function index is damaged
     ├── IntelError                    exit 40  threat-intel input we cannot import
+    ├── DemoBuildError                exit 50  the demo corpus cannot be built
     └── UsageError                    exit 2   bad arguments that click could not catch
 
 Unknown errors are not wrapped: they propagate, so a bug shows as a bug.
@@ -63,8 +65,20 @@ class StoreError(EarmarkError):
     exit_code = 30
 
 
+class IndexCacheError(StoreError):
+    """A persisted index that is damaged or was written by another format version."""
+
+    exit_code = 31
+
+
 class IntelError(EarmarkError):
     exit_code = 40
+
+
+class DemoBuildError(EarmarkError):
+    """The demo corpus could not be built: no compiler, a failed compile or link, a bad option."""
+
+    exit_code = 50
 
 
 class UsageError(EarmarkError):

@@ -23,7 +23,7 @@ from typing import Final, Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from earmark.errors import StoreError
+from earmark.errors import IndexCacheError
 from earmark.index.lsh import (
     BAND_COUNT,
     ROWS_PER_BAND,
@@ -66,10 +66,6 @@ INDEX_FORMAT_VERSION: Final = 1
 _MANIFEST: Final = "manifest.json"
 _LOOKUP_ARRAYS: Final = ("signatures", "band_orders")
 _CORE_ARRAYS: Final = ("signatures", "band_orders", "exact_hash", "function_id", "sample_id")
-
-
-class IndexCacheError(StoreError):
-    """A persisted index that is damaged or was written by another format version."""
 
 
 @dataclass(frozen=True)
