@@ -4,6 +4,7 @@ The index takes a ``FunctionTable`` and a mapping of sample id to ``SampleRecord
 talks to the store itself (see docs/index.md).
 """
 
+from earmark.errors import IndexCacheError
 from earmark.index.function_index import (
     DEFAULT_MIN_SIMILARITY,
     DEFAULT_TOP_K,
@@ -11,7 +12,6 @@ from earmark.index.function_index import (
     FunctionIndex,
     FunctionIndexBuilder,
     FunctionMatches,
-    IndexCacheError,
     QueryFunctions,
 )
 from earmark.index.lsh import candidate_probability, s_curve_threshold
