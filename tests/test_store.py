@@ -42,7 +42,7 @@ def store(store_url: str) -> Iterator[SqlStore]:
 
 def test_public_api_is_exactly_all() -> None:
     public = {name for name in vars(earmark.store) if not name.startswith("_")}
-    modules = {"base", "migrations", "schema", "sql"}
+    modules = {"base", "intel_sql", "migrations", "schema", "sql"}
     assert public - modules == set(earmark.store.__all__)
 
 

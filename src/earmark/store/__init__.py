@@ -1,10 +1,17 @@
-"""The knowledge base: samples, their functions and labels, behind the ``Store`` protocol.
+"""The knowledge base: samples, functions, labels and threat intel, behind the ``Store`` protocol.
 
 ``open_store()`` opens ``$EARMARK_DB`` or ``./earmark.db``; ``open_store("kb.db")`` a SQLite file;
 ``open_store("postgresql+psycopg://...")`` any SQLAlchemy URL. See docs/store.md.
 """
 
-from earmark.store.base import FeaturesCodec, Store, StoreStats
+from earmark.store.base import (
+    FeaturesCodec,
+    IntelStats,
+    IntelWriteSummary,
+    SampleIndicators,
+    Store,
+    StoreStats,
+)
 from earmark.store.migrations import MIGRATIONS, schema_version
 from earmark.store.sql import (
     DATABASE_ENV_VAR,
@@ -21,6 +28,9 @@ __all__ = [
     "MIGRATIONS",
     "FeaturesCodec",
     "FreezeCodec",
+    "IntelStats",
+    "IntelWriteSummary",
+    "SampleIndicators",
     "SqlStore",
     "Store",
     "StoreStats",

@@ -7,11 +7,13 @@ has to satisfy this protocol and pass ``tests/test_store.py``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
+from earmark.model.intel import ActorProfile, Indicator, IntelRelation, IntelReport
 from earmark.model.kb import FunctionTable, Provenance, SampleLabel, SampleRecord
 from earmark.model.sample import SampleFeatures
 
@@ -40,6 +42,45 @@ class StoreStats:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class IntelWriteSummary:
+    """What one ``add_intel`` call changed. Re-importing the same file gives all zeros except
+    ``reports_unchanged`` (and ``actors_unchanged``)."""
+
+    reports_added: int
+    reports_updated: int  # same report_id, different content: its rows were replaced
+    reports_unchanged: int
+    indicators_added: int  # indicator rows written for added or updated reports
+    relations_added: int
+    relations_skipped: int  # relations citing a report that is neither given nor stored
+    actors_added: int
+    actors_updated: int
+    actors_unchanged: int
+
+
+@dataclass(frozen=True, slots=True)
+class IntelStats:
+    reports: int
+    indicators: int  # indicator rows over all reports
+    distinct_values: int
+    actor_profiles: int
+    aliases: int
+    relations: int
+    sample_indicators: int  # indicator rows found in stored samples
+    samples_with_indicators: int
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class SampleIndicators:
+    """The indicators found in one stored sample, with the sample's labels (its claims)."""
+
+    sha256: str
+    first_seen: datetime  # when the sample row was stored (UTC)
+    labels: tuple[SampleLabel, ...]
+    indicators: tuple[Indicator, ...]  # with their file offsets
+
+
 class Store(Protocol):
     """The knowledge base. Samples are identified by sha256; every write is one transaction."""
 
@@ -54,8 +95,10 @@ class Store(Protocol):
         label: SampleLabel | None,
         provenance: Provenance | None = None,
         frozen: bytes | None = None,
+        indicators: Sequence[Indicator] = (),
     ) -> bool:
-        """Store a sample, its functions, its frozen features and its label in one transaction.
+        """Store a sample, its functions, its frozen features, the indicators found in its
+        strings and its label in one transaction.
 
         Returns True when the sample is new. A sample already present is not written again:
         only ``label`` is added (and only if an identical claim is not already recorded).
@@ -93,6 +136,47 @@ class Store(Protocol):
         ...
 
     def stats(self) -> StoreStats: ...
+
+    # -- threat intelligence -----------------------------------------------------------
+
+    def add_intel(
+        self,
+        reports: Sequence[IntelReport],
+        actors: Sequence[ActorProfile] = (),
+        relations: Sequence[IntelRelation] = (),
+        imported_at: datetime | None = None,
+    ) -> IntelWriteSummary:
+        """Store imported intel in one transaction; idempotent by ``report_id``.
+
+        A known report with the same content is left alone; with different content its names,
+        indicators and relations are replaced. Actor profiles are keyed by (name, source).
+        """
+        ...
+
+    def load_intel_reports(self, report_ids: Collection[str] | None = None) -> list[IntelReport]:
+        """Stored reports (all, or those with the given ids), ordered by first import."""
+        ...
+
+    def load_actor_profiles(self) -> list[ActorProfile]: ...
+
+    def load_intel_relations(self, names: Collection[str] | None = None) -> list[IntelRelation]:
+        """Relations (all, or those whose source or target name is one of ``names``)."""
+        ...
+
+    def find_actor_names(self, alias: str) -> list[str]:
+        """Profile names that have ``alias`` (case-insensitive) as their name or an alias."""
+        ...
+
+    def load_sample_indicators(self, sha256: str | None = None) -> list[SampleIndicators]:
+        """Samples that carry indicators (all, or one), with their labels."""
+        ...
+
+    def intel_stats(self) -> IntelStats: ...
+
+    def intel_revision(self) -> int:
+        """A counter that goes up with every committed intel change (cache key for the
+        infrastructure index, together with ``revision`` for sample indicators)."""
+        ...
 
     def revision(self) -> int:
         """A counter that goes up with every committed sample or label change."""

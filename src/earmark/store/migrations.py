@@ -20,6 +20,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     DateTime,
     Engine,
     ForeignKey,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     insert,
     inspect,
     select,
@@ -132,9 +134,116 @@ def _index_labels_by_name(connection: Connection) -> None:
     Index("ix_labels_family", labels.c.family).create(connection)
 
 
+def _create_intel_tables(connection: Connection) -> None:
+    """Version 3: intel reports, their names, indicators and relations, actor profiles with
+    aliases, the indicators found in samples, and a revision counter of its own for intel."""
+    snapshot = MetaData()
+    Table("samples", snapshot, autoload_with=connection)  # target of sample_indicators' key
+
+    def report_row() -> Column[int]:
+        return Column(
+            "report_row",
+            Integer,
+            ForeignKey("intel_reports.id", ondelete="CASCADE"),
+            nullable=False,
+        )
+
+    Table(
+        "intel_revision",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("revision", BigInteger, nullable=False),
+    )
+    Table(
+        "intel_reports",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("report_id", String(128), nullable=False, unique=True),
+        Column("source", Text, nullable=False),
+        Column("title", Text, nullable=False),
+        Column("reference", Text, nullable=True),
+        Column("published", Date, nullable=True),
+        Column("tlp", String(16), nullable=False),
+        Column("content_hash", String(64), nullable=False),
+        Column("imported_at", DateTime(timezone=True), nullable=False),
+    )
+    Table(
+        "intel_report_names",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        report_row(),
+        Column("kind", String(16), nullable=False),
+        Column("name", Text, nullable=False),
+        Column("position", Integer, nullable=False),
+        Index("ix_intel_report_names_report_row", "report_row"),
+        Index("ix_intel_report_names_name", "name"),
+    )
+    Table(
+        "intel_indicators",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        report_row(),
+        Column("type", String(16), nullable=False),
+        Column("value", Text, nullable=False),
+        Index("ix_intel_indicators_report_row", "report_row"),
+        Index("ix_intel_indicators_value", "value"),
+    )
+    Table(
+        "intel_actors",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("name", Text, nullable=False),
+        Column("source", Text, nullable=False),
+        Column("external_ids", Text, nullable=False),
+        UniqueConstraint("name", "source", name="uq_intel_actors_name_source"),
+    )
+    Table(
+        "intel_actor_aliases",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column(
+            "actor_row", Integer, ForeignKey("intel_actors.id", ondelete="CASCADE"), nullable=False
+        ),
+        Column("alias", Text, nullable=False),
+        Column("alias_folded", Text, nullable=False),
+        Index("ix_intel_actor_aliases_actor_row", "actor_row"),
+        Index("ix_intel_actor_aliases_alias_folded", "alias_folded"),
+    )
+    Table(
+        "intel_relations",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        report_row(),
+        Column("source_name", Text, nullable=False),
+        Column("source_type", String(32), nullable=False),
+        Column("relation", String(64), nullable=False),
+        Column("target_name", Text, nullable=False),
+        Column("target_type", String(32), nullable=False),
+        Index("ix_intel_relations_report_row", "report_row"),
+        Index("ix_intel_relations_source_name", "source_name"),
+        Index("ix_intel_relations_target_name", "target_name"),
+    )
+    Table(
+        "sample_indicators",
+        snapshot,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("sample_id", Integer, ForeignKey("samples.id", ondelete="CASCADE"), nullable=False),
+        Column("type", String(16), nullable=False),
+        Column("value", Text, nullable=False),
+        Column("file_offset", BigInteger, nullable=True),
+        Index("ix_sample_indicators_sample_id", "sample_id"),
+        Index("ix_sample_indicators_value", "value"),
+    )
+    new_tables = [t for name, t in snapshot.tables.items() if name != "samples"]
+    snapshot.create_all(connection, tables=new_tables)
+    connection.execute(insert(snapshot.tables["intel_revision"]).values(id=1, revision=0))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create samples, functions, labels and the revision counter", _create_core_tables),
     Migration(2, "index labels by actor and family", _index_labels_by_name),
+    Migration(3, "create intel reports, indicators, actors, relations, sample indicators",
+              _create_intel_tables),
 )
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -116,4 +118,113 @@ functions = Table(
     Column("minhash", LargeBinary, nullable=False),
     Index("ix_functions_exact_hash", "exact_hash"),
     Index("ix_functions_sample_id", "sample_id"),
+)
+
+# -- threat intelligence (migration 3) ---------------------------------------------------------
+# Kept apart from kb_revision: an intel import must not invalidate the function index cache.
+intel_revision = Table(
+    "intel_revision",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("revision", BigInteger, nullable=False),
+)
+
+# One row per imported report (publication, feed entry, MISP event). ``report_id`` is the
+# importer's stable id, so re-importing a file finds its rows; ``content_hash`` tells whether the
+# re-imported report differs from the stored one (then its rows are replaced, else left alone).
+intel_reports = Table(
+    "intel_reports",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("report_id", String(128), nullable=False, unique=True),
+    Column("source", Text, nullable=False),
+    Column("title", Text, nullable=False),
+    Column("reference", Text, nullable=True),
+    Column("published", Date, nullable=True),
+    Column("tlp", String(16), nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("imported_at", DateTime(timezone=True), nullable=False),
+)
+
+# Actor and family names a report cites (canonical names at import time, split taxonomy).
+intel_report_names = Table(
+    "intel_report_names",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "report_row", Integer, ForeignKey("intel_reports.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("kind", String(16), nullable=False),  # "actor" or "family"
+    Column("name", Text, nullable=False),
+    Column("position", Integer, nullable=False),  # order in the report (first family = main)
+    Index("ix_intel_report_names_report_row", "report_row"),
+    Index("ix_intel_report_names_name", "name"),
+)
+
+intel_indicators = Table(
+    "intel_indicators",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "report_row", Integer, ForeignKey("intel_reports.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("type", String(16), nullable=False),
+    Column("value", Text, nullable=False),
+    Index("ix_intel_indicators_report_row", "report_row"),
+    Index("ix_intel_indicators_value", "value"),
+)
+
+# Actor profiles (ATT&CK groups, galaxy clusters) per source; aliases in their own table.
+intel_actors = Table(
+    "intel_actors",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("external_ids", Text, nullable=False),  # JSON list of strings
+    UniqueConstraint("name", "source", name="uq_intel_actors_name_source"),
+)
+
+intel_actor_aliases = Table(
+    "intel_actor_aliases",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "actor_row", Integer, ForeignKey("intel_actors.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("alias", Text, nullable=False),
+    Column("alias_folded", Text, nullable=False),  # casefolded, for case-insensitive lookup
+    Index("ix_intel_actor_aliases_actor_row", "actor_row"),
+    Index("ix_intel_actor_aliases_alias_folded", "alias_folded"),
+)
+
+# Relations as names, cited by the report that stated them (replaced with it).
+intel_relations = Table(
+    "intel_relations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "report_row", Integer, ForeignKey("intel_reports.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("source_name", Text, nullable=False),
+    Column("source_type", String(32), nullable=False),
+    Column("relation", String(64), nullable=False),
+    Column("target_name", Text, nullable=False),
+    Column("target_type", String(32), nullable=False),
+    Index("ix_intel_relations_report_row", "report_row"),
+    Index("ix_intel_relations_source_name", "source_name"),
+    Index("ix_intel_relations_target_name", "target_name"),
+)
+
+# Indicators found in a sample's strings at ingest, with their file offset.
+sample_indicators = Table(
+    "sample_indicators",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sample_id", Integer, ForeignKey("samples.id", ondelete="CASCADE"), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("value", Text, nullable=False),
+    Column("file_offset", BigInteger, nullable=True),
+    Index("ix_sample_indicators_sample_id", "sample_id"),
+    Index("ix_sample_indicators_value", "value"),
 )

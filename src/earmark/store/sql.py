@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,10 +25,17 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchM
 from sqlalchemy.pool import StaticPool
 
 from earmark.errors import StoreError
+from earmark.model.intel import ActorProfile, Indicator, IntelRelation, IntelReport
 from earmark.model.kb import FunctionTable, Provenance, SampleLabel, SampleRecord, Tlp
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
-from earmark.store import schema
-from earmark.store.base import FeaturesCodec, StoreStats
+from earmark.store import intel_sql, schema
+from earmark.store.base import (
+    FeaturesCodec,
+    IntelStats,
+    IntelWriteSummary,
+    SampleIndicators,
+    StoreStats,
+)
 from earmark.store.migrations import SQLITE_BEGIN_OPTION, apply_migrations, begin_write
 
 # Environment variable naming the knowledge base when no path or URL is given (DESIGN.md §1).
@@ -209,6 +216,7 @@ class SqlStore:
         label: SampleLabel | None,
         provenance: Provenance | None = None,
         frozen: bytes | None = None,
+        indicators: Sequence[Indicator] = (),
     ) -> bool:
         if provenance is None:
             provenance = (
@@ -237,6 +245,7 @@ class SqlStore:
                     return False
                 sample_id = self._insert_sample_row(connection, features, blob, provenance)
                 self._insert_functions(connection, sample_id, function_rows)
+                intel_sql.insert_sample_indicators(connection, sample_id, indicators)
                 if label is not None:
                     self._insert_label(connection, sample_id, label)
                 self._bump_revision(connection)
@@ -509,6 +518,59 @@ class SqlStore:
                 ),
             )
         return stats
+
+    # -- threat intelligence (SQL in earmark.store.intel_sql) ----------------------------
+
+    def add_intel(
+        self,
+        reports: Sequence[IntelReport],
+        actors: Sequence[ActorProfile] = (),
+        relations: Sequence[IntelRelation] = (),
+        imported_at: datetime | None = None,
+    ) -> IntelWriteSummary:
+        with _database_errors("store intel"), begin_write(self._engine) as connection:
+            return intel_sql.write_intel(connection, reports, actors, relations, imported_at)
+
+    def load_intel_reports(self, report_ids: Collection[str] | None = None) -> list[IntelReport]:
+        with self._read("read intel reports") as connection:
+            return intel_sql.read_reports(connection, report_ids)
+
+    def load_actor_profiles(self) -> list[ActorProfile]:
+        with self._read("read actor profiles") as connection:
+            return intel_sql.read_actor_profiles(connection)
+
+    def load_intel_relations(self, names: Collection[str] | None = None) -> list[IntelRelation]:
+        with self._read("read intel relations") as connection:
+            return intel_sql.read_relations(connection, names)
+
+    def find_actor_names(self, alias: str) -> list[str]:
+        with self._read("read actor aliases") as connection:
+            return intel_sql.read_actor_names(connection, alias)
+
+    def load_sample_indicators(self, sha256: str | None = None) -> list[SampleIndicators]:
+        with self._read("read sample indicators") as connection:
+            rows = intel_sql.read_sample_indicator_rows(connection, sha256)
+            label_rows = connection.execute(
+                select(schema.labels)
+                .where(schema.labels.c.sample_id.in_(select(schema.sample_indicators.c.sample_id)))
+                .order_by(schema.labels.c.id)
+            ).all()
+        labels: dict[int, list[SampleLabel]] = {}
+        for row in label_rows:
+            labels.setdefault(row.sample_id, []).append(_label_from_row(row))
+        return [
+            SampleIndicators(sha256=sha, first_seen=_utc(first_seen),
+                             labels=tuple(labels.get(sample_id, ())), indicators=tuple(found))
+            for sample_id, (sha, first_seen, found) in rows.items()
+        ]
+
+    def intel_stats(self) -> IntelStats:
+        with self._read("read intel statistics") as connection:
+            return intel_sql.read_intel_stats(connection)
+
+    def intel_revision(self) -> int:
+        with self._read("read the intel revision") as connection:
+            return intel_sql.read_intel_revision(connection)
 
     # -- lifetime -----------------------------------------------------------------------
 
