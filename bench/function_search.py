@@ -222,14 +222,14 @@ def coverage_rows(
         assert analysis.mcrit is not None
         mcrit = analysis.mcrit
         rows.append([
-            f"{project} {name}", "mcrit/smda", len(mcrit.function_starts),
+            f"{project} {name}", "mcrit/smda", mcrit.status, len(mcrit.function_starts),
             len(truth & mcrit.function_starts) / max(1, len(truth)),
             round(mcrit.disassembly_seconds + mcrit.hashing_seconds, 2),
         ])  # fmt: skip
         if with_earmark:
             found = frozenset(analysis.earmark_functions)
             rows.append([
-                f"{project} {name}", "earmark", len(found),
+                f"{project} {name}", "earmark", analysis.earmark_status, len(found),
                 len(truth & found) / max(1, len(truth)), round(analysis.earmark_seconds, 2),
             ])  # fmt: skip
     return rows
@@ -384,7 +384,9 @@ def run_project(
         pair_rows = [result.row(label, pool_size) for result in results]
         print(render_table(RESULT_HEADERS, pair_rows, markdown=False), end="\n\n", flush=True)
         rows.extend(pair_rows)
-    return rows, coverage_rows(project, analyses, with_earmark)
+    coverage = coverage_rows(project, analyses, with_earmark)
+    print(render_table(COVERAGE_HEADERS, coverage, markdown=False), end="\n\n", flush=True)
+    return rows, coverage
 
 
 def summary_rows(rows: Sequence[Sequence[object]]) -> list[list[object]]:
@@ -405,7 +407,7 @@ SUMMARY_HEADERS = (
     "setting", "engine", "pairs", "queries", "R@1 (1+100)", "MRR@10 (1+100)", "R@1 (pool)",
     "MRR@10 (pool)", "AUC",
 )  # fmt: skip
-COVERAGE_HEADERS = ("build", "engine", "starts found", "truth recall", "analysis s")
+COVERAGE_HEADERS = ("build", "engine", "status", "starts found", "truth recall", "analysis s")
 
 
 def render_section(

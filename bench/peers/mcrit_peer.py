@@ -215,6 +215,7 @@ class FunctionSignatures:
     too_small: frozenset[int]  # starts SMDA found but MCRIT does not hash (<= 10 instructions)
     disassembly_seconds: float
     hashing_seconds: float
+    message: str = ""  # SMDA's last status line (why a file failed or timed out)
 
     @property
     def function_starts(self) -> frozenset[int]:
@@ -238,7 +239,16 @@ class McritFunctionHasher:
     def hash_file(self, path: Path) -> FunctionSignatures:
         report, disassembly_seconds = disassemble_with_smda(path, self._timeout_seconds)
         if report.status == "error" or not report.xcfg:
-            return FunctionSignatures(path, "error", {}, frozenset(), disassembly_seconds, 0.0)
+            message = str(report.message or "").strip().splitlines()
+            return FunctionSignatures(
+                path,
+                "error",
+                {},
+                frozenset(),
+                disassembly_seconds,
+                0.0,
+                message[-1] if message else "",
+            )
         signatures: dict[int, bytes] = {}
         too_small: set[int] = set()
         with Stopwatch() as watch:
