@@ -1,1 +1,342 @@
-"""Attribution of a sample or an incident: evidence, hypotheses, case document."""
+"""Attribution of a sample or an incident: evidence, hypotheses, case document.
+
+The library API behind ``earmark attribute``, ``compare`` and ``demo``::
+
+    with open_knowledge_base("kb.db") as kb:
+        case = attribute_sample(kb, load_query(kb, "sample.exe"))
+    case.verdict.summary, case.hypotheses[0].actor, case.evidence[0].match_address
+
+The function index is cached next to a SQLite file as ``<db>.index/`` keyed by the store's
+revision (rebuilt after every ingest); for in-memory or server databases it is built in memory.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any, Final, cast
+
+from earmark.correlate.code import find_code_evidence
+from earmark.demo_build import DemoBinary, Target, build_demo_corpus
+from earmark.errors import UsageError
+from earmark.extract import analyze_file
+from earmark.freeze import load_features
+from earmark.index import DEFAULT_TOP_K, FunctionIndex, IndexCacheError
+from earmark.index.similarity import compare_functions
+from earmark.ingest import IngestSummary, LabelTemplate, ingest_paths
+from earmark.model.evidence import Evidence
+from earmark.model.intel import Indicator
+from earmark.model.kb import SampleRecord
+from earmark.model.sample import SampleFeatures
+from earmark.reason.hypotheses import (
+    code_neighbours,
+    decide_verdict,
+    likelihood_words,
+    rank_hypotheses,
+)
+from earmark.report.document import (
+    CaseReport,
+    CompareReport,
+    EvidenceItem,
+    FunctionCandidate,
+    FunctionCandidates,
+    HypothesisItem,
+    KnowledgeBaseInfo,
+    QueryInfo,
+    SharedFunction,
+    VerdictItem,
+)
+from earmark.store import Store, open_store, resolve_database_url
+
+__all__ = [
+    "DEFAULT_TOP_HYPOTHESES",
+    "DemoCase",
+    "KnowledgeBase",
+    "attribute_indicators",
+    "attribute_sample",
+    "compare_samples",
+    "load_query",
+    "open_knowledge_base",
+    "run_demo",
+]
+
+# Hypotheses kept in a case by default (`earmark attribute --top N`).
+DEFAULT_TOP_HYPOTHESES: Final = 5
+# Evidence items kept in a case document: the strongest first. A KB of many versions of one
+# family yields one item per (query function, matched sample); 200 keeps every distinct query
+# function of the demo and typical cases while bounding a report against a huge KB.
+MAX_EVIDENCE_ITEMS: Final = 200
+# Frozen features files (earmark.freeze), accepted as queries instead of a sample.
+FEATURES_SUFFIX: Final = ".emf"
+_SHA256: Final = re.compile(r"^[0-9a-fA-F]{64}$")
+
+InfrastructureEvidence = Callable[[Store, Sequence[Indicator], date | None], list[Evidence]]
+SampleIndicators = Callable[[SampleFeatures], list[Indicator]]
+
+
+@dataclass
+class KnowledgeBase:
+    """An open store plus its function index, built or loaded on first use."""
+
+    store: Store
+    index_path: Path | None  # None: keep the index in memory only
+    _index: FunctionIndex | None = None
+    _samples: dict[int, SampleRecord] = field(default_factory=dict)
+
+    def index(self) -> FunctionIndex:
+        revision = self.store.revision()
+        if self._index is not None and self._index.revision == revision:
+            return self._index
+        self._samples = dict(self.store.sample_labels())
+        index: FunctionIndex | None = None
+        if self.index_path is not None:
+            try:
+                index = FunctionIndex.load(self.index_path, revision)
+            except IndexCacheError:
+                index = None  # damaged cache: rebuilt below, never trusted
+        if index is None or index.rarity is None:
+            index = FunctionIndex.build(self.store.load_function_table(), revision, self._samples)
+            if self.index_path is not None:
+                index.save(self.index_path)
+        self._index = index
+        return index
+
+    def samples(self) -> dict[int, SampleRecord]:
+        self.index()
+        return self._samples
+
+
+def index_cache_path(database: str | None) -> Path | None:
+    """``<db file>.index`` for a SQLite file, None for memory or server databases."""
+    url = resolve_database_url(database)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    db_path = Path(url.database)
+    return db_path.with_name(db_path.name + ".index")
+
+
+@contextmanager
+def open_knowledge_base(database: str | None = None) -> Iterator[KnowledgeBase]:
+    """The store at ``database`` (path, URL, None for $EARMARK_DB/./earmark.db) and its index."""
+    with open_store(database) as store:
+        yield KnowledgeBase(store, index_cache_path(database))
+
+
+def load_query(kb: KnowledgeBase, sample: str | Path) -> SampleFeatures:
+    """A query given as a file, a ``.emf`` features file, or the sha256 of a stored sample."""
+    path = Path(sample)
+    if path.is_file():
+        return load_features(path) if path.suffix == FEATURES_SUFFIX else analyze_file(path)
+    text = str(sample)
+    if _SHA256.match(text):
+        if not kb.store.has_sample(text.lower()):
+            raise UsageError(f"no sample with sha256 {text} in the knowledge base")
+        return kb.store.load_features(text.lower())
+    raise UsageError(f"{text}: no such file, and not a sha256 of a stored sample")
+
+
+def _intel_hook(name: str) -> Any:
+    """A function of ``earmark.intel_ops`` if that module provides it (it is built in parallel;
+    attribution works on code alone without it). Imported on first use: it loads the intel
+    importers, which code-only attribution does not need."""
+    from earmark import intel_ops
+
+    return getattr(intel_ops, name, None)
+
+
+def _infrastructure_evidence(
+    kb: KnowledgeBase, indicators: Sequence[Indicator], at: date | None
+) -> list[Evidence]:
+    producer = cast(InfrastructureEvidence | None, _intel_hook("infrastructure_evidence"))
+    if producer is None or not indicators:
+        return []
+    return list(producer(kb.store, indicators, at))
+
+
+def _sample_indicators(features: SampleFeatures) -> list[Indicator]:
+    extractor = cast(SampleIndicators | None, _intel_hook("indicators_for_sample"))
+    return [] if extractor is None else list(extractor(features))
+
+
+def read_ioc_file(path: Path) -> tuple[list[Indicator], date | None]:
+    """Indicators of an incident from an IOC file (needs ``earmark.intel_ops``)."""
+    reader = _intel_hook("indicators_from_ioc_file")
+    if reader is None:
+        raise UsageError("attributing IOC files needs the intel module, not installed here")
+    indicators, when = reader(path)
+    return list(indicators), when
+
+
+def _kb_info(kb: KnowledgeBase) -> KnowledgeBaseInfo:
+    index = kb.index()
+    stats = kb.store.stats()
+    return KnowledgeBaseInfo(
+        revision=index.revision,
+        samples=stats.samples,
+        functions=stats.functions,
+        indexed_functions=len(index),
+    )
+
+
+def _build_case(
+    kb: KnowledgeBase,
+    sha256: str | None,
+    query: QueryInfo,
+    evidence: list[Evidence],
+    neighbours: dict[int, frozenset[int]],
+    distinctive: int | None,
+    top: int,
+) -> CaseReport:
+    # Code items are already strongest first; other kinds join by contribution, stable.
+    evidence = sorted(evidence, key=lambda item: -(item.similarity * item.weight))
+    evidence = evidence[:MAX_EVIDENCE_ITEMS]
+    hypotheses = rank_hypotheses(evidence, code_neighbours(neighbours), distinctive)
+    verdict = decide_verdict(hypotheses)
+    return CaseReport(
+        sha256=sha256,
+        query=query,
+        verdict=VerdictItem.from_verdict(verdict),
+        hypotheses=[
+            HypothesisItem.from_hypothesis(h, likelihood_words(h.score)) for h in hypotheses[:top]
+        ],
+        evidence=[EvidenceItem.from_evidence(item) for item in evidence],
+        knowledge_base=_kb_info(kb),
+    )
+
+
+def attribute_sample(
+    kb: KnowledgeBase,
+    features: SampleFeatures,
+    *,
+    top: int = DEFAULT_TOP_HYPOTHESES,
+    name: str | None = None,
+    extra_indicators: Sequence[Indicator] = (),
+    at: date | None = None,
+) -> CaseReport:
+    """Code (and, when intel is available, infrastructure) evidence fused into a case."""
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, not {top}")
+    code = find_code_evidence(kb.store, kb.index(), kb.samples(), features, top_k=DEFAULT_TOP_K)
+    indicators = [*_sample_indicators(features), *extra_indicators]
+    evidence = [*code.evidence, *_infrastructure_evidence(kb, indicators, at)]
+    query = QueryInfo(
+        name=name or features.sha256,
+        format=features.format,
+        arch=features.arch,
+        function_count=len(features.functions),
+        looked_up_functions=code.looked_up_functions,
+        library_functions=code.library_functions,
+        distinctive_functions=code.distinctive_functions,
+        indicator_count=len(indicators),
+    )
+    return _build_case(
+        kb, features.sha256, query, evidence, dict(code.neighbours), code.distinctive_functions, top
+    )
+
+
+def attribute_indicators(
+    kb: KnowledgeBase,
+    indicators: Sequence[Indicator],
+    *,
+    at: date | None = None,
+    name: str = "incident",
+    top: int = DEFAULT_TOP_HYPOTHESES,
+) -> CaseReport:
+    """An incident without a sample: infrastructure evidence only (``sha256`` is null)."""
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, not {top}")
+    evidence = _infrastructure_evidence(kb, indicators, at)
+    query = QueryInfo(name=name, indicator_count=len(indicators))
+    return _build_case(kb, None, query, evidence, {}, None, top)
+
+
+def compare_samples(a: SampleFeatures, b: SampleFeatures, top_k: int = 5) -> CompareReport:
+    """Every function of A with its ``top_k`` best candidates in B, and one-to-one shared pairs
+    (similarity, then call-graph propagation) with their normalised disassembly."""
+    if top_k < 1:
+        raise UsageError(f"--top must be at least 1, not {top_k}")
+    comparison = compare_functions(a, b, top_k)
+    by_address_a = {f.address: f for f in a.functions}
+    by_address_b = {f.address: f for f in b.functions}
+    functions = [
+        FunctionCandidates(
+            address=function.address,
+            candidates=[
+                FunctionCandidate(address=address, similarity=round(similarity, 4))
+                for address, similarity in comparison.candidates[position]
+            ],
+        )
+        for position, function in enumerate(a.functions)
+    ]
+    shared = [
+        SharedFunction(
+            address_a=pair.address_a,
+            address_b=pair.address_b,
+            similarity=round(pair.similarity, 4),
+            size_a=by_address_a[pair.address_a].size,
+            size_b=by_address_b[pair.address_b].size,
+            matched_by=pair.matched_by,
+            disassembly_a=list(by_address_a[pair.address_a].normalized),
+            disassembly_b=list(by_address_b[pair.address_b].normalized),
+        )
+        for pair in comparison.pairs
+    ]
+    return CompareReport(sha256_a=a.sha256, sha256_b=b.sha256, functions=functions, shared=shared)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoCase:
+    binary: DemoBinary
+    expected: str  # what docs/demo-corpus.md says a correct attribution reads
+    case: CaseReport
+
+
+_DEMO_EXPECTED: Final = {
+    "alpha-v3": "Group A (alpha)",
+    "bravo-v2": "Group B (bravo)",
+    "charlie": "no known actor; shares rare code with Group A",
+    "delta": "no known actor",
+}
+
+
+def run_demo(
+    work_dir: Path | None = None,
+    *,
+    compiler: str = "gcc",
+    target: Target = "elf64",
+    opt: str = "O2",
+    jobs: int = 1,
+    on_ingest: Callable[[IngestSummary], None] | None = None,
+) -> list[DemoCase]:
+    """Build the demo corpus, ingest its KB part, attribute the held-back queries. Offline."""
+    if work_dir is None:
+        with tempfile.TemporaryDirectory(prefix="earmark-demo-") as temporary:
+            return run_demo(
+                Path(temporary), compiler=compiler, target=target, opt=opt, jobs=jobs,
+                on_ingest=on_ingest,
+            )
+    corpus = build_demo_corpus(
+        work_dir / "build", compiler=compiler, opt_levels=(opt,), target=target
+    )
+    database = str(work_dir / "demo-kb.db")
+    cases = []
+    with open_knowledge_base(database) as kb:
+        for binary in corpus.select(role="kb"):
+            template = LabelTemplate(actor=binary.actor, family=binary.family, source="demo")
+            summary = ingest_paths(kb.store, [binary.path], template, jobs=jobs)
+            if on_ingest is not None:
+                on_ingest(summary)
+        for binary in corpus.select(role="goodware"):
+            summary = ingest_paths(kb.store, [binary.path], LabelTemplate(goodware=True))
+            if on_ingest is not None:
+                on_ingest(summary)
+        for name in _DEMO_EXPECTED:
+            binary = corpus.binary(name, opt)
+            case = attribute_sample(kb, analyze_file(binary.path), name=binary.name)
+            cases.append(DemoCase(binary, _DEMO_EXPECTED[name], case))
+    return cases

@@ -1,0 +1,229 @@
+"""Evidence of any kind fused into ranked actor and family hypotheses.
+
+Scoring (docs/attribution.md, "Scoring"):
+- every evidence item contributes ``similarity x weight`` to the actor and the family it names;
+- items are grouped by what they observe about the query (code: the query function; infrastructure:
+  the query's value). A group counts once per hypothesis with its strongest item, so five KB
+  samples of one family matching one query function are one piece of evidence, not five;
+- a group's contribution is capped at ``MAX_ITEM_CONTRIBUTION`` so no single function or
+  indicator can make a hypothesis certain;
+- groups that the producer declares neighbours (code: caller/callee in the query's call graph)
+  are partly dependent: taken strongest first, a group next to one already counted is multiplied
+  by ``DEPENDENT_DISCOUNT``;
+- the hypothesis score is the noisy-OR ``1 - prod(1 - c)`` of the counted contributions. It
+  depends only on the evidence, never on the query's size, so scores compare across queries.
+- a hypothesis whose code evidence covers a small part of the query's distinctive functions is a
+  *shared-code link*, not authorship (the WannaCry/Lazarus pattern): ``relation`` says which.
+- when no authored actor hypothesis reaches ``KNOWN_ACTOR_THRESHOLD`` the verdict is "no known
+  actor".
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from earmark.model.evidence import Evidence
+
+# Largest contribution of one evidence group. Two independent exact matches of unique code give
+# 1 - 0.4^2 = 0.84, four give 0.97: certainty takes several independent pieces of evidence.
+MAX_ITEM_CONTRIBUTION: Final = 0.6
+
+# Factor for an evidence group adjacent (call graph) to one already counted: a caller of a
+# shared routine is often shared because the routine is, so it adds less than independent code.
+DEPENDENT_DISCOUNT: Final = 0.5
+
+# Best authored actor score below which the verdict is "no known actor". 0.5 is one strong
+# exact match of unique code (0.6 cap) minus noise: a single rare function does not name an
+# actor when its similarity or weight is discounted at all.
+KNOWN_ACTOR_THRESHOLD: Final = 0.5
+
+# Share of the query's distinctive functions a hypothesis must explain to be read as authorship;
+# below it, matching code is a link (reuse, leak, shared developer). New versions of one family
+# share most of their code (alpha v3 vs v1/v2: ~90 % of matchable functions); a program that
+# borrowed a crypto library shares a small part (charlie: 4 of ~20).
+AUTHORSHIP_COVERAGE: Final = 0.5
+
+# An item counts as "rare" shared code for the hypothesis summary from this weight.
+RARE_WEIGHT: Final = 0.5
+
+# Strongest evidence items named per hypothesis.
+STRONGEST_SHOWN: Final = 3
+
+Relation = Literal["authored", "shares-code"]
+EvidenceKey = tuple[str, str]  # (kind, what the item observes about the query)
+
+
+@dataclass(frozen=True, slots=True)
+class Hypothesis:
+    actor: str | None
+    family: str | None  # None: the actor-level hypothesis
+    score: float  # 0..1 noisy-OR of capped, de-duplicated contributions
+    evidence_count: int  # distinct evidence groups counted
+    rare_function_count: int  # distinct query functions shared with weight >= RARE_WEIGHT
+    shared_bytes: int  # bytes of the query functions counted
+    coverage: float | None  # counted code groups / distinctive query functions (None: no code)
+    relation: Relation
+    strongest: tuple[int, ...]  # positions in the evidence sequence, strongest first
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    actor: str | None  # None: no known actor
+    family: str | None
+    score: float
+    summary: str  # rendered from the fields above and the hypotheses, for people
+
+
+def evidence_key(item: Evidence) -> EvidenceKey:
+    """What an item observes about the query; items with one key are one observation."""
+    if item.kind == "code" and item.query_address is not None:
+        return ("code", f"{item.query_address:x}")
+    return (item.kind, f"{item.pivot or ''}:{item.value or item.matched_value or item.reason}")
+
+
+def code_neighbours(
+    neighbours: Mapping[int, frozenset[int]],
+) -> dict[EvidenceKey, set[EvidenceKey]]:
+    """Call-graph neighbours of query functions as evidence-key neighbours."""
+    return {
+        ("code", f"{address:x}"): {("code", f"{other:x}") for other in others}
+        for address, others in neighbours.items()
+    }
+
+
+def _contribution(item: Evidence) -> float:
+    return min(max(item.similarity, 0.0) * max(item.weight, 0.0), MAX_ITEM_CONTRIBUTION)
+
+
+def _score_group(
+    positions: Sequence[int],
+    evidence: Sequence[Evidence],
+    neighbours: Mapping[EvidenceKey, set[EvidenceKey]],
+) -> tuple[float, list[tuple[EvidenceKey, int, float]]]:
+    best: dict[EvidenceKey, tuple[float, int]] = {}
+    for position in positions:
+        key = evidence_key(evidence[position])
+        value = _contribution(evidence[position])
+        if key not in best or value > best[key][0]:
+            best[key] = (value, position)
+    ordered = sorted(best.items(), key=lambda entry: (-entry[1][0], entry[0]))
+    counted: list[tuple[EvidenceKey, int, float]] = []
+    seen: set[EvidenceKey] = set()
+    remaining = 1.0
+    for key, (value, position) in ordered:
+        if neighbours.get(key, set()) & seen:
+            value *= DEPENDENT_DISCOUNT
+        seen.add(key)
+        remaining *= 1.0 - value
+        counted.append((key, position, value))
+    return 1.0 - remaining, counted
+
+
+def rank_hypotheses(
+    evidence: Sequence[Evidence],
+    neighbours: Mapping[EvidenceKey, set[EvidenceKey]] | None = None,
+    distinctive_code_units: int | None = None,
+) -> list[Hypothesis]:
+    """Actor and family hypotheses, best first (ties by name, so order never depends on input
+    order). ``distinctive_code_units`` is how many code groups the query could have produced."""
+    neighbours = neighbours or {}
+    by_actor: dict[str, list[int]] = defaultdict(list)
+    by_family: dict[str, list[int]] = defaultdict(list)
+    family_actors: dict[str, set[str]] = defaultdict(set)
+    for position, item in enumerate(evidence):
+        if item.actor:
+            by_actor[item.actor].append(position)
+        if item.family:
+            by_family[item.family].append(position)
+            if item.actor:
+                family_actors[item.family].add(item.actor)
+    hypotheses = []
+    groups: list[tuple[str | None, str | None, list[int]]] = [
+        (actor, None, positions) for actor, positions in by_actor.items()
+    ]
+    for family, positions in by_family.items():
+        # A family claimed by several actors (conflicting labels) keeps no single actor name.
+        actors = family_actors[family]
+        groups.append((next(iter(actors)) if len(actors) == 1 else None, family, positions))
+    for group_actor, group_family, positions in groups:
+        score, counted = _score_group(positions, evidence, neighbours)
+        code_counted = [entry for entry in counted if entry[0][0] == "code"]
+        coverage = None
+        if code_counted and distinctive_code_units:
+            coverage = min(len(code_counted) / distinctive_code_units, 1.0)
+        relation: Relation = (
+            "shares-code" if coverage is not None and coverage < AUTHORSHIP_COVERAGE else "authored"
+        )
+        hypotheses.append(
+            Hypothesis(
+                actor=group_actor,
+                family=group_family,
+                score=round(score, 4),
+                evidence_count=len(counted),
+                rare_function_count=sum(
+                    1 for _, index, _ in code_counted if evidence[index].weight >= RARE_WEIGHT
+                ),
+                shared_bytes=sum(evidence[index].query_size or 0 for _, index, _ in code_counted),
+                coverage=None if coverage is None else round(coverage, 4),
+                relation=relation,
+                strongest=tuple(position for _, position, _ in counted[:STRONGEST_SHOWN]),
+            )
+        )
+    hypotheses.sort(key=lambda h: (-h.score, h.family is not None, h.actor or "", h.family or ""))
+    return hypotheses
+
+
+def decide_verdict(hypotheses: Sequence[Hypothesis]) -> Verdict:
+    """The best authored actor (or actor-less family) above the threshold, else no known actor."""
+    for hypothesis in hypotheses:
+        if hypothesis.relation != "authored" or hypothesis.score < KNOWN_ACTOR_THRESHOLD:
+            continue
+        if hypothesis.family is not None and hypothesis.actor is not None:
+            continue  # the actor-level hypothesis of this actor speaks for it
+        family = hypothesis.family or _best_family_of(hypotheses, hypothesis.actor)
+        name = hypothesis.actor or f"family {hypothesis.family}"
+        return Verdict(
+            actor=hypothesis.actor,
+            family=family,
+            score=hypothesis.score,
+            summary=f"{name} ({likelihood_words(hypothesis.score)}, score {hypothesis.score:.2f})",
+        )
+    links = [h for h in hypotheses if h.actor and h.family is None and h.score > 0]
+    summary = "no known actor"
+    if links:
+        best = links[0]
+        summary += (
+            f"; shares code with {best.actor} ({best.rare_function_count} rare functions, "
+            f"score {best.score:.2f}): reuse or a link, not authorship"
+        )
+    return Verdict(actor=None, family=None, score=0.0, summary=summary)
+
+
+def _best_family_of(hypotheses: Sequence[Hypothesis], actor: str | None) -> str | None:
+    for hypothesis in hypotheses:
+        if hypothesis.family is not None and hypothesis.actor == actor:
+            return hypothesis.family
+    return None
+
+
+# ICD-203 expressions of likelihood with their probability ranges (upper bounds).
+_LIKELIHOOD_WORDS: Final = (
+    (0.05, "almost no chance"),
+    (0.20, "very unlikely"),
+    (0.45, "unlikely"),
+    (0.55, "roughly even chance"),
+    (0.80, "likely"),
+    (0.95, "very likely"),
+    (1.01, "almost certain"),
+)
+
+
+def likelihood_words(score: float) -> str:
+    """The ICD-203 phrase for a score read as a probability (scores are not yet calibrated)."""
+    for upper, words in _LIKELIHOOD_WORDS:
+        if score < upper:
+            return words
+    return _LIKELIHOOD_WORDS[-1][1]
