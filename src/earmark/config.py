@@ -35,3 +35,10 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+# Actor taxonomy used when reading intel and labels (earmark.intel.aliases.Taxonomy values):
+# "split" keeps every ATT&CK group apart (Andariel, APT38, Lazarus Group); "umbrella" folds
+# sub-groups into their umbrella. Split is the default because it loses nothing: names are
+# stored split and can be folded at query time, never unfolded.
+TAXONOMY_ENV_VAR = "EARMARK_TAXONOMY"
+DEFAULT_TAXONOMY = "split"

@@ -39,6 +39,8 @@ from earmark.errors import (
 )
 from earmark.extract import analyze_bytes
 from earmark.freeze import load_features as load_frozen_features
+from earmark.intel import indicators_from_strings
+from earmark.model.intel import Indicator
 from earmark.model.kb import Provenance, SampleLabel, Tlp
 from earmark.model.sample import SampleFeatures
 from earmark.store.base import FeaturesCodec, Store
@@ -184,8 +186,18 @@ class _Batch:
         self.report(IngestOutcome(name, IngestStatus.SKIPPED, sha256))
         return True
 
-    def write(self, name: str, features: SampleFeatures, frozen: bytes | None = None) -> None:
-        is_new = self.store.add_sample(features, self.label, self.provenance, frozen)
+    def write(
+        self,
+        name: str,
+        features: SampleFeatures,
+        frozen: bytes | None = None,
+        indicators: Sequence[Indicator] | None = None,
+    ) -> None:
+        if indicators is None:  # not found by a worker (frozen features files): find them here
+            indicators = indicators_from_strings(features.strings)
+        is_new = self.store.add_sample(
+            features, self.label, self.provenance, frozen, indicators=indicators
+        )
         status = IngestStatus.INGESTED if is_new else IngestStatus.SKIPPED
         self.report(IngestOutcome(name, status, features.sha256))
 
@@ -298,30 +310,30 @@ def _jobs(paths: Iterable[str | Path], batch: _Batch) -> Iterator[_Job]:
             batch.report(_failure(_printable(str(path)), InputError("no such file or directory")))
 
 
-_Analysis = tuple[SampleFeatures, bytes] | InputError
+_Analysis = tuple[SampleFeatures, bytes, list[Indicator]] | InputError
 
 
 def _analyze(analyzer: Analyzer, codec: FeaturesCodec, data: bytes, limits: Limits) -> _Analysis:
-    """Runs in a worker: features and their frozen bytes (encoding costs more than writing, so
-    it is done here in parallel, not in the writing parent); typed input errors come back as
-    values, bugs propagate."""
+    """Runs in a worker: features, their frozen bytes and the indicators in their strings
+    (encoding and indicator search cost more than writing, so they are done here in parallel,
+    not in the writing parent); typed input errors come back as values, bugs propagate."""
     try:
         features = analyzer(data, limits)
     except InputError as error:
         return error
-    return features, codec.to_bytes(features)
+    return features, codec.to_bytes(features), indicators_from_strings(features.strings)
 
 
 def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
     if isinstance(result, InputError):
         batch.report(_failure(job.name, result, job.sha256))
         return
-    features, frozen = result
+    features, frozen, indicators = result
     if features.sha256.lower() != job.sha256:
         error = InputError(f"analysis reported sha256 {features.sha256}, the bytes hash otherwise")
         batch.report(_failure(job.name, error, job.sha256))
     else:
-        batch.write(job.name, features, frozen)
+        batch.write(job.name, features, frozen, indicators)
 
 
 def _run_in_pool(
