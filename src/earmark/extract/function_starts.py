@@ -1,0 +1,238 @@
+"""Start heuristics for code that recursive descent from known starts does not reach.
+
+Each heuristic returns candidate addresses; ``FunctionRecovery`` proposes them and its descent
+rejects the ones that decode into garbage. All of them read one incrementally maintained
+``CodeCoverage`` (which bytes recovered instructions cover, which function owns each
+instruction, how far each function extends), so a heuristic round costs in proportion to
+what changed, not to the size of the image. See docs/function-recovery.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from earmark.extract.disasm import KIND_JUMP, Instruction, InstructionDecoder
+from earmark.extract.function_features import FunctionBody
+from earmark.extract.image import CodeImage
+
+# Padding compilers put between functions: int3 (MSVC), nop forms (gcc/clang), zero bytes.
+_PADDING_MNEMONICS: Final = frozenset({"int3", "nop"})
+
+# First instructions that mark a function start in a gap reached only through pointers.
+# Measured on the fixtures: these cover every function-pointer-only function of the gcc,
+# clang and mingw builds, and none of them begins a `.cold` fragment.
+_PROLOGUE_TOKENS: Final = frozenset(
+    {"endbr64", "endbr32", "push r64", "push r32", "sub sp,0x", "mov r64,sp", "mov r32,sp"}
+)
+
+# Function entry alignment gcc, clang, mingw and MSVC use for -O2 code (-falign-functions=16).
+FUNCTION_ALIGNMENT: Final = 16
+
+# Owner value of an instruction that more than one function reaches by its own flow.
+SHARED_OWNER: Final = -1
+
+
+class CodeCoverage:
+    """Which code bytes recovered functions cover, and who owns each instruction.
+
+    Coverage only grows: when a function is re-explored and cut at a start found inside it,
+    the bytes it loses belong to the function at that start, so they stay covered.
+    """
+
+    def __init__(self, decoder: InstructionDecoder) -> None:
+        code = sorted(
+            (s for s in decoder.image.segments if s.executable), key=lambda s: s.virtual_address
+        )
+        self._bases = [segment.virtual_address for segment in code]
+        self._maps = [bytearray(len(segment.data)) for segment in code]
+        # Address of an instruction -> start of the function that reaches it (SHARED_OWNER
+        # when several do).
+        self.owners: dict[int, int] = {}
+        self._extent_ends: dict[int, int] = {}  # function start -> end of its last byte
+        self._sorted_extents: list[tuple[int, int]] | None = None
+        self._extent_starts: list[int] = []
+
+    def add(self, body: FunctionBody) -> None:
+        start = body.start
+        owners = self.owners
+        bases = self._bases
+        maps = self._maps
+        end = start
+        index = bisect.bisect_right(bases, start) - 1
+        coverage = maps[index] if index >= 0 else bytearray()
+        base = bases[index] if index >= 0 else 0
+        for address, instruction in body.instructions.items():
+            previous = owners.get(address)
+            if previous is None:
+                owners[address] = start
+            elif previous != start:
+                owners[address] = SHARED_OWNER
+            size = instruction.size
+            offset = address - base
+            if not 0 <= offset < len(coverage) - size + 1:  # another segment (rare)
+                other = bisect.bisect_right(bases, address) - 1
+                coverage, base = maps[other], bases[other]
+                offset = address - base
+            coverage[offset : offset + size] = b"\x01" * size
+            if address + size > end:
+                end = address + size
+        self._extent_ends[start] = end
+        self._sorted_extents = None
+
+    def remove(self, body: FunctionBody) -> None:
+        """Forget ``body``'s ownership (before replacing it with a re-explored version)."""
+        owners = self.owners
+        start = body.start
+        for address in body.instructions:
+            if owners.get(address) == start:
+                del owners[address]
+        self._extent_ends.pop(start, None)
+        self._sorted_extents = None
+
+    def covered(self, address: int) -> bool:
+        index = bisect.bisect_right(self._bases, address) - 1
+        if index < 0:
+            return False
+        offset = address - self._bases[index]
+        coverage = self._maps[index]
+        return offset < len(coverage) and coverage[offset] == 1
+
+    def inside_extent(self, address: int) -> bool:
+        """True when ``address`` lies between some function's start and its furthest byte."""
+        if self._sorted_extents is None:
+            self._sorted_extents = sorted(self._extent_ends.items())
+            self._extent_starts = [start for start, _end in self._sorted_extents]
+        index = bisect.bisect_right(self._extent_starts, address) - 1
+        return index >= 0 and address < self._sorted_extents[index][1]
+
+    def gaps(self) -> Iterator[tuple[int, int]]:
+        """Maximal uncovered ranges of the executable segments, in address order."""
+        for base, coverage in zip(self._bases, self._maps, strict=True):
+            position = 0
+            size = len(coverage)
+            while position < size:
+                low = coverage.find(0, position)
+                if low < 0:
+                    break
+                high = coverage.find(1, low)
+                if high < 0:
+                    high = size
+                yield base + low, base + high
+                position = high
+
+
+def tail_call_targets(
+    bodies: Iterable[FunctionBody], starts: list[int], coverage: CodeCoverage
+) -> list[int]:
+    """Targets of jmps that cross another function's start: they leave their function."""
+    found: list[int] = []
+    owners = coverage.owners
+    for body in bodies:
+        for address, successors in body.successors.items():
+            if len(successors) != 1:
+                continue
+            jump = body.instructions[address]
+            if jump.kind != KIND_JUMP or jump.target is None:
+                continue
+            low, high = (address, jump.target) if address < jump.target else (jump.target, address)
+            first = bisect.bisect_right(starts, low)
+            # A target another function reaches by its own flow is a shared tail or a cold
+            # fragment jumping home, not a function entry.
+            if owners.get(jump.target, body.start) != body.start:
+                continue
+            if first < len(starts) and starts[first] <= high:
+                found.append(jump.target)
+    return found
+
+
+def referenced_code(body: FunctionBody, decoder: InstructionDecoder) -> list[int]:
+    """Code addresses ``body`` takes as data: ``lea r, [rip+X]``, ``push imm``, ``mov r, imm``."""
+    found: list[int] = []
+    for instruction in body.instructions.values():
+        if instruction.address_immediates:
+            found.extend(a for a in instruction.address_immediates if decoder.is_code(a))
+        memory = instruction.memory_address
+        if memory is not None and instruction.mnemonic == "lea" and decoder.is_code(memory):
+            found.append(memory)
+    return found
+
+
+def data_code_pointers(image: CodeImage) -> list[int]:
+    """Pointer-aligned values in data segments that point into executable segments.
+
+    Function-pointer tables, vtables, .init_array and TLS callbacks: in 32-bit PE without
+    .pdata this is the only way to see code that is never called directly. Read with numpy
+    because data segments are megabytes and only a few values are code addresses.
+    """
+    width = image.bits // 8
+    dtype = np.dtype("<u8") if width == 8 else np.dtype("<u4")
+    code = [
+        (s.virtual_address, s.virtual_address + len(s.data)) for s in image.segments if s.executable
+    ]
+    found: list[int] = []
+    for segment in image.segments:
+        if segment.executable or len(segment.data) < width:
+            continue
+        usable = len(segment.data) - len(segment.data) % width
+        values: npt.NDArray[np.uint64] = np.frombuffer(segment.data[:usable], dtype=dtype).astype(
+            np.uint64
+        )
+        inside = np.zeros(len(values), dtype=bool)
+        for low, high in code:
+            inside |= (values >= low) & (values < high)
+        found.extend(int(v) for v in values[inside].tolist() if v)
+    return list(dict.fromkeys(found))
+
+
+def gap_prologue(
+    decoder: InstructionDecoder, start: int, end: int, coverage: CodeCoverage
+) -> int | None:
+    """The first instruction after padding in an uncovered gap, when it looks like a function."""
+    address = start
+    skipped_padding = False
+    while address < end:
+        instruction = decoder.decode(address)
+        if instruction is None:
+            if decoder.read(address, 1) == b"\x00":
+                address += 1
+                skipped_padding = True
+                continue
+            return None
+        if instruction.mnemonic in _PADDING_MNEMONICS or is_padding(instruction):
+            address += instruction.size
+            skipped_padding = True
+            continue
+        # Compilers align function entries to 16 bytes with padding before them; code there
+        # that decodes cleanly to its end is an unreferenced (dead or pointer-only) function.
+        # The descent rejects it if it runs into bytes that do not decode.
+        aligned_after_padding = (
+            skipped_padding
+            and address % FUNCTION_ALIGNMENT == 0
+            and not coverage.inside_extent(address)  # aligned switch cases, cold blocks
+        )
+        if (
+            aligned_after_padding
+            or instruction.token in _PROLOGUE_TOKENS
+            or instruction.token.startswith("sub sp,")
+        ):
+            return address
+        return None
+    return None
+
+
+def is_padding(instruction: Instruction) -> bool:
+    """Multi-byte no-ops: ``lea esi, [esi + eiz]``, ``xchg ax, ax``, ``mov edi, edi``."""
+    operands = instruction.op_str.split(", ")
+    if instruction.mnemonic == "lea" and len(operands) == 2:
+        inner = operands[1][operands[1].find("[") + 1 : -1].split(" ")
+        return inner[0] == operands[0] and all(
+            part in ("+", "eiz", "riz", "*1", "0") or part.startswith("eiz*") for part in inner[1:]
+        )
+    if instruction.mnemonic in ("xchg", "mov") and len(operands) == 2:
+        return operands[0] == operands[1]
+    return False
