@@ -163,3 +163,11 @@ def _top_functions_table(features: SampleFeatures) -> Table:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry (``earmark.cli:main``); exits with the command's exit code."""
     cli.main(args=argv, prog_name="earmark")
+
+
+# Knowledge-base commands live in their own module (earmark.cli_kb); registered here so the
+# group's error handling covers them.
+from earmark import cli_kb  # noqa: E402
+
+for _command in (cli_kb.ingest, cli_kb.attribute, cli_kb.compare, cli_kb.demo):
+    cli.add_command(_command)
