@@ -171,3 +171,6 @@ from earmark import cli_kb  # noqa: E402
 
 for _command in (cli_kb.ingest, cli_kb.attribute, cli_kb.compare, cli_kb.demo):
     cli.add_command(_command)
+from earmark.cli_intel import intel as _intel_group  # noqa: E402
+
+cli.add_command(_intel_group)

@@ -17,6 +17,7 @@ grain), and mapped to the user's taxonomy when read: switching ``--taxonomy`` or
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import weakref
@@ -28,7 +29,7 @@ from pathlib import Path
 from earmark.config import DEFAULT_TAXONOMY, TAXONOMY_ENV_VAR
 from earmark.correlate.infrastructure import InfrastructureIndex, Observation
 from earmark.errors import IntelError, UsageError
-from earmark.intel import AliasResolver, Taxonomy, indicators_from_strings
+from earmark.intel import AliasResolver, Taxonomy, classify_value, indicators_from_strings
 from earmark.intel.eset import parse_eset_readme
 from earmark.intel.importers import (
     ColumnMapping,
@@ -43,18 +44,24 @@ from earmark.intel.importers import (
 )
 from earmark.intel.importers.common import load_json, read_text, strictest_tlp
 from earmark.intel.maltrail import parse_maltrail_blocks
+from earmark.intel.warninglists import default_benign_infrastructure
 from earmark.model.evidence import Evidence
-from earmark.model.intel import ActorProfile, Indicator, IntelReport
+from earmark.model.intel import ActorProfile, Indicator, IndicatorType, IntelRelation, IntelReport
 from earmark.model.kb import Tlp
 from earmark.model.sample import SampleFeatures
+from earmark.report.misp_export import misp_event_for_report, render_misp
+from earmark.report.stix_export import build_stix_bundle
 from earmark.store.base import IntelWriteSummary, Store
 
 __all__ = [
     "INTEL_FORMATS",
     "SAMPLE_REPORT_PREFIX",
     "IntelFileOutcome",
+    "IntelHit",
     "IntelImportSummary",
+    "IntelSearchResult",
     "actor_resolver",
+    "export_intel",
     "import_intel",
     "indicators_for_sample",
     "indicators_from_ioc_file",
@@ -63,6 +70,7 @@ __all__ = [
     "parse_column_mapping",
     "read_intel_file",
     "resolve_taxonomy",
+    "search_intel",
 ]
 
 INTEL_FORMATS = ("auto", "stix", "attack", "misp", "csv", "txt", "text", "eset", "maltrail")
@@ -417,3 +425,123 @@ def infrastructure_evidence(
         if item.report_id and item.report_id.startswith(SAMPLE_REPORT_PREFIX) else item
         for item in evidence
     ]
+
+
+# -- search and export ----------------------------------------------------------------------
+
+# Related values listed by a search: enough to pivot on, bounded for reports with thousands.
+SEARCH_RELATED_VALUES_LIMIT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class IntelHit:
+    """One link from the searched value to a report or a sample that carries it."""
+
+    pivot: str  # "domain", "registered-domain", "ipv4-/24", …
+    key: str
+    report_id: str
+    title: str
+    actor: str | None
+    family: str | None
+    observed_at: date | None
+    sample_sha256: str | None  # set when the link is a stored sample, not a report
+
+
+@dataclass(frozen=True, slots=True)
+class IntelSearchResult:
+    query: str
+    actor: str | None  # canonical name when the query named an actor
+    aliases: tuple[str, ...]
+    benign: str | None  # the warninglist that makes the value link nothing, if any
+    hits: tuple[IntelHit, ...]
+    reports: tuple[IntelReport, ...]
+    samples: tuple[str, ...]  # sha256 of linked or labelled samples
+    related_values: tuple[Indicator, ...]  # other values of those reports and samples
+    relations: tuple[IntelRelation, ...]
+
+
+def _related(reports: Iterable[IntelReport], sample_values: Iterable[Indicator],
+             query: str) -> tuple[Indicator, ...]:
+    values: dict[tuple[str, str], Indicator] = {}
+    for indicator in (*(i for r in reports for i in r.indicators), *sample_values):
+        if indicator.value != query and len(values) < SEARCH_RELATED_VALUES_LIMIT:
+            values.setdefault((indicator.type.value, indicator.value),
+                              Indicator(indicator.type, indicator.value))
+    return tuple(values.values())
+
+
+def search_intel(
+    store: Store, value: str, taxonomy: str | Taxonomy | None = None
+) -> IntelSearchResult:
+    """Pivot from one value (IP, domain, URL, hash, e-mail) or an actor name (any alias) to
+    the reports, actors, samples and values linked to it."""
+    query = value.strip()
+    if not query:
+        raise UsageError("nothing to search for")
+    resolver = actor_resolver(store, taxonomy)
+    indicator = classify_value(query)
+    if indicator is None:
+        stored = store.find_actor_names(query)
+        if resolver.is_known(query) or stored:
+            actor = resolver.resolve(query if resolver.is_known(query) else stored[0])
+            return _search_actor(store, query, actor, resolver)
+        indicator = Indicator(IndicatorType.DOMAIN, query.lower()) if "." in query else None
+    if indicator is None:
+        return IntelSearchResult(query, None, (), None, (), (), (), (), ())
+    benign = default_benign_infrastructure().is_benign(indicator)
+    hits = tuple(
+        IntelHit(link.pivot, link.key, link.observation.report_id, link.observation.title,
+                 link.observation.actor, link.observation.family, link.observation.observed_at,
+                 link.observation.report_id.removeprefix(SAMPLE_REPORT_PREFIX)
+                 if link.observation.report_id.startswith(SAMPLE_REPORT_PREFIX) else None)
+        for link in infrastructure_index(store, taxonomy).search(indicator)
+    )
+    samples = tuple(dict.fromkeys(h.sample_sha256 for h in hits if h.sample_sha256))
+    reports = tuple(store.load_intel_reports({h.report_id for h in hits if not h.sample_sha256}))
+    sample_values = [i for sha in samples for s in store.load_sample_indicators(sha)
+                     for i in s.indicators]
+    return IntelSearchResult(query, None, (), benign, hits, reports, samples,
+                             _related(reports, sample_values, indicator.value), ())
+
+
+def _search_actor(store: Store, query: str, actor: str,
+                  resolver: AliasResolver) -> IntelSearchResult:
+    def named(names: Iterable[str]) -> bool:
+        return any(resolver.resolve(name) == actor for name in names)
+
+    reports = tuple(r for r in store.load_intel_reports() if named(r.actors))
+    samples = tuple(s.sha256 for s in store.list_samples() if named(s.actors))
+    actor_types = ("intrusion-set", "threat-actor")
+    relations = tuple(
+        r for r in store.load_intel_relations()
+        if (r.source_type in actor_types and named((r.source_name,)))
+        or (r.target_type in actor_types and named((r.target_name,)))
+    )
+    stored_aliases = [a for p in store.load_actor_profiles() if resolver.resolve(p.name) == actor
+                      for a in (p.name, *p.aliases)]
+    aliases = tuple(sorted({*resolver.aliases_of(actor), *stored_aliases} - {actor},
+                           key=str.casefold))
+    return IntelSearchResult(query, actor, aliases, None, (), reports, samples,
+                             _related(reports, (), query), relations)
+
+
+def export_intel(
+    store: Store, format: str = "stix", actor: str | None = None, include_red: bool = False,
+    taxonomy: str | Taxonomy | None = None,
+) -> str:
+    """Stored reports with indicators as a STIX 2.1 bundle or MISP events
+    (``{"response": [{"Event": …}, …]}``, MISP's own search-result layout). Actor names are
+    given in the chosen taxonomy; TLP:RED reports stay out unless ``include_red``."""
+    resolver = actor_resolver(store, taxonomy)
+    reports = [_report_observations(r, resolver.resolve)
+               for r in store.load_intel_reports() if r.indicators]
+    if actor:
+        wanted = resolver.resolve(actor)
+        reports = [r for r in reports if wanted in r.actors]
+    if format == "stix":
+        return json.dumps(build_stix_bundle(reports, include_red=include_red), indent=2)
+    if format == "misp":
+        events = [misp_event_for_report(report, include_red) for report in reports]
+        documents = [json.loads(render_misp(event)) for event in events if event is not None]
+        return json.dumps({"response": documents}, indent=2)
+    raise UsageError(f"unknown export format {format!r} (known: stix, misp)")
