@@ -43,7 +43,7 @@ from earmark.intel.importers import (
     import_txt,
 )
 from earmark.intel.importers.common import load_json, read_text, strictest_tlp
-from earmark.intel.maltrail import parse_maltrail_blocks
+from earmark.intel.maltrail import actor_name_from_file, parse_aliases, parse_maltrail_blocks
 from earmark.intel.warninglists import default_benign_infrastructure
 from earmark.model.evidence import Evidence
 from earmark.model.intel import ActorProfile, Indicator, IndicatorType, IntelRelation, IntelReport
@@ -192,6 +192,14 @@ def _eset_actor(resolver: AliasResolver) -> Callable[[str], str]:
     return resolve
 
 
+def _maltrail_actor(file_name: str, text: str, resolver: AliasResolver) -> str:
+    """The file's actor: its name (``apt_lazarus`` → lazarus) or the first name on its
+    ``# Aliases:`` line that the catalogue knows, resolved; else the file's own name."""
+    candidates = [actor_name_from_file(file_name), *parse_aliases(text)]
+    known = next((name for name in candidates if resolver.is_known(name)), candidates[0])
+    return resolver.resolve(known)
+
+
 def _eset_names(report: IntelReport, top_folder: str) -> IntelReport:
     actors = tuple(a for a in report.actors if a)
     families = report.families
@@ -228,7 +236,8 @@ def _import_one_file(
         reports = [_eset_names(r, top) for r in reports]
         return kind, _tightened(ImportResult(tuple(reports), (), (), ()), tlp, source)
     if kind == "maltrail":
-        blocks = parse_maltrail_blocks(text, path.name, resolve_actor=resolver.resolve)
+        actor = _maltrail_actor(path.name, text, resolver)
+        blocks = parse_maltrail_blocks(text, path.name, resolve_actor=lambda _name: actor)
         result = ImportResult(tuple(b.report for b in blocks), (), (), ())
         return kind, _tightened(result, tlp, source)
     if kind in ("stix", "attack", "misp"):
