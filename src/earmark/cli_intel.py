@@ -68,7 +68,7 @@ def import_command(
     malware-ioc folders and maltrail trail files. Re-importing the same file changes nothing."""
     column_mapping = intel_ops.parse_column_mapping(mapping)
     console = Console(highlight=False, soft_wrap=True)
-    errors = Console(stderr=True, highlight=False)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def show(outcome: intel_ops.IntelFileOutcome) -> None:
         if outcome.error is not None:
