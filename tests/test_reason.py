@@ -1,0 +1,115 @@
+"""Fusion of evidence into hypotheses: de-duplication, caps, dependence, order, verdict."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from earmark.model.evidence import Evidence
+from earmark.reason.hypotheses import (
+    DEPENDENT_DISCOUNT,
+    KNOWN_ACTOR_THRESHOLD,
+    MAX_ITEM_CONTRIBUTION,
+    Hypothesis,
+    decide_verdict,
+    likelihood_words,
+    rank_hypotheses,
+)
+
+
+def code(address: int, actor: str | None = "Group A", family: str | None = "alpha",
+         similarity: float = 1.0, weight: float = 1.0, match: str = "a" * 64) -> Evidence:
+    return Evidence(kind="code", actor=actor, family=family, similarity=similarity,
+                    weight=weight, reason="test", query_address=address, query_size=100,
+                    match_sha256=match, match_address=address + 0x1000)
+
+
+def infrastructure(value: str, actor: str = "Group A") -> Evidence:
+    return Evidence(kind="infrastructure", actor=actor, family=None, similarity=1.0,
+                    weight=0.5, reason="test", pivot="domain", value=value, matched_value=value)
+
+
+def actor_score(hypotheses: list[Hypothesis], actor: str) -> float:
+    return next(h.score for h in hypotheses if h.actor == actor and h.family is None)
+
+
+def test_one_function_cannot_make_certainty() -> None:
+    hypotheses = rank_hypotheses([code(0x10)])
+    assert actor_score(hypotheses, "Group A") == MAX_ITEM_CONTRIBUTION
+
+
+def test_several_kb_samples_matching_one_function_count_once() -> None:
+    once = rank_hypotheses([code(0x10)])
+    many = rank_hypotheses([code(0x10, match=c * 64) for c in "abcde"])
+    assert actor_score(many, "Group A") == actor_score(once, "Group A")
+    assert many[0].evidence_count == 1
+
+
+def test_independent_functions_combine_as_noisy_or() -> None:
+    hypotheses = rank_hypotheses([code(0x10), code(0x20, weight=0.5)])
+    expected = 1 - (1 - MAX_ITEM_CONTRIBUTION) * (1 - 0.5)
+    assert abs(actor_score(hypotheses, "Group A") - expected) < 1e-4
+
+
+def test_call_graph_neighbours_are_partly_dependent() -> None:
+    evidence = [code(0x10), code(0x20)]
+    neighbours = {("code", "10"): {("code", "20")}, ("code", "20"): {("code", "10")}}
+    dependent = rank_hypotheses(evidence, neighbours)
+    expected = 1 - (1 - MAX_ITEM_CONTRIBUTION) * (1 - MAX_ITEM_CONTRIBUTION * DEPENDENT_DISCOUNT)
+    assert abs(actor_score(dependent, "Group A") - expected) < 1e-4
+    assert actor_score(dependent, "Group A") < actor_score(rank_hypotheses(evidence), "Group A")
+
+
+def test_score_does_not_depend_on_query_size() -> None:
+    evidence = [code(0x10), code(0x20)]
+    small = rank_hypotheses(evidence, distinctive_code_units=3)
+    large = rank_hypotheses(evidence, distinctive_code_units=300)
+    assert actor_score(small, "Group A") == actor_score(large, "Group A")
+    assert small[0].relation == "authored" and large[0].relation == "shares-code"
+
+
+def test_code_and_infrastructure_fuse_and_keep_their_kind() -> None:
+    evidence = [code(0x10), infrastructure("evil.example"), infrastructure("evil.example")]
+    hypotheses = rank_hypotheses(evidence)
+    expected = 1 - (1 - MAX_ITEM_CONTRIBUTION) * (1 - 0.5)
+    assert abs(actor_score(hypotheses, "Group A") - expected) < 1e-4
+    assert next(h for h in hypotheses if h.family is None).evidence_count == 2
+
+
+def test_family_and_actor_hypotheses() -> None:
+    hypotheses = rank_hypotheses([code(0x10), code(0x20, actor=None, family="orphan")])
+    keys = {(h.actor, h.family) for h in hypotheses}
+    assert keys == {("Group A", None), ("Group A", "alpha"), (None, "orphan")}
+
+
+def test_verdict_threshold_and_no_known_actor() -> None:
+    weak = rank_hypotheses([code(0x10, similarity=0.6, weight=0.5)])
+    assert weak[0].score < KNOWN_ACTOR_THRESHOLD
+    assert decide_verdict(weak).actor is None
+    assert decide_verdict([]).summary == "no known actor"
+    strong = rank_hypotheses([code(a) for a in (0x10, 0x20, 0x30)], distinctive_code_units=4)
+    verdict = decide_verdict(strong)
+    assert (verdict.actor, verdict.family) == ("Group A", "alpha")
+    linked = rank_hypotheses([code(a) for a in (0x10, 0x20, 0x30)], distinctive_code_units=30)
+    verdict = decide_verdict(linked)
+    assert verdict.actor is None and "Group A" in verdict.summary
+
+
+def test_likelihood_words_follow_icd_203() -> None:
+    assert likelihood_words(0.0) == "almost no chance"
+    assert likelihood_words(0.5) == "roughly even chance"
+    assert likelihood_words(0.99) == "almost certain"
+
+
+@given(st.permutations(list(range(6))))
+def test_ranking_does_not_depend_on_evidence_order(order: list[int]) -> None:
+    evidence = [
+        code(0x10), code(0x20, weight=0.3), code(0x30, actor="Group B", family="bravo"),
+        code(0x10, actor="Group B", family="bravo", similarity=0.7),
+        infrastructure("a.example"), infrastructure("b.example", actor="Group B"),
+    ]
+    baseline = rank_hypotheses(evidence)
+    shuffled = rank_hypotheses([evidence[i] for i in order])
+    assert [(h.actor, h.family, h.score, h.evidence_count) for h in shuffled] == [
+        (h.actor, h.family, h.score, h.evidence_count) for h in baseline
+    ]
