@@ -280,20 +280,23 @@ def read_intel_file(
 
     Raises ``IntelError`` for unreadable input and ``UsageError`` for an unknown format.
     """
-    if format not in INTEL_FORMATS:
-        raise UsageError(f"unknown intel format {format!r} (known: {', '.join(INTEL_FORMATS)})")
     root = Path(path)
     resolver = resolver or AliasResolver.default(Taxonomy.SPLIT)
+    return [(file, *_import_one_file(file, root, format, source, tlp, mapping, published,
+                                     resolver)) for file in _intel_files(root, format)]
+
+
+def _intel_files(root: Path, format: str) -> list[Path]:
+    if format not in INTEL_FORMATS:
+        raise UsageError(f"unknown intel format {format!r} (known: {', '.join(INTEL_FORMATS)})")
     if root.is_dir():
         files = _directory_files(root, format)
         if not files:
             raise IntelError(f"{root}: no intel files in this folder")
-    elif root.is_file():
-        files = [root]
-    else:
-        raise IntelError(f"{root}: no such file or directory")
-    return [(file, *_import_one_file(file, root, format, source, tlp, mapping, published,
-                                     resolver)) for file in files]
+        return files
+    if root.is_file():
+        return [root]
+    raise IntelError(f"{root}: no such file or directory")
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,20 +333,27 @@ def import_intel(
     """
     resolver = AliasResolver.default(Taxonomy.SPLIT)  # stored names: the finest grain
     outcomes: list[IntelFileOutcome] = []
+    def report(outcome: IntelFileOutcome) -> None:
+        outcomes.append(outcome)
+        if on_progress:
+            on_progress(outcome)
+
     for given in paths:
+        root = Path(given)
         try:
-            results = read_intel_file(given, format, source, tlp, mapping, published, resolver)
+            files = _intel_files(root, format)
         except IntelError as error:
-            results, failure = [], IntelFileOutcome(str(given), format, None, (), str(error))
-            outcomes.append(failure)
-            if on_progress:
-                on_progress(failure)
-        for file, kind, result in results:
+            report(IntelFileOutcome(str(given), format, None, (), str(error)))
+            continue
+        for file in files:  # one bad file in a folder costs that file only
+            try:
+                kind, result = _import_one_file(file, root, format, source, tlp, mapping,
+                                                published, resolver)
+            except IntelError as error:
+                report(IntelFileOutcome(str(file), format, None, (), str(error)))
+                continue
             written = store.add_intel(result.reports, result.actors, result.relations)
-            outcome = IntelFileOutcome(str(file), kind, written, result.warnings)
-            outcomes.append(outcome)
-            if on_progress:
-                on_progress(outcome)
+            report(IntelFileOutcome(str(file), kind, written, result.warnings))
     return IntelImportSummary(tuple(outcomes))
 
 
