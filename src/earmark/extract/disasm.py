@@ -197,9 +197,11 @@ class InstructionDecoder:
         self._segments = sorted(image.segments, key=lambda s: s.virtual_address)
         self._segment_starts = [s.virtual_address for s in self._segments]
         self._address_mask = (1 << image.bits) - 1
-        self._cache: dict[int, Instruction | None] = {}
+        # Instructions by address, once analysed (None: invalid bytes or not code). Public so
+        # the descent loop can look up hits without a method call.
+        self.decoded: dict[int, Instruction | None] = {}
         # Text of instructions a window decoded before anyone asked for them: (size, mnemonic,
-        # operands) by address; moved to _cache (analysed) on first request.
+        # operands) by address; moved to `decoded` (analysed) on first request.
         self._raw: dict[int, tuple[int, str, str]] = {}
         # Analysis by instruction text: most text repeats (register moves, stack accesses,
         # calls to the same callee), so each distinct text is parsed once per sample.
@@ -239,14 +241,14 @@ class InstructionDecoder:
 
     def decode(self, address: int) -> Instruction | None:
         """The instruction at ``address``, or None for invalid bytes / outside code."""
-        instruction = self._cache.get(address)
-        if instruction is not None or address in self._cache:
+        instruction = self.decoded.get(address)
+        if instruction is not None or address in self.decoded:
             return instruction
         raw = self._raw.pop(address, None)
         if raw is None:
             raw = self._decode_window(address)
             if raw is None:
-                self._cache[address] = None
+                self.decoded[address] = None
                 return None
         size, text_mnemonic, op_str = raw
         analysis = self._analysis.get((text_mnemonic, op_str))
@@ -268,7 +270,7 @@ class InstructionDecoder:
             analysis.address_immediates,
             analysis.large_immediates,
         )
-        self._cache[address] = instruction
+        self.decoded[address] = instruction
         return instruction
 
     def _decode_window(self, address: int) -> tuple[int, str, str] | None:
@@ -284,7 +286,7 @@ class InstructionDecoder:
         offset = address - segment.virtual_address
         window = segment.data[offset : offset + DECODE_WINDOW_BYTES]
         raw_cache = self._raw
-        cache = self._cache
+        cache = self.decoded
         first: tuple[int, str, str] | None = None
         for insn_address, size, mnemonic, op_str in self._capstone.disasm_lite(window, address):
             if first is None:

@@ -34,6 +34,8 @@ class FunctionBody:
     successors: dict[int, tuple[int, ...]] = field(default_factory=dict)
     calls: list[int] = field(default_factory=list)
     tail_jumps: list[int] = field(default_factory=list)
+    # (address, target) of the direct jmps followed inside the function (tail-call candidates).
+    direct_jumps: list[tuple[int, int]] = field(default_factory=list)
     called_imports: list[str] = field(default_factory=list)
     invalid: bool = False  # reached bytes that do not decode
     truncated: bool = False  # hit max_instructions_per_function

@@ -10,13 +10,15 @@ what changed, not to the size of the image. See docs/function-recovery.md.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
+import itertools
+import operator
+from collections.abc import Iterable
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from earmark.extract.disasm import KIND_JUMP, Instruction, InstructionDecoder
+from earmark.extract.disasm import Instruction, InstructionDecoder
 from earmark.extract.function_features import FunctionBody
 from earmark.extract.image import CodeImage
 
@@ -33,6 +35,8 @@ _PROLOGUE_TOKENS: Final = frozenset(
 # Function entry alignment gcc, clang, mingw and MSVC use for -O2 code (-falign-functions=16).
 FUNCTION_ALIGNMENT: Final = 16
 
+_SIZE_OF: Final = operator.attrgetter("size")
+
 # Owner value of an instruction that more than one function reaches by its own flow.
 SHARED_OWNER: Final = -1
 
@@ -41,7 +45,9 @@ class CodeCoverage:
     """Which code bytes recovered functions cover, and who owns each instruction.
 
     Coverage only grows: when a function is re-explored and cut at a start found inside it,
-    the bytes it loses belong to the function at that start, so they stay covered.
+    the bytes it loses belong to the function at that start, so they stay covered. Bytes are
+    marked lazily, in one numpy pass over all functions added since the last query, because
+    marking instruction by instruction in Python cost as much as decoding them.
     """
 
     def __init__(self, decoder: InstructionDecoder) -> None:
@@ -49,10 +55,11 @@ class CodeCoverage:
             (s for s in decoder.image.segments if s.executable), key=lambda s: s.virtual_address
         )
         self._bases = [segment.virtual_address for segment in code]
-        self._maps = [bytearray(len(segment.data)) for segment in code]
+        self._maps = [np.zeros(len(segment.data), dtype=bool) for segment in code]
         # Address of an instruction -> start of the function that reaches it (SHARED_OWNER
         # when several do).
         self.owners: dict[int, int] = {}
+        self._pending: list[FunctionBody] = []
         self._extent_ends: dict[int, int] = {}  # function start -> end of its last byte
         self._sorted_extents: list[tuple[int, int]] | None = None
         self._extent_starts: list[int] = []
@@ -60,29 +67,16 @@ class CodeCoverage:
     def add(self, body: FunctionBody) -> None:
         start = body.start
         owners = self.owners
-        bases = self._bases
-        maps = self._maps
-        end = start
-        index = bisect.bisect_right(bases, start) - 1
-        coverage = maps[index] if index >= 0 else bytearray()
-        base = bases[index] if index >= 0 else 0
-        for address, instruction in body.instructions.items():
-            previous = owners.get(address)
-            if previous is None:
-                owners[address] = start
-            elif previous != start:
+        instructions = body.instructions
+        # Set operations and dict.update run in C; only addresses two functions share (a few
+        # per cent) are looked at one by one.
+        common = owners.keys() & instructions.keys()
+        previous = [(address, owners[address]) for address in common]
+        owners.update(dict.fromkeys(instructions, start))
+        for address, owner in previous:
+            if owner != start:
                 owners[address] = SHARED_OWNER
-            size = instruction.size
-            offset = address - base
-            if not 0 <= offset < len(coverage) - size + 1:  # another segment (rare)
-                other = bisect.bisect_right(bases, address) - 1
-                coverage, base = maps[other], bases[other]
-                offset = address - base
-            coverage[offset : offset + size] = b"\x01" * size
-            if address + size > end:
-                end = address + size
-        self._extent_ends[start] = end
-        self._sorted_extents = None
+        self._pending.append(body)
 
     def remove(self, body: FunctionBody) -> None:
         """Forget ``body``'s ownership (before replacing it with a re-explored version)."""
@@ -91,39 +85,76 @@ class CodeCoverage:
         for address in body.instructions:
             if owners.get(address) == start:
                 del owners[address]
-        self._extent_ends.pop(start, None)
-        self._sorted_extents = None
+
+    def _flush(self) -> None:
+        """Mark the bytes of the functions added since the last query."""
+        pending, self._pending = self._pending, []
+        counts = [len(body.instructions) for body in pending]
+        total = sum(counts)
+        addresses = np.fromiter(
+            itertools.chain.from_iterable(body.instructions for body in pending),
+            dtype=np.int64,
+            count=total,
+        )
+        sizes = np.fromiter(
+            itertools.chain.from_iterable(
+                map(_SIZE_OF, body.instructions.values()) for body in pending
+            ),
+            dtype=np.int64,
+            count=total,
+        )
+        ends = addresses + sizes
+        if total:
+            offsets = np.concatenate(([0], np.cumsum(counts[:-1]))).astype(np.int64)
+            furthest = np.maximum.reduceat(ends, offsets).tolist()
+            for body, end in zip(pending, furthest, strict=True):
+                self._extent_ends[body.start] = end  # a re-explored body replaces its old end
+            self._sorted_extents = None
+        for base, coverage in zip(self._bases, self._maps, strict=True):
+            inside = (addresses >= base) & (addresses < base + len(coverage))
+            if not inside.any():
+                continue
+            lows = addresses[inside] - base
+            highs = np.minimum(ends[inside] - base, len(coverage))
+            first, last = int(lows.min()), int(highs.max())
+            # +1 at each instruction's first byte, -1 after its last: a running sum above
+            # zero is a covered byte.
+            depth = np.bincount(lows - first, minlength=last - first + 1)
+            depth -= np.bincount(highs - first, minlength=last - first + 1)
+            coverage[first:last] |= np.cumsum(depth[:-1]) > 0
 
     def covered(self, address: int) -> bool:
+        if self._pending:
+            self._flush()
         index = bisect.bisect_right(self._bases, address) - 1
         if index < 0:
             return False
         offset = address - self._bases[index]
         coverage = self._maps[index]
-        return offset < len(coverage) and coverage[offset] == 1
+        return offset < len(coverage) and bool(coverage[offset])
 
     def inside_extent(self, address: int) -> bool:
         """True when ``address`` lies between some function's start and its furthest byte."""
+        if self._pending:
+            self._flush()
         if self._sorted_extents is None:
             self._sorted_extents = sorted(self._extent_ends.items())
             self._extent_starts = [start for start, _end in self._sorted_extents]
         index = bisect.bisect_right(self._extent_starts, address) - 1
         return index >= 0 and address < self._sorted_extents[index][1]
 
-    def gaps(self) -> Iterator[tuple[int, int]]:
+    def gaps(self) -> list[tuple[int, int]]:
         """Maximal uncovered ranges of the executable segments, in address order."""
+        if self._pending:
+            self._flush()
+        found: list[tuple[int, int]] = []
         for base, coverage in zip(self._bases, self._maps, strict=True):
-            position = 0
-            size = len(coverage)
-            while position < size:
-                low = coverage.find(0, position)
-                if low < 0:
-                    break
-                high = coverage.find(1, low)
-                if high < 0:
-                    high = size
-                yield base + low, base + high
-                position = high
+            uncovered = np.concatenate(([0], (~coverage).view(np.int8), [0]))
+            edges = np.diff(uncovered)
+            lows = (np.flatnonzero(edges == 1) + base).tolist()
+            highs = (np.flatnonzero(edges == -1) + base).tolist()
+            found.extend(zip(lows, highs, strict=True))
+        return found
 
 
 def tail_call_targets(
@@ -133,20 +164,15 @@ def tail_call_targets(
     found: list[int] = []
     owners = coverage.owners
     for body in bodies:
-        for address, successors in body.successors.items():
-            if len(successors) != 1:
-                continue
-            jump = body.instructions[address]
-            if jump.kind != KIND_JUMP or jump.target is None:
-                continue
-            low, high = (address, jump.target) if address < jump.target else (jump.target, address)
-            first = bisect.bisect_right(starts, low)
+        for address, target in body.direct_jumps:
             # A target another function reaches by its own flow is a shared tail or a cold
             # fragment jumping home, not a function entry.
-            if owners.get(jump.target, body.start) != body.start:
+            if owners.get(target, body.start) != body.start:
                 continue
+            low, high = (address, target) if address < target else (target, address)
+            first = bisect.bisect_right(starts, low)
             if first < len(starts) and starts[first] <= high:
-                found.append(jump.target)
+                found.append(target)
     return found
 
 

@@ -181,6 +181,7 @@ class FunctionRecovery:
 
     def explore(self, start: int, source: str) -> FunctionBody:
         decoder = self.decoder
+        decoded = decoder.decoded.get  # inline cache hit: skips a method call per instruction
         known = self.sources
         body = FunctionBody(start, source)
         instructions = body.instructions
@@ -201,7 +202,7 @@ class FunctionRecovery:
                     body.truncated = True
                     pending.clear()
                     break
-                instruction = decoder.decode(address)
+                instruction = decoded(address) or decoder.decode(address)
                 if instruction is None:
                     body.invalid = True
                     break
@@ -270,6 +271,7 @@ class FunctionRecovery:
                 return
             body.leaders.add(target)
             body.successors[jump.address] = (target,)
+            body.direct_jumps.append((jump.address, target))
             pending.append(target)
             return
         if jump.memory_address is not None:
