@@ -10,8 +10,11 @@ Import thunks (``jmp [IAT]``, PLT stubs) are not functions: calls to them become
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Final
 
 from earmark.config import Limits
@@ -420,8 +423,27 @@ def recover_functions(
     Returns (functions, warnings); raises AnalysisTimeoutError once ``time.monotonic()``
     passes ``deadline`` (checked between functions).
     """
-    recovery = FunctionRecovery(image, limits, deadline)
-    bodies = recovery.run()
-    names = {symbol.address: symbol.name for symbol in image.symbol_functions}
-    functions = build_features(bodies, recovery.decoder, names, recovery.check_deadline)
+    with _cyclic_collector_paused():
+        recovery = FunctionRecovery(image, limits, deadline)
+        bodies = recovery.run()
+        names = {symbol.address: symbol.name for symbol in image.symbol_functions}
+        functions = build_features(bodies, recovery.decoder, names, recovery.check_deadline)
     return functions, tuple(recovery.warnings)
+
+
+@contextmanager
+def _cyclic_collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while recovery allocates.
+
+    Recovery allocates a few tuples per decoded instruction (10^5..10^6 live objects), none of
+    them in reference cycles, and each allocation burst triggered generation scans over all of
+    them: measured 30-35 % of recovery time on corpus DLLs. Reference counting still frees
+    everything; the collector is switched back on (if it was on) when recovery ends.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
