@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fixtures.build import FixtureBuilder  # noqa: E402
+from fixtures.build import FixtureBuilder
 
 
 @pytest.fixture(scope="session")
