@@ -124,3 +124,17 @@ def test_earmark_demo_runs_as_a_real_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "query alpha-v3" in result.stdout and "verdict: Group A" in result.stdout
     assert "query delta" in result.stdout and "verdict: no known actor" in result.stdout
+
+
+def test_attribute_iocs_without_a_sample_keeps_the_contract(database: str, tmp_path: Path) -> None:
+    iocs = tmp_path / "incident.txt"
+    iocs.write_text("C2 at update-check.example-cdn.net and 203.0.113.77\n")
+    result = CliRunner().invoke(
+        cli, ["attribute", "--db", database, "--iocs", str(iocs), "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["sha256"] is None
+    assert document["query"]["indicator_count"] >= 1
+    assert all(item["kind"] == "infrastructure" for item in document["evidence"])
+    assert document["verdict"]["actor"] is None  # the KB has no intel to link them to

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Final
 
 from earmark.correlate.code import find_code_evidence
 from earmark.demo_build import DemoBinary, Target, build_demo_corpus
@@ -75,8 +75,6 @@ MAX_EVIDENCE_ITEMS: Final = 200
 FEATURES_SUFFIX: Final = ".emf"
 _SHA256: Final = re.compile(r"^[0-9a-fA-F]{64}$")
 
-InfrastructureEvidence = Callable[[Store, Sequence[Indicator], date | None], list[Evidence]]
-SampleIndicators = Callable[[SampleFeatures], list[Indicator]]
 
 
 @dataclass
@@ -140,36 +138,31 @@ def load_query(kb: KnowledgeBase, sample: str | Path) -> SampleFeatures:
     raise UsageError(f"{text}: no such file, and not a sha256 of a stored sample")
 
 
-def _intel_hook(name: str) -> Any:
-    """A function of ``earmark.intel_ops`` if that module provides it (it is built in parallel;
-    attribution works on code alone without it). Imported on first use: it loads the intel
-    importers, which code-only attribution does not need."""
-    from earmark import intel_ops
-
-    return getattr(intel_ops, name, None)
-
-
 def _infrastructure_evidence(
-    kb: KnowledgeBase, indicators: Sequence[Indicator], at: date | None
+    kb: KnowledgeBase,
+    indicators: Sequence[Indicator],
+    at: date | None,
+    exclude_sha256: str | None = None,
 ) -> list[Evidence]:
-    producer = cast(InfrastructureEvidence | None, _intel_hook("infrastructure_evidence"))
-    if producer is None or not indicators:
+    if not indicators:
         return []
-    return list(producer(kb.store, indicators, at))
+    # Imported on first use: it loads the intel importers, which code-only work does not need.
+    from earmark.intel_ops import infrastructure_evidence
+
+    return infrastructure_evidence(kb.store, indicators, at, exclude_sha256=exclude_sha256)
 
 
 def _sample_indicators(features: SampleFeatures) -> list[Indicator]:
-    extractor = cast(SampleIndicators | None, _intel_hook("indicators_for_sample"))
-    return [] if extractor is None else list(extractor(features))
+    from earmark.intel_ops import indicators_for_sample
+
+    return indicators_for_sample(features)
 
 
 def read_ioc_file(path: Path) -> tuple[list[Indicator], date | None]:
-    """Indicators of an incident from an IOC file (needs ``earmark.intel_ops``)."""
-    reader = _intel_hook("indicators_from_ioc_file")
-    if reader is None:
-        raise UsageError("attributing IOC files needs the intel module, not installed here")
-    indicators, when = reader(path)
-    return list(indicators), when
+    """Indicators of an incident from an IOC file (STIX, MISP, CSV/TXT, report text)."""
+    from earmark.intel_ops import indicators_from_ioc_file
+
+    return indicators_from_ioc_file(path)
 
 
 def _kb_info(kb: KnowledgeBase) -> KnowledgeBaseInfo:
@@ -223,7 +216,8 @@ def attribute_sample(
         raise UsageError(f"--top must be at least 1, not {top}")
     code = find_code_evidence(kb.store, kb.index(), kb.samples(), features, top_k=DEFAULT_TOP_K)
     indicators = [*_sample_indicators(features), *extra_indicators]
-    evidence = [*code.evidence, *_infrastructure_evidence(kb, indicators, at)]
+    infrastructure = _infrastructure_evidence(kb, indicators, at, features.sha256)
+    evidence = [*code.evidence, *infrastructure]
     query = QueryInfo(
         name=name or features.sha256,
         format=features.format,
