@@ -410,16 +410,31 @@ SUMMARY_HEADERS = (
 COVERAGE_HEADERS = ("build", "engine", "status", "starts found", "truth recall", "analysis s")
 
 
+def source_revision() -> str:
+    """The project commit the numbers belong to ("+dirty" when the work tree has changes)."""
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty=+dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parent,
+    )
+    return described.stdout.strip() or "unknown"
+
+
 def render_section(
     command: str,
     rows: Sequence[Sequence[object]],
     coverage: Sequence[Sequence[object]],
     seconds: float,
+    jobs: int,
 ) -> str:
     notes = [
         SECTION_TITLE,
         "",
-        f"Command: `{command}` (wall {seconds:.0f} s). Produced by `bench/function_search.py`;",
+        f"Command: `{command}` (wall {seconds:.0f} s, {jobs} processes,",
+        f"commit {source_revision()}).",
+        "Produced by `bench/function_search.py`;",
         f"functions of at least {MIN_FUNCTION_BYTES} bytes in both builds, start-up stubs and gcc",
         "`.cold`/`.part` fragments excluded; queries and pool limited to starts every engine",
         f"recovered; 1+{WRONG_CANDIDATES} candidates drawn with seed {SEED};",
@@ -495,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             list(argv if argv is not None else sys.argv[1:])
         )
         update_document(
-            args.update_doc, render_section(command.strip(), rows, coverage, watch.wall)
+            args.update_doc, render_section(command.strip(), rows, coverage, watch.wall, args.jobs)
         )
     return 0
 
