@@ -424,10 +424,19 @@ def recover_functions(
     passes ``deadline`` (checked between functions).
     """
     with _cyclic_collector_paused():
-        recovery = FunctionRecovery(image, limits, deadline)
-        bodies = recovery.run()
-        names = {symbol.address: symbol.name for symbol in image.symbol_functions}
-        functions = build_features(bodies, recovery.decoder, names, recovery.check_deadline)
+        return _recover_and_describe(image, limits, deadline)
+
+
+def _recover_and_describe(
+    image: CodeImage, limits: Limits, deadline: float
+) -> tuple[tuple[FunctionFeatures, ...], tuple[str, ...]]:
+    # A function of its own so that the decoder cache and the bodies are freed (by reference
+    # counting) when it returns, before the cyclic collector is switched back on: otherwise
+    # its first run would walk all of them once more.
+    recovery = FunctionRecovery(image, limits, deadline)
+    bodies = recovery.run()
+    names = {symbol.address: symbol.name for symbol in image.symbol_functions}
+    functions = build_features(bodies, recovery.decoder, names, recovery.check_deadline)
     return functions, tuple(recovery.warnings)
 
 
