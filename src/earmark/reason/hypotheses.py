@@ -196,8 +196,10 @@ def decide_verdict(hypotheses: Sequence[Hypothesis]) -> Verdict:
     if links:
         best = links[0]
         summary += (
-            f"; shares code with {best.actor} ({best.rare_function_count} rare functions, "
-            f"score {best.score:.2f}): reuse or a link, not authorship"
+            f"; linked to {best.actor} by shared rare code ({best.rare_function_count} rare "
+            f"functions, link score {best.score:.2f}): too little of the sample for authorship, "
+            "enough for a lead (code reuse or a shared developer); weigh tooling and "
+            "infrastructure evidence"
         )
     return Verdict(actor=None, family=None, score=0.0, summary=summary)
 
