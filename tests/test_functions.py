@@ -8,6 +8,14 @@ import pytest
 
 from earmark.config import DEFAULT_LIMITS, Limits
 from earmark.errors import AnalysisTimeoutError
+from earmark.extract.disasm import InstructionDecoder
+from earmark.extract.function_features import FunctionBody
+from earmark.extract.function_starts import (
+    SHARED_OWNER,
+    CodeCoverage,
+    data_code_pointers,
+    gap_prologue,
+)
 from earmark.extract.functions import recover_functions
 from earmark.extract.image import CodeImage, Segment
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
@@ -171,3 +179,66 @@ def test_entry_outside_code_is_ignored() -> None:
         image.arch, image.bits, image.image_base, image.segments, (0x10,), (), (0x999999,), ()
     )
     assert _recover(image) == ()
+
+
+def _body(decoder: InstructionDecoder, start: int, addresses: tuple[int, ...]) -> FunctionBody:
+    body = FunctionBody(start, "test")
+    for address in addresses:
+        instruction = decoder.decode(address)
+        assert instruction is not None
+        body.instructions[address] = instruction
+    return body
+
+
+def test_coverage_gaps_ownership_and_extents() -> None:
+    # 0x401000: push rbp; ret | 0x401002: int3 x2 | 0x401004: push rbp; ret | 0x401006: nop
+    image = _image(b"\x55\xc3\xcc\xcc\x55\xc3\x90")
+    decoder = InstructionDecoder(image)
+    coverage = CodeCoverage(decoder)
+    first = _body(decoder, 0x401000, (0x401000, 0x401001))
+    coverage.add(first)
+    assert coverage.covered(0x401001) and not coverage.covered(0x401002)
+    assert coverage.gaps() == [(0x401002, 0x401007)]
+    assert coverage.inside_extent(0x401001) and not coverage.inside_extent(0x401002)
+    second = _body(decoder, 0x401004, (0x401004, 0x401005))
+    coverage.add(second)
+    assert coverage.gaps() == [(0x401002, 0x401004), (0x401006, 0x401007)]
+    assert coverage.owners[0x401005] == 0x401004
+    # Another function flowing into the same ret: that instruction is shared from now on.
+    coverage.add(_body(decoder, 0x401005, (0x401005,)))
+    assert coverage.owners[0x401005] == SHARED_OWNER
+    coverage.remove(first)
+    assert 0x401000 not in coverage.owners
+    assert coverage.covered(0x401000)  # coverage only grows (see CodeCoverage)
+
+
+def test_code_pointers_in_data_are_found() -> None:
+    code = b"\xc3" * 32
+    table = (0x401010).to_bytes(8, "little") + (0x7777).to_bytes(8, "little")
+    image = CodeImage(
+        arch="x86_64",
+        bits=64,
+        image_base=0x400000,
+        segments=(
+            Segment(".text", 0x401000, code, True),
+            Segment(".rdata", 0x402000, table, False),
+        ),
+        entry_points=(0x401000,),
+        symbol_functions=(),
+        export_addresses=(),
+        exception_starts=(),
+    )
+    assert data_code_pointers(image) == [0x401010]
+    starts = {f.address: f.source for f in _recover(image)}
+    assert starts == {0x401000: "entry", 0x401010: "reference"}
+
+
+def test_gap_prologue_after_padding() -> None:
+    # ret; int3 padding up to 0x401010; then push rbp; mov rbp, rsp; ret
+    code = b"\xc3" + b"\xcc" * 15 + b"\x55\x48\x89\xe5\xc3"
+    image = _image(code)
+    decoder = InstructionDecoder(image)
+    coverage = CodeCoverage(decoder)
+    coverage.add(_body(decoder, 0x401000, (0x401000,)))
+    assert gap_prologue(decoder, 0x401001, 0x401015, coverage) == 0x401010
+    assert {f.address: f.source for f in _recover(image)}[0x401010] == "prologue"

@@ -15,6 +15,7 @@ from earmark.extract.minhash import (
     minhash_signature,
     minhash_signatures,
     shingle_hashes,
+    stream_minhash_signatures,
     token_id,
 )
 from earmark.model.sample import MINHASH_PERMUTATIONS
@@ -77,3 +78,23 @@ def test_shingles_cover_one_to_three_grams() -> None:
     stream = ("a", "b", "c", "d")
     assert len(shingle_hashes(stream)) == 4 + 3 + 2
     assert len(set(shingle_hashes(("x", "x", "x")).tolist())) == 3  # 1-, 2- and 3-gram of x
+
+
+_TOKENS = ("push r64", "mov r64,r64", "call addr", "ret", "xor r32,r32", "lea r64,m[addr]")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_TOKENS), max_size=12), max_size=20))
+def test_batched_stream_signatures_equal_one_stream_at_a_time(streams: list[list[str]]) -> None:
+    # The batch folds n-grams over all streams laid end to end; none may cross a boundary,
+    # and dropping repeated shingles must not change any minimum.
+    batched = stream_minhash_signatures(streams)
+    one_by_one = minhash_signatures([shingle_hashes(stream) for stream in streams])
+    assert batched.shape == (len(streams), MINHASH_PERMUTATIONS)
+    assert np.array_equal(batched, one_by_one)
+
+
+def test_empty_stream_gets_the_empty_signature() -> None:
+    signatures = stream_minhash_signatures([[], ["ret"]])
+    assert signatures[0].tolist() == [0xFFFFFFFF] * MINHASH_PERMUTATIONS
+    assert signatures[1].tolist() == minhash_signature(shingle_hashes(["ret"])).tolist()

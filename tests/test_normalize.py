@@ -115,3 +115,34 @@ def test_relocated_pe_functions_hash_equal(builder: FixtureBuilder) -> None:
     assert [f.address + shift for f in original] == [f.address for f in relocated]
     assert [f.exact_hash for f in original] == [f.exact_hash for f in relocated]
     assert [f.minhash for f in original] == [f.minhash for f in relocated]
+
+
+def test_decoding_from_inside_a_window_agrees_with_decoding_from_its_start() -> None:
+    # A window decoded from an earlier address caches the later instructions; asking for
+    # them first must give the same answer, and the cache must not change any field.
+    code = (
+        b"\x55"  # push rbp
+        b"\x48\x89\xe5"  # mov rbp, rsp
+        b"\x48\x8d\x05\x10\x00\x00\x00"  # lea rax, [rip + 0x10]
+        b"\xb8\x20\x83\xb8\xed"  # mov eax, 0xedb88320
+        b"\xe8\x00\x00\x00\x00"  # call next
+        b"\xc3"
+    )
+    image = _image(code, 0x400000, 64)
+    addresses = (0x401000, 0x401001, 0x401004, 0x40100B, 0x401010, 0x401015)
+    forward = InstructionDecoder(image)
+    backward = InstructionDecoder(image)
+    from_start = [forward.decode(address) for address in addresses]
+    from_end = [backward.decode(address) for address in reversed(addresses)][::-1]
+    assert from_start == from_end
+    lea, mov, call = from_start[2], from_start[3], from_start[4]
+    assert lea is not None and lea.memory_address == 0x40100B + 0x10
+    assert mov is not None and mov.large_immediates == (0xEDB88320,) and mov.token == "mov r32,imm"
+    assert call is not None and call.target == 0x401015 and call.token == "call addr"
+
+
+def test_undecodable_bytes_give_none() -> None:
+    image = _image(b"\x0f\x0b\x06", 0x400000, 64)  # ud2, then 06 (push es: invalid in 64-bit)
+    decoder = InstructionDecoder(image)
+    assert decoder.decode(0x401002) is None
+    assert decoder.decode(0x402000) is None  # not code
