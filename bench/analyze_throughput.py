@@ -293,12 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     projects = [p.strip() for p in args.projects.split(",")] if args.projects else None
     files = select_files(projects, args.limit, args.all)
     with_smda = not args.no_smda
-    if with_smda:
-        try:
-            run_smda(files[0].path) if files else None  # import + warm-up, not measured
-        except PeerUnavailableError as error:
-            print(f"SMDA unavailable ({error}); measuring earmark only", file=sys.stderr)
-            with_smda = False
+    if files:  # imports and first-use set-up of both engines, not measured
+        measure_earmark(files[0].path)
+        if with_smda:
+            try:
+                run_smda(files[0].path)
+            except PeerUnavailableError as error:
+                print(f"SMDA unavailable ({error}); measuring earmark only", file=sys.stderr)
+                with_smda = False
     command = "python -m bench.analyze_throughput " + shlex.join(list(argv or sys.argv[1:]))
     print(f"# {command}")
     print(f"# {len(files)} files, {sum(f.size for f in files) / MEGABYTE:.1f} MB")
