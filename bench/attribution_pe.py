@@ -1,0 +1,660 @@
+"""Attribution on the PE release corpus: earmark vs MCRIT on the same splits, in the same run.
+
+Settings (splits from bench/common.py, sha256-deduplicated before splitting):
+  (a) KB = every release but the newest of each project, queries = the newest release;
+  (b) KB = the oldest release only, queries = the newest release (years of compiler/code drift);
+  (c) KB = all project code, queries = whole third-party files (MSVC runtime DLLs, vendored
+      libraries): nobody wrote them, so no project may get a high score.
+Whole third-party files are never labelled as the project that shipped them (they are not its
+code). ``--goodware-third-party`` is a documented earmark-only variant that ingests the
+third-party files of the KB releases as goodware in (a)/(b); the default run does not.
+
+Each engine runs in its own child process per group of settings ((a) then (c) share one growing
+KB: (c)'s KB is (a)'s plus the newest releases), so the child's getrusage peak RSS belongs to one
+engine. The parent computes every metric with the same code for both engines.
+
+Usage:
+  python -m bench.attribution_pe [--settings a,b,c] [--projects lz4 regex ...]
+      [--limit-files N] [--max-file-mb MB] [--skip-mcrit] [--json OUT]
+      [--update-doc docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench.common import (
+    AttributionSplit,
+    CorpusFile,
+    Stopwatch,
+    lifetime_peak_rss_bytes,
+    load_release_corpus,
+    margin_true_vs_runner_up,
+    rank_outcome_from_ranking,
+    render_table,
+    split_all_but_newest,
+    split_oldest_only,
+    split_third_party_queries,
+    watch_peak_memory,
+)
+
+SECTION_TITLE = "## Attribution on the PE corpus"
+ENGINES = ("earmark", "mcrit")
+# Score from which an attribution of a third-party file counts as "high": 0.7 lies inside
+# ICD-203's "likely" band (55-80 %); earmark's own verdict threshold (0.5) is reported as well.
+HIGH_SCORE = 0.7
+VERDICT_SCORE = 0.5
+# Worker processes for earmark's ingest (the machine has 2 cores).
+EARMARK_INGEST_JOBS = 2
+# Hypotheses asked from earmark per query: more than the projects, so the ranking is complete.
+EARMARK_TOP_HYPOTHESES = 100
+UNKNOWN = "unknown"
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def _file_entry(corpus_file: CorpusFile, expected: str | None = None) -> dict[str, Any]:
+    return {
+        "path": str(corpus_file.path),
+        "project": corpus_file.project,
+        "version": corpus_file.version,
+        "size": corpus_file.size,
+        "expected": expected,
+    }
+
+
+def _limit(
+    files: Sequence[CorpusFile], per_release: int | None, max_bytes: int | None
+) -> list[CorpusFile]:
+    """At most ``per_release`` files per (project, release), smallest first; none > max_bytes."""
+    kept = [f for f in files if max_bytes is None or f.size <= max_bytes]
+    if per_release is None:
+        return kept
+    groups: dict[tuple[str, str], list[CorpusFile]] = {}
+    for corpus_file in sorted(kept, key=lambda f: (f.size, str(f.path))):
+        groups.setdefault((corpus_file.project, corpus_file.version), []).append(corpus_file)
+    return [f for group in groups.values() for f in group[:per_release]]
+
+
+def _restrict(split: AttributionSplit, args: argparse.Namespace) -> AttributionSplit:
+    max_bytes = int(args.max_file_mb * 1e6) if args.max_file_mb else None
+    kb = _limit(split.knowledge_base, args.limit_files, max_bytes)
+    queries = _limit(split.queries, args.limit_files, max_bytes)
+    return AttributionSplit(split.name, tuple(kb), tuple(queries))
+
+
+def build_groups(files: Sequence[CorpusFile], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Child-process plans: a list of phases, each adding KB files and then asking queries.
+
+    (a) and (c) share a group because (c)'s KB is (a)'s plus the newest releases.
+    """
+    settings = set(args.settings)
+    splits = {
+        "a": split_all_but_newest(files),
+        "b": split_oldest_only(files),
+        "c": split_third_party_queries(files),
+    }
+    splits = {key: _restrict(split, args) for key, split in splits.items()}
+    groups: list[dict[str, Any]] = []
+    for group in (("a", "c"), ("b",)):
+        phases, known = [], set[str]()
+        for key in group:
+            if key not in settings:
+                continue
+            split = splits[key]
+            added = [f for f in split.knowledge_base if f.sha256 not in known]
+            known.update(f.sha256 for f in added)
+            goodware = []
+            if args.goodware_third_party and key in ("a", "b"):
+                releases = {(f.project, f.version) for f in split.knowledge_base}
+                goodware = [
+                    _file_entry(f)
+                    for f in files
+                    if f.is_third_party and (f.project, f.version) in releases
+                ]
+            phases.append(
+                {
+                    "setting": key,
+                    "name": split.name,
+                    "kb_total": len(split.knowledge_base),
+                    "kb_projects": sorted({f.project for f in split.knowledge_base}),
+                    "add": [_file_entry(f) for f in added],
+                    "goodware": goodware,
+                    "queries": [_file_entry(q, split.expected(q)) for q in split.queries],
+                }
+            )
+        if phases:
+            groups.append({"name": "+".join(p["setting"] for p in phases), "phases": phases})
+    return groups
+
+
+# --------------------------------------------------------------------------- child: engines
+
+
+def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
+    from earmark.attribution import attribute_sample
+    from earmark.extract import analyze_file
+    from earmark.ingest import LabelTemplate, ingest_paths
+
+    by_project: dict[str, list[str]] = {}
+    for entry in phase["add"]:
+        by_project.setdefault(entry["project"], []).append(entry["path"])
+    functions_before = kb.store.stats().functions
+    failures: list[str] = []
+    with Stopwatch() as ingest_watch, watch_peak_memory() as ingest_memory:
+        for project, paths in sorted(by_project.items()):
+            template = LabelTemplate(actor=project, family=project, source="bench-pe")
+            summary = ingest_paths(kb.store, paths, template, jobs=EARMARK_INGEST_JOBS)
+            failures += [f"{o.name}: {o.error_type}" for o in summary.failures]
+        if phase["goodware"]:
+            summary = ingest_paths(
+                kb.store,
+                [e["path"] for e in phase["goodware"]],
+                LabelTemplate(goodware=True),
+                jobs=EARMARK_INGEST_JOBS,
+            )
+            failures += [f"{o.name}: {o.error_type}" for o in summary.failures]
+    with Stopwatch() as build_watch:
+        index = kb.index()
+    stats = kb.store.stats()
+    queries = []
+    with watch_peak_memory() as query_memory:
+        for entry in phase["queries"]:
+            with Stopwatch() as analysis_watch:
+                features = analyze_file(Path(entry["path"]))
+            with Stopwatch() as match_watch:
+                case = attribute_sample(kb, features, top=EARMARK_TOP_HYPOTHESES)
+            families = [h for h in case.hypotheses if h.family is not None]
+            queries.append(
+                {
+                    **entry,
+                    "status": "ok",
+                    "scores": {h.family: h.score for h in families},
+                    "function_count": len(features.functions),
+                    "analysis_seconds": analysis_watch.wall,
+                    "match_seconds": match_watch.wall,
+                    "detail": {
+                        "verdict": case.verdict.summary,
+                        "verdict_actor": case.verdict.actor,
+                        "looked_up": case.query.looked_up_functions,
+                        "library": case.query.library_functions,
+                        "distinctive": case.query.distinctive_functions,
+                        "top": [
+                            {
+                                "family": h.family,
+                                "score": round(h.score, 4),
+                                "relation": h.relation,
+                                "coverage": h.coverage,
+                                "rare": h.rare_function_count,
+                                "evidence": h.evidence_count,
+                            }
+                            for h in families[:3]
+                        ],
+                    },
+                }
+            )
+    return {
+        "index": {
+            "files": len(phase["add"]) + len(phase["goodware"]),
+            "functions_added": stats.functions - functions_before,
+            "functions_total": stats.functions,
+            "indexed_functions": len(index),
+            "wall_seconds": ingest_watch.wall + build_watch.wall,
+            "ingest_seconds": ingest_watch.wall,
+            "build_seconds": build_watch.wall,
+            "peak_rss_bytes": ingest_memory.peak_bytes,
+            "failures": failures,
+        },
+        "query_peak_rss_bytes": query_memory.peak_bytes,
+        "queries": queries,
+    }
+
+
+def _mcrit_phase(mcrit: Any, phase: dict[str, Any]) -> dict[str, Any]:
+    start = len(mcrit.indexed)
+    with Stopwatch() as watch, watch_peak_memory() as memory:
+        for entry in phase["add"]:
+            mcrit.add_file(Path(entry["path"]), family=entry["project"], version=entry["version"])
+    added = mcrit.indexed[start:]
+    queries = []
+    with watch_peak_memory() as query_memory:
+        for entry in phase["queries"]:
+            result = mcrit.query_file(Path(entry["path"]))
+            queries.append(
+                {
+                    **entry,
+                    "status": result.status,
+                    "scores": result.scores(),
+                    "function_count": result.function_count,
+                    "analysis_seconds": result.disassembly_seconds,
+                    "match_seconds": result.matching_seconds,
+                    "detail": {},
+                }
+            )
+    return {
+        "index": {
+            "files": len(added),
+            "functions_added": sum(i.function_count for i in added),
+            "functions_total": sum(i.function_count for i in mcrit.indexed),
+            "indexed_functions": sum(i.minhashed_count for i in mcrit.indexed),
+            "wall_seconds": watch.wall,
+            "ingest_seconds": watch.wall,
+            "build_seconds": sum(i.indexing_seconds for i in added),
+            "peak_rss_bytes": memory.peak_bytes,
+            "failures": [str(i.path) for i in added if i.status == "error"],
+        },
+        "query_peak_rss_bytes": query_memory.peak_bytes,
+        "queries": queries,
+    }
+
+
+def run_child(engine: str, plan_path: Path, out_path: Path) -> None:
+    """Run one engine over one group of phases; write its raw results as JSON."""
+    import resource
+
+    group = json.loads(plan_path.read_text(encoding="utf-8"))
+    phases_out = []
+    with tempfile.TemporaryDirectory(prefix="earmark-bench-pe-") as temporary:
+        if engine == "earmark":
+            from earmark.attribution import open_knowledge_base
+
+            with open_knowledge_base(str(Path(temporary) / "kb.db")) as kb:
+                for phase in group["phases"]:
+                    phases_out.append({"setting": phase["setting"], **_earmark_phase(kb, phase)})
+        else:
+            from bench.peers.mcrit_peer import McritInProcess
+
+            # SMDA logs every AVX-512 mnemonic it cannot escape at ERROR level, thousands per file.
+            logging.getLogger("smda").setLevel(logging.CRITICAL)
+            mcrit = McritInProcess()
+            for phase in group["phases"]:
+                phases_out.append({"setting": phase["setting"], **_mcrit_phase(mcrit, phase)})
+    result = {
+        "engine": engine,
+        "phases": phases_out,
+        "peak_rss_bytes": lifetime_peak_rss_bytes(),
+        # ingest workers of earmark (largest one); getrusage gives the max over waited children
+        "peak_child_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    }
+    out_path.write_text(json.dumps(result), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- parent: metrics
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _query_metrics(query: dict[str, Any], universe: Sequence[str]) -> dict[str, Any]:
+    scores: dict[str, float] = query["scores"]
+    ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+    predicted = ranked[0][0] if ranked and ranked[0][1] > 0 else UNKNOWN
+    top_score = ranked[0][1] if ranked else 0.0
+    truth = query["expected"]
+    metrics: dict[str, Any] = {
+        "file": f"{query['project']}/{query['version']}/{Path(query['path']).name}",
+        "project": query["project"],
+        "predicted": predicted,
+        "top_score": top_score,
+    }
+    if truth is not None:
+        outcome = rank_outcome_from_ranking(scores, truth, universe)
+        metrics.update(
+            hit=outcome.expected_hit_at(1),
+            reciprocal_rank=outcome.expected_reciprocal_rank(),
+            true_score=scores.get(truth, 0.0),
+            margin=margin_true_vs_runner_up(scores, truth),
+        )
+    return metrics
+
+
+def _per_project_mean(rows: Sequence[dict[str, Any]], key: str) -> float:
+    by_project: dict[str, list[float]] = {}
+    for row in rows:
+        by_project.setdefault(row["project"], []).append(row[key])
+    return (
+        float(np.mean([np.mean(values) for values in by_project.values()]))
+        if by_project
+        else float("nan")
+    )
+
+
+def summarise(
+    engine_result: dict[str, Any], phase_plan: dict[str, Any], setting_phase: dict[str, Any]
+) -> dict[str, Any]:
+    """Metrics of one engine in one setting (project-weighted means and per-file rows)."""
+    universe = phase_plan["kb_projects"]
+    rows = [_query_metrics(q, universe) | {"query": q} for q in setting_phase["queries"]]
+    total = [q["analysis_seconds"] + q["match_seconds"] for q in setting_phase["queries"]]
+    match = [q["match_seconds"] for q in setting_phase["queries"]]
+    index = setting_phase["index"]
+    summary: dict[str, Any] = {
+        "engine": engine_result["engine"],
+        "setting": setting_phase["setting"],
+        "queries": len(rows),
+        "index": index,
+        "functions_per_second": index["functions_added"] / index["wall_seconds"]
+        if index["wall_seconds"]
+        else float("nan"),
+        "latency_total": {
+            "mean": float(np.mean(total)) if total else float("nan"),
+            "p50": _percentile(total, 50),
+            "p95": _percentile(total, 95),
+        },
+        "latency_match": {
+            "mean": float(np.mean(match)) if match else float("nan"),
+            "p50": _percentile(match, 50),
+            "p95": _percentile(match, 95),
+        },
+        "peak_rss_bytes": engine_result["peak_rss_bytes"],
+        "phase_peak_rss_bytes": max(index["peak_rss_bytes"], setting_phase["query_peak_rss_bytes"]),
+        "rows": rows,
+    }
+    labelled = [r for r in rows if "hit" in r]
+    if labelled:
+        summary.update(
+            top1=_per_project_mean(labelled, "hit"),
+            top1_files=float(np.mean([r["hit"] for r in labelled])),
+            mrr=_per_project_mean(labelled, "reciprocal_rank"),
+            margin_mean=_per_project_mean(labelled, "margin"),
+            margin_median=float(np.median([r["margin"] for r in labelled])),
+            margin_min=float(min(r["margin"] for r in labelled)),
+        )
+    else:
+        summary.update(
+            max_score=max((r["top_score"] for r in rows), default=0.0),
+            high=sum(1 for r in rows if r["top_score"] >= HIGH_SCORE),
+            verdict_level=sum(1 for r in rows if r["top_score"] >= VERDICT_SCORE),
+        )
+    return summary
+
+
+# --------------------------------------------------------------------------- parent: run, print
+
+
+def run_engine(engine: str, group: dict[str, Any], work: Path) -> dict[str, Any]:
+    plan = work / f"plan-{group['name']}.json"
+    out = work / f"{engine}-{group['name']}.json"
+    plan.write_text(json.dumps(group), encoding="utf-8")
+    command = [sys.executable, "-m", "bench.attribution_pe", "--child", engine, str(plan), str(out)]
+    with Stopwatch() as watch:
+        subprocess.run(command, check=True)
+    result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    result["child_wall_seconds"] = watch.wall
+    return result
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:.0f}"
+
+
+def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
+    blocks = []
+    attributed = [s for s in summaries if "top1" in s]
+    if attributed:
+        rows = [
+            [
+                s["setting"],
+                s["engine"],
+                s["queries"],
+                s["top1"],
+                s["top1_files"],
+                s["mrr"],
+                s["margin_mean"],
+                s["margin_median"],
+                s["margin_min"],
+            ]
+            for s in attributed
+        ]
+        blocks.append(
+            render_table(
+                [
+                    "setting",
+                    "engine",
+                    "queries",
+                    "top-1 (per project)",
+                    "top-1 (per file)",
+                    "MRR",
+                    "margin mean",
+                    "margin median",
+                    "margin min",
+                ],
+                rows,
+                markdown,
+            )
+        )
+    third_party = [s for s in summaries if "max_score" in s]
+    if third_party:
+        rows = [
+            [s["setting"], s["engine"], s["queries"], s["max_score"], s["high"], s["verdict_level"]]
+            for s in third_party
+        ]
+        blocks.append(
+            render_table(
+                [
+                    "setting",
+                    "engine",
+                    "third-party queries",
+                    "max score any project",
+                    f"files ≥ {HIGH_SCORE} (high)",
+                    f"files ≥ {VERDICT_SCORE}",
+                ],
+                rows,
+                markdown,
+            )
+        )
+    rows = [
+        [
+            s["setting"],
+            s["engine"],
+            s["index"]["files"],
+            s["index"]["functions_added"],
+            s["index"]["wall_seconds"],
+            s["functions_per_second"],
+            s["index"]["build_seconds"],
+            s["latency_total"]["mean"],
+            s["latency_total"]["p50"],
+            s["latency_total"]["p95"],
+            s["latency_match"]["mean"],
+            s["latency_match"]["p95"],
+            _mb(s["phase_peak_rss_bytes"]),
+            _mb(s["peak_rss_bytes"]),
+        ]
+        for s in summaries
+    ]
+    blocks.append(
+        render_table(
+            [
+                "setting",
+                "engine",
+                "KB files added",
+                "functions added",
+                "index wall s",
+                "functions/s",
+                "index build s",
+                "query s mean",
+                "p50",
+                "p95",
+                "query s w/o analysis mean",
+                "p95",
+                "phase peak RSS MB",
+                "process peak RSS MB",
+            ],
+            rows,
+            markdown,
+        )
+    )
+    return "\n\n".join(blocks)
+
+
+def render_per_file(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
+    """One row per (setting, query file): both engines side by side."""
+    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for summary in summaries:
+        for row in summary["rows"]:
+            by_key.setdefault((summary["setting"], row["file"]), {})[summary["engine"]] = row
+    rows = []
+    for (setting, file), engines in sorted(by_key.items()):
+        cells: list[object] = [setting, file]
+        for engine in ENGINES:
+            row = engines.get(engine)
+            if row is None:
+                cells += ["-", "-", "-"]
+                continue
+            margin = row.get("margin")
+            cells += [
+                row["predicted"],
+                round(row["top_score"], 3),
+                "-" if margin is None else round(margin, 3),
+            ]
+        cells.append(next(iter(engines.values()))["query"]["function_count"])
+        rows.append(cells)
+    return render_table(
+        [
+            "setting",
+            "query file",
+            "earmark top",
+            "score",
+            "margin",
+            "MCRIT top",
+            "score",
+            "margin",
+            "functions (first engine)",
+        ],
+        rows,
+        markdown,
+    )
+
+
+def explain_failures(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """earmark's misses (wrong top-1, or a high score on third-party code) with the evidence."""
+    lines = []
+    for summary in summaries:
+        if summary["engine"] != "earmark":
+            continue
+        for row in summary["rows"]:
+            wrong = row.get("hit", 1.0) < 1.0 or (
+                "hit" not in row and row["top_score"] >= HIGH_SCORE
+            )
+            if not wrong:
+                continue
+            detail = row["query"]["detail"]
+            top = (
+                ", ".join(
+                    f"{h['family']} {h['score']:.2f} ({h['relation']}, coverage {h['coverage']}, "
+                    f"{h['rare']} rare fn)"
+                    for h in detail.get("top", [])
+                )
+                or "no hypothesis"
+            )
+            lines.append(
+                f"- ({summary['setting']}) {row['file']}: "
+                f"{row['query']['function_count']} functions, "
+                f"{detail.get('looked_up')} looked up, {detail.get('library')} library-like, "
+                f"{detail.get('distinctive')} distinctive; hypotheses: {top}; "
+                f"verdict: {detail.get('verdict')}"
+            )
+    return lines
+
+
+def update_doc(doc: Path, body: str) -> None:
+    """Replace (or append) only this benchmark's section of the shared benchmarks document."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    start = text.find(SECTION_TITLE + "\n")
+    section = f"{SECTION_TITLE}\n\n{body.strip()}\n"
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        following = text.find("\n## ", start + len(SECTION_TITLE))
+        text = text[:start] + section + ("" if following < 0 else text[following:])
+    doc.write_text(text, encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--child", nargs=3, metavar=("ENGINE", "PLAN", "OUT"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--settings", default="a,b,c", type=lambda text: text.split(","))
+    parser.add_argument("--projects", nargs="*", help="only these projects (default: all)")
+    parser.add_argument(
+        "--limit-files", type=int, help="at most N files per project release (smallest first)"
+    )
+    parser.add_argument("--max-file-mb", type=float, help="leave out files larger than this")
+    parser.add_argument("--skip-mcrit", action="store_true")
+    parser.add_argument(
+        "--goodware-third-party",
+        action="store_true",
+        help="earmark-only variant: ingest KB releases' third-party files as goodware",
+    )
+    parser.add_argument("--json", type=Path, help="write every result (per file too) here")
+    parser.add_argument("--update-doc", type=Path, help=f"rewrite '{SECTION_TITLE}' in this file")
+    args = parser.parse_args(argv)
+    if args.child:
+        engine, plan, out = args.child
+        run_child(engine, Path(plan), Path(out))
+        return 0
+    unknown = set(args.settings) - {"a", "b", "c"}
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; use a, b, c")
+    files = load_release_corpus("pe")
+    if args.projects:
+        files = [f for f in files if f.project in set(args.projects)]
+    groups = build_groups(files, args)
+    engines = ["earmark"] if args.skip_mcrit else list(ENGINES)
+    summaries: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-attribution-pe-") as temporary:
+        for group in groups:
+            for engine in engines:
+                print(f"[{engine}] settings {group['name']} ...", file=sys.stderr, flush=True)
+                result = run_engine(engine, group, Path(temporary))
+                raw.append(result)
+                for phase_plan, phase in zip(group["phases"], result["phases"], strict=True):
+                    summaries.append(summarise(result, phase_plan, phase))
+    summaries.sort(key=lambda s: (s["setting"], ENGINES.index(s["engine"])))
+    print(render_results(summaries, markdown=False))
+    print()
+    print(render_per_file(summaries, markdown=False))
+    failures = explain_failures(summaries)
+    if failures:
+        print("\nearmark misses:\n" + "\n".join(failures))
+    command = "python -m bench.attribution_pe " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"command": command, "summaries": summaries, "groups": groups, "raw": raw}, indent=1
+            ),
+            encoding="utf-8",
+        )
+    if args.update_doc:
+        body = "\n\n".join(
+            [
+                f"Command: `{command.strip()}`",
+                render_results(summaries, markdown=True),
+                render_per_file(summaries, markdown=True),
+                ("earmark misses:\n\n" + "\n".join(failures))
+                if failures
+                else "earmark misses: none",
+            ]
+        )
+        update_doc(args.update_doc, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
