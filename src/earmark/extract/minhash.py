@@ -15,6 +15,7 @@ per object; batching is what makes it cheap for 10^4 functions per sample).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Sequence
 from typing import Final
 
@@ -31,9 +32,10 @@ NGRAM_SIZES: Final = (1, 2, 3)
 # (Dietzfelbinger et al., a universal family): the mod 2^64 is free uint64 wrap-around, which
 # measured ~8x faster in numpy than a prime modulus and gives the same Jaccard accuracy.
 
-# Shingles processed per numpy batch: an (N x 64) uint64 matrix of 2^18 rows is 128 MiB,
-# the most we want to hold at once while staying fast (larger batches gain nothing measurable).
-SHINGLES_PER_BATCH: Final = 1 << 18
+# Shingles processed per numpy batch. The (N x 64) uint64 matrix of a batch should stay in
+# the CPU caches. Measured on 16k corpus functions (1.1M tokens), whole batched signature:
+# 2^10..2^13 rows within noise (0.97-1.05 s), 2^14 1.5 s, 2^16 2.3 s, 2^18 (128 MiB) 4.0 s.
+SHINGLES_PER_BATCH: Final = 1 << 11
 
 _NGRAM_MULTIPLIER: Final = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime, folds ids into n-grams
 _MIX_MULTIPLIER: Final = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio mixing before truncation
@@ -120,8 +122,10 @@ def _grouped_signatures(
                 permuted += _COEFFICIENT_B
                 permuted >>= np.uint64(32)
             offsets = np.concatenate(([0], np.cumsum(batch_lengths[non_empty])[:-1]))
-            minima = np.minimum.reduceat(permuted.astype(np.uint32), offsets, axis=0)
-            result[start + non_empty] = minima
+            # Minima of the shifted 64-bit values, narrowed after the reduction: the same
+            # numbers as narrowing first, one pass over the big matrix fewer.
+            minima = np.minimum.reduceat(permuted, offsets, axis=0)
+            result[start + non_empty] = minima.astype(np.uint32)
         start = stop
     return result
 
@@ -141,8 +145,14 @@ def stream_minhash_signatures(
         return np.full((0, MINHASH_PERMUTATIONS), 0xFFFFFFFF, dtype=np.uint32)
     lengths = np.fromiter((len(s) for s in streams), dtype=np.int64, count=count)
     total = int(lengths.sum())
+    # New tokens get their ids first; then the lookups run as C-level map() over the
+    # chained streams (a Python generator here measured half of the whole function's time).
+    for token in set(itertools.chain.from_iterable(streams)).difference(_TOKEN_IDS):
+        token_id(token)
     ids = np.fromiter(
-        (token_id(token) for stream in streams for token in stream), dtype=np.uint64, count=total
+        map(_TOKEN_IDS.__getitem__, itertools.chain.from_iterable(streams)),
+        dtype=np.uint64,
+        count=total,
     )
     ends = np.cumsum(lengths)
     owner = np.repeat(np.arange(count, dtype=np.int64), lengths)
