@@ -1,22 +1,27 @@
 """Pairwise function similarity for re-ranking index matches and for ``earmark compare``.
 
 The index finds candidates by MinHash over instruction n-grams alone, which is fast but blind
-to what a function *references*: two unrelated 300-instruction functions full of loads and
-shifts can reach an estimated Jaccard of 0.5. ``function_similarity`` adds the features that
-change least between compilers and -O levels (DESIGN.md §5): distinctive constants, referenced
-strings, called imports, and the shape of the function (instructions, blocks, edges, calls) on a
-log scale. Each feature family counts only when one side has it, so two functions with no
-strings are neither helped nor hurt by strings; one side having strings the other lacks is
-evidence against the pair.
+to what survives a change of compiler or -O level (DESIGN.md §5). ``function_similarity`` is a
+weighted mean of feature families (docs/function-similarity.md has the measurements):
+- ``code``: MinHash Jaccard of the normalised instruction n-grams (1.0 for an equal exact hash);
+- ``robust``: MinHash Jaccard of the optimisation-robust stream (register moves, spills and frame
+  set-up dropped; ``FunctionFeatures.robust_minhash``), what -O0 and -O3 builds still share;
+- ``immediates``: small immediate operands (shift counts, compare bounds, masks);
+- ``constants``, ``strings``, ``imports``: distinctive constants, referenced strings and
+  called import names;
+- ``shape``: log2 of instructions, blocks, edges and calls, compared within a factor of 8.
+A set family counts only when one side has it, so two functions with no strings are neither
+helped nor hurt by strings; one side having strings the other lacks is evidence against the
+pair. The robust family counts when both sides carry the signature (features format >= 1.1).
 
 ``similarity_matrix`` is the batch form: MinHash agreement and shape in numpy broadcasts, the
-set features as sparse-free dense intersections over a shared vocabulary, in row chunks so memory
-stays bounded for samples with thousands of functions.
+set features as dense intersections over a shared vocabulary, in row chunks so memory stays
+bounded for samples with thousands of functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -25,15 +30,20 @@ import numpy.typing as npt
 
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
 
-# Weight of each feature family in the combined score. The instruction stream carries most of
-# the information at one -O level; references carry what survives across -O levels. Chosen so
-# that an exact stream match with agreeing references scores 1.0, and a 0.5 stream estimate with
-# disagreeing references (the zlib-vs-packet-framing false pair of the demo corpus) scores < 0.4.
-CODE_WEIGHT: Final = 0.45
-CONSTANTS_WEIGHT: Final = 0.15
-STRINGS_WEIGHT: Final = 0.15
-IMPORTS_WEIGHT: Final = 0.10
-SHAPE_WEIGHT: Final = 0.15
+# Weights of the feature families. Learnt on zlib alone (gcc and clang, O0:O3, O1:O3, O2:Os and
+# gcc-O2:clang-O2; coordinate search maximising mean Recall@1 in the 1+100 setting) and reported
+# on zstd and brotli, which were never used for tuning (docs/function-similarity.md). They sum to
+# 1: an exact stream match with agreeing references scores 1.0.
+CODE_WEIGHT: Final = 0.42
+ROBUST_WEIGHT: Final = 0.21
+IMMEDIATES_WEIGHT: Final = 0.105
+CONSTANTS_WEIGHT: Final = 0.03
+STRINGS_WEIGHT: Final = 0.10
+IMPORTS_WEIGHT: Final = 0.05
+# Shape components (instructions, blocks, edges, calls): the learnt search gave edges nothing
+# once blocks are counted, and calls little (inlining changes them between -O levels).
+SHAPE_COMPONENT_WEIGHTS: Final = (0.05, 0.025, 0.0, 0.01)
+SHAPE_WEIGHT: Final = sum(SHAPE_COMPONENT_WEIGHTS)
 
 # Two counts whose log2 differ by this much are considered unrelated in shape (a factor of 8:
 # -O0 vs -O3 of one function rarely differs by more than 3x in instructions, measured on the
@@ -44,7 +54,13 @@ SHAPE_LOG2_RANGE: Final = 3.0
 # chunk x candidates x 64 bytes of MinHash comparisons: 64 x 5,000 x 64 = 20 MB).
 MATRIX_CHUNK_ROWS: Final = 64
 
+# The MinHash of an empty stream: every slot keeps its initial maximum.
+_EMPTY_SLOT: Final = 0xFFFFFFFF
+
 FloatMatrix = npt.NDArray[np.float32]
+_SHAPE_COMPONENTS: Final = np.asarray(SHAPE_COMPONENT_WEIGHTS, dtype=np.float32) / np.float32(
+    SHAPE_WEIGHT
+)
 
 
 def _jaccard(first: frozenset[object], second: frozenset[object]) -> float | None:
@@ -66,7 +82,7 @@ def _shape_vector(function: FunctionFeatures) -> npt.NDArray[np.float32]:
 
 def _shape_similarity(first: npt.NDArray[np.float32], second: npt.NDArray[np.float32]) -> float:
     distance = np.abs(first - second) / SHAPE_LOG2_RANGE
-    return float(np.mean(np.clip(1.0 - distance, 0.0, 1.0)))
+    return float(np.clip(1.0 - distance, 0.0, 1.0) @ _SHAPE_COMPONENTS)
 
 
 def minhash_jaccard(first: FunctionFeatures, second: FunctionFeatures) -> float:
@@ -75,6 +91,33 @@ def minhash_jaccard(first: FunctionFeatures, second: FunctionFeatures) -> float:
         return 0.0
     agreeing = sum(1 for a, b in zip(first.minhash, second.minhash, strict=True) if a == b)
     return agreeing / len(first.minhash)
+
+
+def robust_jaccard(first: FunctionFeatures, second: FunctionFeatures) -> float | None:
+    """Estimated Jaccard of the optimisation-robust streams; None when a side predates the
+    signature (format < 1.1) or both streams are empty."""
+    if not first.robust_minhash or not second.robust_minhash:
+        return None
+    if first.robust_minhash[0] == second.robust_minhash[0] == _EMPTY_SLOT and all(
+        value == _EMPTY_SLOT for value in (*first.robust_minhash, *second.robust_minhash)
+    ):
+        return None
+    pairs = zip(first.robust_minhash, second.robust_minhash, strict=True)
+    return sum(1 for a, b in pairs if a == b) / len(first.robust_minhash)
+
+
+def _import_names(function: FunctionFeatures) -> frozenset[object]:
+    # "libc.so.6!memcpy" and "msvcrt.dll!memcpy" are the same API for similarity purposes.
+    return frozenset(name.rsplit("!", 1)[-1] for name in function.called_imports)
+
+
+# Set-valued families: (weight, extractor).
+_SET_FAMILIES: Final[tuple[tuple[float, Callable[[FunctionFeatures], frozenset[object]]], ...]] = (
+    (IMMEDIATES_WEIGHT, lambda f: frozenset(f.immediates)),
+    (CONSTANTS_WEIGHT, lambda f: frozenset(f.constants)),
+    (STRINGS_WEIGHT, lambda f: frozenset(f.strings)),
+    (IMPORTS_WEIGHT, _import_names),
+)
 
 
 def function_similarity(a: FunctionFeatures, b: FunctionFeatures) -> float:
@@ -86,21 +129,16 @@ def function_similarity(a: FunctionFeatures, b: FunctionFeatures) -> float:
     shape = _shape_similarity(_shape_vector(a), _shape_vector(b))
     total = CODE_WEIGHT * code + SHAPE_WEIGHT * shape
     weights = CODE_WEIGHT + SHAPE_WEIGHT
-    for weight, first, second in (
-        (CONSTANTS_WEIGHT, frozenset(a.constants), frozenset(b.constants)),
-        (STRINGS_WEIGHT, frozenset(a.strings), frozenset(b.strings)),
-        (IMPORTS_WEIGHT, frozenset(_import_names(a)), frozenset(_import_names(b))),
-    ):
-        value = _jaccard(first, second)
+    robust = robust_jaccard(a, b)
+    if robust is not None:
+        total += ROBUST_WEIGHT * robust
+        weights += ROBUST_WEIGHT
+    for weight, extract in _SET_FAMILIES:
+        value = _jaccard(extract(a), extract(b))
         if value is not None:
             total += weight * value
             weights += weight
     return total / weights
-
-
-def _import_names(function: FunctionFeatures) -> list[str]:
-    # "libc.so.6!memcpy" and "msvcrt.dll!memcpy" are the same API for similarity purposes.
-    return [name.rsplit("!", 1)[-1] for name in function.called_imports]
 
 
 class _SetFeature:
@@ -117,13 +155,8 @@ class _SetFeature:
 def _set_features(
     queries: Sequence[FunctionFeatures], candidates: Sequence[FunctionFeatures]
 ) -> list[tuple[float, _SetFeature, _SetFeature]]:
-    extractors = (
-        (CONSTANTS_WEIGHT, lambda f: frozenset(f.constants)),
-        (STRINGS_WEIGHT, lambda f: frozenset(f.strings)),
-        (IMPORTS_WEIGHT, lambda f: frozenset(_import_names(f))),
-    )
     features = []
-    for weight, extract in extractors:
+    for weight, extract in _SET_FAMILIES:
         query_sets = [extract(f) for f in queries]
         candidate_sets = [extract(f) for f in candidates]
         vocabulary: dict[object, int] = {}
@@ -136,6 +169,18 @@ def _set_features(
     return features
 
 
+def _signature_matrix(
+    functions: Sequence[FunctionFeatures], robust: bool
+) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.bool_]]:
+    """(N, 64) signatures and whether each row has one (robust: format >= 1.1 and non-empty)."""
+    rows = [f.robust_minhash if robust else f.minhash for f in functions]
+    present = np.array([len(row) == MINHASH_PERMUTATIONS for row in rows], dtype=bool)
+    matrix = np.full((len(rows), MINHASH_PERMUTATIONS), _EMPTY_SLOT, dtype=np.uint32)
+    if present.any():
+        matrix[present] = np.array([row for row in rows if len(row) == MINHASH_PERMUTATIONS])
+    return matrix, present
+
+
 def similarity_matrix(
     queries: Sequence[FunctionFeatures], candidates: Sequence[FunctionFeatures]
 ) -> FloatMatrix:
@@ -143,12 +188,12 @@ def similarity_matrix(
     result = np.zeros((len(queries), len(candidates)), dtype=np.float32)
     if not queries or not candidates:
         return result
-    query_minhash = np.array([f.minhash for f in queries], dtype=np.uint32).reshape(
-        len(queries), MINHASH_PERMUTATIONS
-    )
-    candidate_minhash = np.array([f.minhash for f in candidates], dtype=np.uint32).reshape(
-        len(candidates), MINHASH_PERMUTATIONS
-    )
+    query_minhash, query_has_minhash = _signature_matrix(queries, robust=False)
+    candidate_minhash, candidate_has_minhash = _signature_matrix(candidates, robust=False)
+    query_robust, query_has_robust = _signature_matrix(queries, robust=True)
+    candidate_robust, candidate_has_robust = _signature_matrix(candidates, robust=True)
+    query_robust_empty = (query_robust == _EMPTY_SLOT).all(axis=1)
+    candidate_robust_empty = (candidate_robust == _EMPTY_SLOT).all(axis=1)
     query_exact = np.array([f.exact_hash for f in queries], dtype=np.uint64)
     candidate_exact = np.array([f.exact_hash for f in candidates], dtype=np.uint64)
     query_length = np.array([f.instruction_count for f in queries], dtype=np.int64)
@@ -160,14 +205,21 @@ def similarity_matrix(
         rows = slice(start, start + MATRIX_CHUNK_ROWS)
         agreeing = (query_minhash[rows, None, :] == candidate_minhash[None, :, :]).sum(axis=2)
         code = agreeing.astype(np.float32) / MINHASH_PERMUTATIONS
+        code *= query_has_minhash[rows, None] & candidate_has_minhash[None, :]
         exact = (query_exact[rows, None] == candidate_exact[None, :]) & (
             query_length[rows, None] == candidate_length[None, :]
         )
         code[exact] = 1.0
         distance = np.abs(query_shape[rows, None, :] - candidate_shape[None, :, :])
-        shape = np.clip(1.0 - distance / SHAPE_LOG2_RANGE, 0.0, 1.0).mean(axis=2)
+        shape = np.clip(1.0 - distance / SHAPE_LOG2_RANGE, 0.0, 1.0) @ _SHAPE_COMPONENTS
         total = CODE_WEIGHT * code + SHAPE_WEIGHT * shape
         weights = np.full(code.shape, CODE_WEIGHT + SHAPE_WEIGHT, dtype=np.float32)
+        robust_agreeing = (query_robust[rows, None, :] == candidate_robust[None, :, :]).sum(axis=2)
+        robust_present = (query_has_robust[rows, None] & candidate_has_robust[None, :]) & ~(
+            query_robust_empty[rows, None] & candidate_robust_empty[None, :]
+        )
+        total += ROBUST_WEIGHT * robust_present * (robust_agreeing / MINHASH_PERMUTATIONS)
+        weights += ROBUST_WEIGHT * robust_present
         for weight, query_set, candidate_set in set_features:
             intersection = query_set.matrix[rows] @ candidate_set.matrix.T
             union = query_set.sizes[rows, None] + candidate_set.sizes[None, :] - intersection

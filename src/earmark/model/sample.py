@@ -12,7 +12,7 @@ from typing import Literal
 # Version of the frozen features format (see docs/features-format.md). Bump the major part
 # when a field changes meaning or the signature scheme changes (old files are then refused
 # with FeaturesVersionError); bump the minor part when a field is only added.
-FEATURES_FORMAT_VERSION = "1.0"
+FEATURES_FORMAT_VERSION = "1.1"
 
 # Number of MinHash permutations per function. Measured in docs/benchmarks.md: 64 keeps the
 # Jaccard estimate within ±0.06 (1 sigma = sqrt(J(1-J)/64) <= 0.0625) at a quarter of 256's cost.
@@ -124,6 +124,13 @@ class FunctionFeatures:
     constants: tuple[int, ...]  # distinctive non-address immediates (masks, magic numbers)
     name: str | None  # symbol name where the file has one (ground truth; not used to match)
     source: str  # how the start was found: symbol, export, entry, pdata, eh_frame, call, tail, ...
+    # Added in format 1.1 (docs/function-similarity.md). MINHASH_PERMUTATIONS values over 1..3-grams
+    # of the optimisation-robust stream (register moves, spills and frame set-up dropped; loads,
+    # stores and arithmetic kept); () when the file predates 1.1.
+    robust_minhash: tuple[int, ...] = ()
+    # Small immediate operands left in the normalised stream (shift counts, compare bounds,
+    # masks), without 0/1/-1 and stack offsets; () when the file predates 1.1.
+    immediates: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
