@@ -8,7 +8,11 @@ Steps (docs/attribution.md, "Code evidence"):
 3. re-rank the surviving rare matches with ``function_similarity`` (references, constants,
    shape), which needs the matched sample's features and tells us the matched address;
 4. discount small functions: a 16-instruction lookup loop is rarely distinctive however rare the
-   index says it is in a small KB.
+   index says it is in a small KB;
+5. query functions the LSH stage found nothing for (typically: the KB holds the code built at
+   another -O level) are looked up in the second candidate stage, an inverted index of rare
+   optimisation-robust features (``index.feature_candidates``), verified by
+   ``function_similarity``; the same identity and rarity rules apply to its matches.
 The result is plain ``Evidence`` (kind "code") plus the call-graph neighbourhood of the query
 functions, so ``earmark.reason`` can treat adjacent matches as partly dependent.
 """
@@ -22,6 +26,7 @@ from typing import Final
 
 import numpy as np
 
+from earmark.index.feature_candidates import FeatureCandidateIndex, FeatureMatch
 from earmark.index.function_index import (
     DEFAULT_MIN_SIMILARITY,
     DEFAULT_TOP_K,
@@ -54,6 +59,12 @@ MAX_RERANKED_SAMPLES: Final = 64
 # Matches below this rarity weight are not reported as evidence (they are library or runtime
 # code). They still give query functions their identity (step 2 above).
 MIN_EVIDENCE_WEIGHT: Final = 0.01
+
+
+# The feature stage loads the frozen features of every KB sample (~5 ms each) to build its
+# posting lists; past this many samples an attribution would spend seconds on it, so larger KBs
+# skip it until the index is cached next to the function index (docs/function-similarity.md).
+MAX_FEATURE_STAGE_SAMPLES: Final = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +132,120 @@ def _labels_of(record: SampleRecord) -> list[tuple[str | None, str | None]]:
     return sorted(claims, key=lambda claim: (claim[0] or "", claim[1] or ""))
 
 
+def build_feature_candidates(
+    store: Store, samples: Mapping[int, SampleRecord], min_instructions: int
+) -> FeatureCandidateIndex | None:
+    """The second candidate stage over every KB sample, or None past MAX_FEATURE_STAGE_SAMPLES."""
+    if len(samples) > MAX_FEATURE_STAGE_SAMPLES:
+        return None
+    ordered = sorted(samples.values(), key=lambda record: record.sha256)
+    return FeatureCandidateIndex.build(
+        ((record.sample_id, store.load_features(record.sha256).functions) for record in ordered),
+        min_instructions,
+    )
+
+
+def _feature_stage_matches(
+    store: Store,
+    index: FunctionIndex,
+    samples: Mapping[int, SampleRecord],
+    functions: Sequence[FunctionFeatures],
+    unmatched: Sequence[int],
+    feature_index: FeatureCandidateIndex | None,
+) -> tuple[list[tuple[FeatureMatch, int]], set[int]]:
+    """Feature-stage matches of the ``unmatched`` query functions with their index rows, and
+    the query positions whose best feature match is common or goodware code (library)."""
+    if not unmatched:
+        return [], set()
+    if feature_index is None:
+        feature_index = build_feature_candidates(store, samples, index.min_instructions)
+        if feature_index is None:
+            return [], set()
+    subset = [functions[position] for position in unmatched]
+    found = feature_index.find(subset, index.min_instructions)
+    if not found:
+        return [], set()
+    # Index row of each matched KB function: (sample, address) -> function id -> row.
+    table = store.load_function_table()
+    function_id = {
+        (int(sample), int(address)): int(identifier)
+        for sample, address, identifier in zip(
+            table.sample_id, table.address, table.function_id, strict=True
+        )
+    }
+    row_of = {int(identifier): row for row, identifier in enumerate(index.function_id.tolist())}
+    located: list[tuple[FeatureMatch, int]] = []
+    for match in found:
+        identifier = function_id.get((match.sample_id, match.function.address))
+        row = row_of.get(identifier) if identifier is not None else None
+        if row is not None:
+            query = unmatched[match.query]
+            located.append(
+                (
+                    FeatureMatch(
+                        query, match.sample_id, match.function, match.shared_keys, match.similarity
+                    ),
+                    row,
+                )
+            )
+    assert index.rarity is not None
+    weights = index.rarity.weights(np.array([row for _, row in located], dtype=np.int64))
+    best: dict[int, float] = {}
+    best_common: dict[int, float] = {}
+    for (match, _), weight in zip(located, weights.tolist(), strict=True):
+        best[match.query] = max(best.get(match.query, 0.0), match.similarity)
+        record = samples.get(match.sample_id)
+        if weight < MIN_EVIDENCE_WEIGHT or record is None or record.goodware:
+            best_common[match.query] = max(best_common.get(match.query, 0.0), match.similarity)
+    library = {query for query, common in best_common.items() if common >= best[query] - 1e-6}
+    kept = [
+        (match, row)
+        for (match, row), weight in zip(located, weights.tolist(), strict=True)
+        if match.query not in library
+        and weight >= MIN_EVIDENCE_WEIGHT
+        and match.similarity >= best[match.query] - IDENTITY_MARGIN
+        and not samples[match.sample_id].goodware
+    ]
+    return kept, library
+
+
+def _code_evidence_items(
+    index: FunctionIndex,
+    query_function: FunctionFeatures,
+    matched: FunctionFeatures,
+    row: int,
+    weight: float,
+    record: SampleRecord,
+    similarity: float,
+    stage: str,
+) -> list[Evidence]:
+    assert index.rarity is not None
+    rarity = index.rarity.explain(row)
+    size_factor = specificity(query_function, index.min_instructions)
+    reason = rarity.reason + stage
+    if size_factor < 1.0:
+        reason += (
+            f"; {query_function.instruction_count} instructions: small code is less "
+            f"distinctive, counted x{size_factor:.2f}"
+        )
+    return [
+        Evidence(
+            kind="code",
+            actor=actor,
+            family=family,
+            similarity=round(similarity, 4),
+            weight=round(weight * size_factor, 4),
+            reason=reason,
+            query_address=query_function.address,
+            query_size=query_function.size,
+            match_sha256=record.sha256,
+            match_address=matched.address,
+            match_size=matched.size,
+        )
+        for actor, family in _labels_of(record)
+    ]
+
+
 def find_code_evidence(
     store: Store,
     index: FunctionIndex,
@@ -129,8 +254,13 @@ def find_code_evidence(
     *,
     min_similarity: float = DEFAULT_MIN_SIMILARITY,
     top_k: int = DEFAULT_TOP_K,
+    feature_index: FeatureCandidateIndex | None = None,
 ) -> CodeEvidence:
-    """Shared rare code between ``features`` and the knowledge base, as ``Evidence``."""
+    """Shared rare code between ``features`` and the knowledge base, as ``Evidence``.
+
+    ``feature_index`` is the second candidate stage; when None it is built from the store
+    (see ``MAX_FEATURE_STAGE_SAMPLES``). Callers that attribute many samples should build it
+    once with ``build_feature_candidates``."""
     if index.rarity is None:
         raise ValueError("code evidence needs an index built with rarity statistics")
     functions = features.functions
@@ -178,31 +308,43 @@ def find_code_evidence(
         if matched is None:
             continue
         query_function = functions[candidate.query]
-        rarity = index.rarity.explain(candidate.row)
-        size_factor = specificity(query_function, index.min_instructions)
-        reason = rarity.reason
-        if size_factor < 1.0:
-            reason += (
-                f"; {query_function.instruction_count} instructions: small code is less "
-                f"distinctive, counted x{size_factor:.2f}"
+        evidence.extend(
+            _code_evidence_items(
+                index,
+                query_function,
+                matched,
+                candidate.row,
+                candidate.weight,
+                samples[candidate.sample_id],
+                function_similarity(query_function, matched),
+                "",
             )
-        record = samples[candidate.sample_id]
-        for actor, family in _labels_of(record):
-            evidence.append(
-                Evidence(
-                    kind="code",
-                    actor=actor,
-                    family=family,
-                    similarity=round(function_similarity(query_function, matched), 4),
-                    weight=round(candidate.weight * size_factor, 4),
-                    reason=reason,
-                    query_address=query_function.address,
-                    query_size=query_function.size,
-                    match_sha256=record.sha256,
-                    match_address=matched.address,
-                    match_size=matched.size,
-                )
+        )
+
+    unmatched = [
+        position
+        for position, function in enumerate(functions)
+        if function.instruction_count >= index.min_instructions and position not in best_similarity
+    ]
+    feature_matches, feature_library = _feature_stage_matches(
+        store, index, samples, functions, unmatched, feature_index
+    )
+    feature_weights = index.rarity.weights(
+        np.array([row for _, row in feature_matches], dtype=np.int64)
+    )
+    for (match, row), weight in zip(feature_matches, feature_weights.tolist(), strict=True):
+        evidence.extend(
+            _code_evidence_items(
+                index,
+                functions[match.query],
+                match.function,
+                row,
+                weight,
+                samples[match.sample_id],
+                match.similarity,
+                f"; found by {match.shared_keys} shared optimisation-robust features",
             )
+        )
     evidence.sort(
         key=lambda item: (
             -(item.similarity * item.weight),
@@ -214,7 +356,7 @@ def find_code_evidence(
         )
     )
     looked_up = len(functions) - matches.skipped_small
-    library = sum(
+    library = len(feature_library) + sum(
         1 for query, common in best_common.items() if common >= best_similarity[query] - 1e-6
     )
     return CodeEvidence(

@@ -1,0 +1,201 @@
+"""Second candidate stage: rare optimisation-robust features -> knowledge-base functions.
+
+The MinHash LSH index (``function_index``) finds a function's copies at the same -O level; across
+-O levels its instruction n-grams collapse (a gcc -O2 function reaches an estimated Jaccard of
+~0.2 against its own -O0 build) and nothing passes the 0.5 floor. What survives is what a
+function references and the skeleton of its computation (docs/function-similarity.md), so this
+stage is an inverted index from such features to KB functions:
+- bands of the robust MinHash (``FunctionFeatures.robust_minhash``, 2 slots per band: a pair
+  with robust Jaccard 0.3 shares a band with probability 1 - (1 - 0.3^2)^32 = 0.95);
+- distinctive constants (CRC polynomials, hash multipliers), referenced strings, called imports.
+A key shared by many KB functions is not evidence of identity (``MAX_POSTINGS_PER_KEY``); the
+rest are counted per (query, KB function) pair, the pairs sharing most keys are kept
+(``CANDIDATES_PER_QUERY``) and verified with the richer ``function_similarity``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from earmark.index.lsh import expand_ranges
+from earmark.index.similarity import function_similarity
+from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
+
+# Robust MinHash slots per band key. 2 rows x 32 bands: recall 0.95 at robust Jaccard 0.3 (what
+# -O0 vs -O2 builds of one function share on the xcomp corpus), while bands of 4 rows found
+# only 0.64 of the pairs at 0.5.
+ROBUST_ROWS_PER_BAND: Final = 2
+ROBUST_BANDS: Final = MINHASH_PERMUTATIONS // ROBUST_ROWS_PER_BAND
+
+# A key held by more KB functions than this is common code or a common API (memcpy, a frequent
+# robust band such as "load, add, store"): it cannot single out a function, and reading its
+# posting list for every query would dominate the cost.
+MAX_POSTINGS_PER_KEY: Final = 64
+
+# KB functions verified per query function, those sharing most keys first. Verification is a
+# full ``function_similarity``; 8 keeps a 2,000-function query under ~20k verifications.
+CANDIDATES_PER_QUERY: Final = 8
+
+# Fewest shared keys for a pair to be verified: one shared robust band alone is chance level
+# for short robust streams.
+MIN_SHARED_KEYS: Final = 3
+
+# Verified similarity from which a feature candidate is reported. On the xcomp corpus true
+# -O0/-O3 pairs score a median ~0.45 and random pairs ~0.15 (docs/function-similarity.md);
+# 0.4 keeps most true pairs while a wrong pair also has to share 3 rare keys to get here.
+FEATURE_MATCH_SIMILARITY: Final = 0.4
+
+_BAND_MULTIPLIER: Final = np.uint64(0x9E3779B97F4A7C15)
+_SLOT_MULTIPLIER: Final = np.uint64(0xC2B2AE3D27D4EB4F)
+_EMPTY_SLOT: Final = 0xFFFFFFFF
+
+
+def _text_key(kind: str, value: object) -> int:
+    digest = hashlib.blake2b(f"{kind}\x00{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _robust_band_keys(function: FunctionFeatures) -> list[int]:
+    if len(function.robust_minhash) != MINHASH_PERMUTATIONS:
+        return []
+    slots = np.asarray(function.robust_minhash, dtype=np.uint64)
+    if bool((slots == _EMPTY_SLOT).all()):
+        return []
+    pairs = slots.reshape(ROBUST_BANDS, ROBUST_ROWS_PER_BAND)
+    with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the hash
+        keys = (pairs[:, 0] * _SLOT_MULTIPLIER) ^ pairs[:, 1]
+        keys = keys * _BAND_MULTIPLIER
+        keys += np.arange(ROBUST_BANDS, dtype=np.uint64)
+    return [int(key) for key in keys]
+
+
+def feature_keys(function: FunctionFeatures) -> list[int]:
+    """The 64-bit keys under which ``function`` is filed (and looked up)."""
+    keys = _robust_band_keys(function)
+    keys.extend(_text_key("constant", value) for value in function.constants)
+    keys.extend(_text_key("string", value) for value in function.strings)
+    keys.extend(_text_key("import", name.rsplit("!", 1)[-1]) for name in function.called_imports)
+    return sorted(set(keys))
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureMatch:
+    query: int  # position of the query function
+    sample_id: int
+    function: FunctionFeatures  # the KB function
+    shared_keys: int
+    similarity: float  # verified ``function_similarity``
+
+
+@dataclass(frozen=True)
+class FeatureCandidateIndex:
+    """Posting lists (key -> KB function) over the functions of the indexed samples."""
+
+    keys: npt.NDArray[np.uint64]  # sorted; one entry per (key, function)
+    postings: npt.NDArray[np.int64]  # position in ``functions`` for each entry
+    functions: tuple[FunctionFeatures, ...]
+    sample_ids: npt.NDArray[np.int64]  # sample of each function
+
+    @classmethod
+    def build(
+        cls,
+        samples: Iterable[tuple[int, Sequence[FunctionFeatures]]],
+        min_instructions: int,
+    ) -> FeatureCandidateIndex:
+        """Index the functions of ``(sample_id, functions)`` with >= ``min_instructions``."""
+        functions: list[FunctionFeatures] = []
+        sample_ids: list[int] = []
+        keys: list[int] = []
+        owners: list[int] = []
+        for sample_id, sample_functions in samples:
+            for function in sample_functions:
+                if function.instruction_count < min_instructions:
+                    continue
+                function_keys = feature_keys(function)
+                if not function_keys:
+                    continue
+                keys.extend(function_keys)
+                owners.extend([len(functions)] * len(function_keys))
+                functions.append(function)
+                sample_ids.append(sample_id)
+        key_array = np.array(keys, dtype=np.uint64)
+        owner_array = np.array(owners, dtype=np.int64)
+        order = np.argsort(key_array, kind="stable")
+        key_array, owner_array = key_array[order], owner_array[order]
+        # Drop keys too common to single out a function (see MAX_POSTINGS_PER_KEY).
+        _, counts = np.unique(key_array, return_counts=True)
+        keep = np.repeat(counts <= MAX_POSTINGS_PER_KEY, counts)
+        return cls(
+            keys=key_array[keep],
+            postings=owner_array[keep],
+            functions=tuple(functions),
+            sample_ids=np.array(sample_ids, dtype=np.int64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.functions)
+
+    def find(
+        self, queries: Sequence[FunctionFeatures], min_instructions: int
+    ) -> list[FeatureMatch]:
+        """Verified matches of each query function (>= ``min_instructions``), best first per
+        query; only pairs sharing >= MIN_SHARED_KEYS keys are verified."""
+        query_keys: list[int] = []
+        query_owner: list[int] = []
+        for position, function in enumerate(queries):
+            if function.instruction_count < min_instructions:
+                continue
+            function_keys = feature_keys(function)
+            query_keys.extend(function_keys)
+            query_owner.extend([position] * len(function_keys))
+        if not query_keys or len(self.keys) == 0:
+            return []
+        targets = np.array(query_keys, dtype=np.uint64)
+        starts = np.searchsorted(self.keys, targets, side="left").astype(np.int64)
+        stops = np.searchsorted(self.keys, targets, side="right").astype(np.int64)
+        owners, positions, _ = expand_ranges(starts, stops, MAX_POSTINGS_PER_KEY)
+        if len(owners) == 0:
+            return []
+        pair_query = np.array(query_owner, dtype=np.int64)[owners]
+        pair_function = self.postings[positions]
+        combined, shared = np.unique(
+            pair_query * len(self.functions) + pair_function, return_counts=True
+        )
+        enough = shared >= MIN_SHARED_KEYS
+        combined, shared = combined[enough], shared[enough]
+        pair_query = combined // len(self.functions)
+        pair_function = combined % len(self.functions)
+        # Most shared keys first within each query; ties by KB position for determinism.
+        order = np.lexsort((pair_function, -shared, pair_query))
+        pair_query, pair_function, shared = pair_query[order], pair_function[order], shared[order]
+        group_start = np.flatnonzero(np.r_[True, pair_query[1:] != pair_query[:-1]])
+        group_sizes = np.diff(np.r_[group_start, len(pair_query)])
+        rank = np.arange(len(pair_query)) - np.repeat(group_start, group_sizes)
+        top = rank < CANDIDATES_PER_QUERY
+        matches: list[FeatureMatch] = []
+        for query, function_position, count in zip(
+            pair_query[top].tolist(),
+            pair_function[top].tolist(),
+            shared[top].tolist(),
+            strict=True,
+        ):
+            stored = self.functions[function_position]
+            similarity = function_similarity(queries[query], stored)
+            if similarity >= FEATURE_MATCH_SIMILARITY:
+                matches.append(
+                    FeatureMatch(
+                        query=query,
+                        sample_id=int(self.sample_ids[function_position]),
+                        function=stored,
+                        shared_keys=count,
+                        similarity=similarity,
+                    )
+                )
+        matches.sort(key=lambda m: (m.query, -m.similarity, m.sample_id, m.function.address))
+        return matches
