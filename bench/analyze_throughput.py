@@ -192,7 +192,7 @@ def summary_rows(measurements: Sequence[FileMeasurement]) -> list[list[object]]:
                 round(size, 2),
                 _rate(size, e_cpu),
                 _rate(size, s_cpu),
-                _rate(s_cpu, e_cpu),
+                _rate(s_cpu, e_cpu) if s_cpu else "-",
                 _rate(len(group), e_cpu),
                 _rate(len(group), s_cpu),
                 round(_rate(e_functions, e_cpu)),
