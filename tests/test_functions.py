@@ -242,3 +242,25 @@ def test_gap_prologue_after_padding() -> None:
     coverage.add(_body(decoder, 0x401000, (0x401000,)))
     assert gap_prologue(decoder, 0x401001, 0x401015, coverage) == 0x401010
     assert {f.address: f.source for f in _recover(image)}[0x401010] == "prologue"
+
+
+def test_elf_lazy_binding_stubs_are_not_functions() -> None:
+    # PLT0 (push [GOT+8]; jmp [GOT+16]), one lazy entry (push 0; jmp PLT0), then a function.
+    # The unwind data names PLT0 and the GOT points at the entry, as in a real ELF file.
+    plt0 = (
+        b"\xff\x35" + (0x1002).to_bytes(4, "little") + b"\xff\x25" + (0x1004).to_bytes(4, "little")
+    )
+    entry = b"\x68\x00\x00\x00\x00" + b"\xe9" + (-0x1A).to_bytes(4, "little", signed=True)
+    code = plt0 + b"\x0f\x1f\x40\x00" + entry + b"\xcc" * 11 + b"\xc3"
+    got = bytes(24) + (0x401010).to_bytes(8, "little") + (0x401020).to_bytes(8, "little")
+    image = CodeImage(
+        arch="x86_64",
+        bits=64,
+        image_base=0x400000,
+        segments=(Segment("LOAD0", 0x401000, code, True), Segment("LOAD1", 0x402000, got, False)),
+        entry_points=(0x401020,),
+        symbol_functions=(),
+        export_addresses=(),
+        exception_starts=(0x401000,),
+    )
+    assert [f.address for f in _recover(image)] == [0x401020]

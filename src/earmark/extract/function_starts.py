@@ -18,7 +18,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from earmark.extract.disasm import Instruction, InstructionDecoder
+from earmark.extract.disasm import KIND_JUMP, Instruction, InstructionDecoder, parse_scaled_memory
 from earmark.extract.function_features import FunctionBody
 from earmark.extract.image import CodeImage
 
@@ -262,3 +262,54 @@ def is_padding(instruction: Instruction) -> bool:
     if instruction.mnemonic in ("xchg", "mov") and len(operands) == 2:
         return operands[0] == operands[1]
     return False
+
+
+def is_lazy_binding_stub(decoder: InstructionDecoder, address: int) -> bool:
+    """ELF PLT0 (``push [GOT+w]; jmp [GOT+2w]``) or a lazy-binding PLT entry (``push n; jmp
+    PLT0``), recognised by shape because the loader maps segments, not named sections.
+
+    Neither is a function: PLT0 calls the dynamic linker's resolver, an entry pushes a
+    relocation index for it. The operand pair of PLT0 (two memory slots one pointer apart,
+    same base) is not something a compiler emits at a function entry.
+    """
+    return _plt0_at(decoder, address) or _lazy_entry_at(decoder, address)
+
+
+def _after_endbr(decoder: InstructionDecoder, address: int) -> Instruction | None:
+    instruction = decoder.decode(address)
+    if instruction is not None and instruction.mnemonic in ("endbr64", "endbr32"):
+        return decoder.decode(address + instruction.size)
+    return instruction
+
+
+def _plt0_at(decoder: InstructionDecoder, address: int) -> bool:
+    push = _after_endbr(decoder, address)
+    if push is None or push.mnemonic != "push" or "[" not in push.op_str:
+        return False
+    jump = decoder.decode(push.address + push.size)
+    if jump is None or jump.kind != KIND_JUMP or "[" not in jump.op_str:
+        return False
+    width = decoder.bits // 8
+    if push.memory_address is not None and jump.memory_address is not None:
+        return jump.memory_address - push.memory_address == width
+    pushed, jumped = parse_scaled_memory(push.op_str), parse_scaled_memory(jump.op_str)
+    return (
+        pushed is not None
+        and jumped is not None
+        and pushed[0] is not None
+        and pushed[:3] == jumped[:3]
+        and jumped[3] - pushed[3] == width
+    )
+
+
+def _lazy_entry_at(decoder: InstructionDecoder, address: int) -> bool:
+    push = _after_endbr(decoder, address)
+    if push is None or push.mnemonic != "push" or not push.token.startswith("push 0x"):
+        return False  # pushes a small relocation index
+    jump = decoder.decode(push.address + push.size)
+    return (
+        jump is not None
+        and jump.kind == KIND_JUMP
+        and jump.target is not None
+        and _plt0_at(decoder, jump.target)
+    )

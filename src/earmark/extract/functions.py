@@ -33,6 +33,7 @@ from earmark.extract.function_starts import (
     CodeCoverage,
     data_code_pointers,
     gap_prologue,
+    is_lazy_binding_stub,
     referenced_code,
     tail_call_targets,
 )
@@ -83,6 +84,9 @@ NO_RETURN_IMPORTS: Final = frozenset(
 # round. Measured on the mingw32 fixtures and corpus DLLs: rounds after the fourth find nothing.
 MAX_HEURISTIC_PASSES: Final = 8
 
+# Sources that name a function outright; every other source is checked against stub shapes.
+_TRUSTED_SOURCES: Final = frozenset({"symbol", "export", "entry"})
+
 # Source labels, in order of trust; the first one that finds a start names it.
 SOURCE_ORDER: Final = (
     "symbol",
@@ -127,6 +131,8 @@ class FunctionRecovery:
             return  # ELF PLT: import stubs only (their unwind entry covers the whole section)
         if self.import_thunk(address) is not None:
             return
+        if source not in _TRUSTED_SOURCES and is_lazy_binding_stub(self.decoder, address):
+            return  # ELF PLT0 / lazy-binding entry (their FDE and GOT pointers name them)
         self.sources[address] = source
         self.queue.append(address)
         self._new_starts.append(address)
