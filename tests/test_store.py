@@ -1,19 +1,26 @@
 """One store test suite, run against every backend in ``store_url``.
 
-To run it against PostgreSQL, add a parameter that yields a fresh database URL (for example
-from an ``EARMARK_TEST_POSTGRES_URL`` environment variable, skipped when unset).
+The "postgres" parameter gets a fresh database on the server named by
+``EARMARK_TEST_POSTGRES_URL`` (``scripts/test.sh`` starts one with ``scripts/postgres.sh``); it
+is skipped when that is not set. Tests that need a database that survives a reopen use
+``persistent_url`` (SQLite file and PostgreSQL).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import socket
 import sqlite3
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, Engine, UniqueConstraint, insert, inspect, text
+from sqlalchemy.engine import make_url
 
 import earmark.store
 from earmark.errors import StoreError
@@ -22,16 +29,26 @@ from earmark.model.sample import MINHASH_PERMUTATIONS
 from earmark.store import SqlStore, open_store, resolve_database_url, schema_version
 from earmark.store import migrations as migrations_module
 from earmark.store import schema as schema_module
+from earmark.store import sql as sql_module
 from earmark.store.migrations import MIGRATIONS, Migration
 from earmark.store.sql import connect_database
 from kb_factories import make_features, make_label
 
 
-@pytest.fixture(params=["sqlite-file", "sqlite-memory"])
+@pytest.fixture(params=["sqlite-file", "sqlite-memory", "postgres"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite-file":
         return str(tmp_path / "kb.db")
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
     return ":memory:"
+
+
+@pytest.fixture(params=["sqlite-file", "postgres"])
+def persistent_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / "kb.db")
 
 
 @pytest.fixture
@@ -157,82 +174,156 @@ def test_wrong_minhash_length_is_refused_before_writing(store: SqlStore) -> None
     assert store.stats().samples == 0
 
 
-def test_reopen_keeps_data_and_revision(tmp_path: Path) -> None:
-    path = str(tmp_path / "kb.db")
+def test_reopen_keeps_data_and_revision(persistent_url: str) -> None:
     features = make_features(5, 3)
-    with open_store(path) as store:
+    with open_store(persistent_url) as store:
         store.add_sample(features, make_label())
         revision = store.revision()
-    with open_store(path) as store:
+    with open_store(persistent_url) as store:
         assert store.has_sample(features.sha256)
         assert store.revision() == revision
         assert store.load_features(features.sha256) == features
 
 
-def test_migrations_are_applied_and_recorded(tmp_path: Path) -> None:
-    path = tmp_path / "kb.db"
-    open_store(str(path)).close()
-    with sqlite3.connect(path) as connection:
-        rows = connection.execute("SELECT id, name FROM schema_migrations ORDER BY id").fetchall()
-        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert rows == [(m.id, m.name) for m in MIGRATIONS]
+def _engine(url: str) -> Engine:
+    return connect_database(resolve_database_url(url))
+
+
+def test_migrations_are_applied_and_recorded(persistent_url: str) -> None:
+    open_store(persistent_url).close()
+    engine = _engine(persistent_url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT id, name FROM schema_migrations ORDER BY id"))
+        assert [tuple(row) for row in rows] == [(m.id, m.name) for m in MIGRATIONS]
+    engine.dispose()
     assert schema_version() == MIGRATIONS[-1].id
 
 
-def test_migrated_database_matches_schema_description(tmp_path: Path) -> None:
-    path = tmp_path / "kb.db"
-    open_store(str(path)).close()
-    inspector = inspect(connect_database(resolve_database_url(str(path))))
-    for table in schema_module.metadata.sorted_tables:
-        columns = {column["name"] for column in inspector.get_columns(table.name)}
-        assert columns == {column.name for column in table.columns}, table.name
-        indexes = {index["name"] for index in inspector.get_indexes(table.name)}
-        assert indexes == {index.name for index in table.indexes}, table.name
-
-
-def test_pending_migration_runs_on_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = str(tmp_path / "kb.db")
-    open_store(path).close()
-    ran: list[int] = []
-    extra = Migration(MIGRATIONS[-1].id + 1, "test migration", lambda _c: ran.append(1))
-    applied = migrations_module.apply_migrations(
-        connect_database(resolve_database_url(str(path))), (*MIGRATIONS, extra)
-    )
-    assert applied == [extra.id] and ran == [1]
-    again = migrations_module.apply_migrations(
-        connect_database(resolve_database_url(str(path))), (*MIGRATIONS, extra)
-    )
-    assert again == [] and ran == [1]
-
-
-def test_database_from_newer_earmark_is_refused(tmp_path: Path) -> None:
+def test_sqlite_uses_wal(tmp_path: Path) -> None:
     path = tmp_path / "kb.db"
     open_store(str(path)).close()
     with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_migrated_database_matches_schema_description(persistent_url: str) -> None:
+    open_store(persistent_url).close()
+    engine = _engine(persistent_url)
+    inspector = inspect(engine)
+    for table in schema_module.metadata.sorted_tables:
+        columns = {column["name"]: column for column in inspector.get_columns(table.name)}
+        assert set(columns) == {column.name for column in table.columns}, table.name
+        for column in table.columns:
+            stored = columns[column.name]["type"].compile(dialect=engine.dialect)
+            described = column.type.compile(dialect=engine.dialect)
+            assert _same_sql_type(stored, described), (table.name, column.name)
+        # PostgreSQL also reports the index behind a UNIQUE constraint; those are checked
+        # as constraints below.
+        indexes = {
+            index["name"]
+            for index in inspector.get_indexes(table.name)
+            if not index.get("duplicates_constraint")
+        }
+        assert indexes == {index.name for index in table.indexes}, table.name
+        named_unique = {
+            constraint.name
+            for constraint in table.constraints
+            if isinstance(constraint, UniqueConstraint) and constraint.name
+        }
+        stored_unique = {c["name"] for c in inspector.get_unique_constraints(table.name)}
+        assert named_unique <= stored_unique, table.name
+    engine.dispose()
+
+
+def _same_sql_type(stored: str, described: str) -> bool:
+    """Type names as reflected vs as described (reflection spells some types its own way)."""
+    aliases = {"TIMESTAMP WITH TIME ZONE": "TIMESTAMP", "DATETIME": "TIMESTAMP"}
+    return aliases.get(stored, stored) == aliases.get(described, described)
+
+
+def test_pending_migration_runs_on_open(persistent_url: str) -> None:
+    open_store(persistent_url).close()
+    ran: list[int] = []
+    extra = Migration(MIGRATIONS[-1].id + 1, "test migration", lambda _c: ran.append(1))
+    engine = _engine(persistent_url)
+    applied = migrations_module.apply_migrations(engine, (*MIGRATIONS, extra))
+    assert applied == [extra.id] and ran == [1]
+    again = migrations_module.apply_migrations(engine, (*MIGRATIONS, extra))
+    assert again == [] and ran == [1]
+    engine.dispose()
+
+
+def test_database_from_newer_earmark_is_refused(persistent_url: str) -> None:
+    open_store(persistent_url).close()
+    engine = _engine(persistent_url)
+    with engine.begin() as connection:
         connection.execute(
-            "INSERT INTO schema_migrations (id, name, applied_at) "
-            "VALUES (999, 'future', '2030-01-01')"
+            insert(schema_module.schema_migrations).values(
+                id=999, name="future", applied_at=datetime(2030, 1, 1, tzinfo=UTC)
+            )
         )
+    engine.dispose()
     with pytest.raises(StoreError, match=r"schema version 999.*upgrade earmark"):
-        open_store(str(path))
+        open_store(persistent_url)
 
 
-def test_failed_migration_is_rolled_back(tmp_path: Path) -> None:
-    path = tmp_path / "kb.db"
-    open_store(str(path)).close()
+def test_failed_migration_is_rolled_back(persistent_url: str) -> None:
+    open_store(persistent_url).close()
 
     def half_done(connection: Connection) -> None:
         connection.execute(text("CREATE TABLE half_done (id INTEGER)"))
         raise RuntimeError("migration bug")
 
-    engine = connect_database(resolve_database_url(str(path)))
+    engine = _engine(persistent_url)
     broken = Migration(MIGRATIONS[-1].id + 1, "broken", half_done)
     with pytest.raises(RuntimeError):
         migrations_module.apply_migrations(engine, (*MIGRATIONS, broken))
     assert not inspect(engine).has_table("half_done")
-    with sqlite3.connect(path) as connection:
-        ids = [row[0] for row in connection.execute("SELECT id FROM schema_migrations")]
+    with engine.connect() as connection:
+        ids = list(connection.scalars(text("SELECT id FROM schema_migrations")))
+    engine.dispose()
     assert broken.id not in ids
+
+
+def test_concurrent_openers_migrate_once_and_writers_queue(persistent_url: str) -> None:
+    """Several processes' worth of stores open a new database and store the same samples at
+    the same moment: migrations run once, every sample and claim is stored exactly once."""
+    openers = 4
+    samples = [make_features(100 + n, 5) for n in range(6)]
+    start = threading.Barrier(openers)
+
+    def open_and_write(_worker: int) -> list[bool]:
+        start.wait()
+        with open_store(persistent_url) as store:
+            return [store.add_sample(features, make_label()) for features in samples]
+
+    with ThreadPoolExecutor(openers) as pool:
+        results = list(pool.map(open_and_write, range(openers)))
+    assert [sum(column) for column in zip(*results, strict=True)] == [1] * len(samples)
+    with open_store(persistent_url) as store:
+        stats = store.stats()
+        assert (stats.samples, stats.labels, stats.functions) == (6, 6, 30)
+        assert stats.schema_version == MIGRATIONS[-1].id
+        assert stats.revision == len(samples)  # one bump per stored sample, none per no-op
+    engine = _engine(persistent_url)
+    with engine.connect() as connection:
+        ids = list(connection.scalars(text("SELECT id FROM schema_migrations ORDER BY id")))
+    engine.dispose()
+    assert ids == [m.id for m in MIGRATIONS]
+
+
+def test_function_table_is_read_in_chunks(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = [make_features(200 + n, count) for n, count in enumerate((7, 3, 11))]
+    for features in samples:
+        store.add_sample(features, None)
+    whole = store.load_function_table()
+    monkeypatch.setattr(sql_module, "FUNCTION_TABLE_FETCH_ROWS", 4)  # 21 rows: 6 round trips
+    chunked = store.load_function_table()
+    assert len(chunked) == 21
+    for field in dataclasses.fields(whole):
+        assert np.array_equal(getattr(whole, field.name), getattr(chunked, field.name))
 
 
 def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
@@ -245,6 +336,22 @@ def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
 def test_missing_directory_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no directory"):
         open_store(str(tmp_path / "absent" / "kb.db"))
+
+
+def test_unreachable_server_is_a_store_error() -> None:
+    pytest.importorskip("psycopg")
+    with socket.socket() as probe:  # a port nothing listens on: bound here, never listened
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        with pytest.raises(StoreError, match="cannot open"):
+            open_store(f"postgresql+psycopg://earmark:x@127.0.0.1:{port}/kb?connect_timeout=5")
+
+
+def test_wrong_postgres_password_is_a_store_error(postgres_url: str) -> None:
+    wrong = make_url(postgres_url).set(password="not-the-password")
+    with pytest.raises(StoreError, match="cannot open") as raised:
+        open_store(wrong.render_as_string(hide_password=False))
+    assert "not-the-password" not in str(raised.value)
 
 
 def test_database_location_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection
 
@@ -46,13 +47,35 @@ from earmark.store import schema
 # shared lock and then failing to upgrade it (SQLITE_BUSY without waiting).
 SQLITE_BEGIN_OPTION = "earmark_sqlite_begin"
 
+# PostgreSQL's counterpart of BEGIN IMMEDIATE: every write transaction (migrations included)
+# first takes this transaction-scoped advisory lock, so earmark writers on one database queue
+# exactly as they do on SQLite. The store's check-then-insert writes (a sample, a claim, an intel
+# report) and two processes migrating a new database at once are then race-free without
+# per-statement ON CONFLICT clauses; readers are never blocked (MVCC). The value is arbitrary
+# but fixed ("earmark" in ASCII): advisory locks are per database, so it only has to differ from
+# other applications' keys on the same database.
+POSTGRES_WRITE_LOCK_KEY = 0x6561726D61726B
+
+
+def _is_postgres(connection: Connection) -> bool:
+    return connection.dialect.name == "postgresql"
+
 
 @contextmanager
 def begin_write(engine: Engine) -> Iterator[Connection]:
-    """One write transaction: committed when the block ends, rolled back if it raises."""
+    """One write transaction: committed when the block ends, rolled back if it raises.
+
+    Writers are serialised: SQLite by BEGIN IMMEDIATE, PostgreSQL by an advisory lock taken as
+    the transaction's first statement (READ COMMITTED, so the writer then sees every commit made
+    before it got the lock).
+    """
     with engine.connect() as connection:
         connection = connection.execution_options(**{SQLITE_BEGIN_OPTION: "BEGIN IMMEDIATE"})
         with connection.begin():
+            if _is_postgres(connection):
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": POSTGRES_WRITE_LOCK_KEY}
+                )
             yield connection
 
 
@@ -239,11 +262,22 @@ def _create_intel_tables(connection: Connection) -> None:
     connection.execute(insert(snapshot.tables["intel_revision"]).values(id=1, revision=0))
 
 
+def _widen_function_ids(connection: Connection) -> None:
+    """Version 4: 64-bit function ids on PostgreSQL, where migration 1 made them SERIAL (int4,
+    at most 2,147,483,647 rows, near the 1-billion-function design target). SQLite's INTEGER
+    PRIMARY KEY is already 64-bit, so there this migration changes nothing."""
+    if not _is_postgres(connection):
+        return
+    connection.execute(text("ALTER TABLE functions ALTER COLUMN id TYPE BIGINT"))
+    connection.execute(text("ALTER SEQUENCE IF EXISTS functions_id_seq AS BIGINT"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create samples, functions, labels and the revision counter", _create_core_tables),
     Migration(2, "index labels by actor and family", _index_labels_by_name),
     Migration(3, "create intel reports, indicators, actors, relations, sample indicators",
               _create_intel_tables),
+    Migration(4, "64-bit function ids on PostgreSQL", _widen_function_ids),
 )
 
 
@@ -265,6 +299,7 @@ def apply_migrations(engine: Engine, migrations: tuple[Migration, ...] = MIGRATI
     """
     if not inspect(engine).has_table(schema.schema_migrations.name):
         with begin_write(engine) as connection:
+            # checkfirst again under the write lock: another process may have created it.
             schema.schema_migrations.create(connection, checkfirst=True)
     known = {m.id for m in migrations}
     with engine.connect() as connection:

@@ -100,7 +100,9 @@ labels = Table(
 functions = Table(
     "functions",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    # 64-bit on PostgreSQL (migration 4); INTEGER on SQLite, where that is the 64-bit rowid.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
     Column(
         "sample_id",
         Integer,

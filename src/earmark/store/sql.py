@@ -1,8 +1,10 @@
 """The SQLAlchemy-backed knowledge base: SQLite by default, any SQLAlchemy URL (PostgreSQL) too.
 
 All SQL in earmark lives in ``earmark.store``. Queries are SQLAlchemy Core built from
-``earmark.store.schema``, so the same code runs on SQLite and PostgreSQL; the only SQLite-specific
-parts are the connection pragmas and the BEGIN hook below.
+``earmark.store.schema``, so the same code runs on SQLite and PostgreSQL. What differs by backend
+is kept to a few places: SQLite's connection pragmas and BEGIN hook (below), PostgreSQL's write
+lock (``migrations.begin_write``), snapshot reads (``_read``) and the server-side cursor of
+``load_function_table``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 # Rows fetched per round trip by load_function_table: bounds the peak of Python row objects to
 # ~30 MB whatever the table size, while the per-chunk overhead stays negligible.
 FUNCTION_TABLE_FETCH_ROWS = 65_536
+# Name of the PostgreSQL server-side cursor load_function_table reads through (unique within
+# its transaction, which is all a cursor name must be).
+FUNCTION_TABLE_CURSOR = "earmark_function_table"
+# The extra that installs the PostgreSQL driver, named in the error when it is missing.
+POSTGRES_EXTRA = "earmark[postgres]"
 # Bytes of one stored MinHash signature (little-endian uint32 values).
 MINHASH_BLOB_BYTES = MINHASH_PERMUTATIONS * 4
 # Provenance given to a sample row stored without a label or explicit provenance.
@@ -123,6 +130,8 @@ def connect_database(url: URL) -> Engine:
     shown = url.render_as_string(hide_password=True)
     try:
         if url.get_backend_name() != "sqlite":
+            # pre-ping: a pooled connection the server dropped (restart, idle timeout) is
+            # replaced instead of failing the next write of a long-running `earmark serve`.
             return create_engine(url, pool_pre_ping=True)
         connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
         if url.database in (None, "", ":memory:"):
@@ -136,6 +145,10 @@ def connect_database(url: URL) -> Engine:
             engine = create_engine(url, connect_args=connect_args)
     except (ArgumentError, NoSuchModuleError) as error:
         raise StoreError(f"cannot use database URL {shown}: {error}") from error
+    except ImportError as error:  # the dialect is known but its driver is not installed
+        postgres = url.get_backend_name() == "postgresql"
+        hint = f" (pip install '{POSTGRES_EXTRA}')" if postgres else ""
+        raise StoreError(f"cannot use database URL {shown}: no driver: {error}{hint}") from error
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_sqlite_transaction)
     return engine
@@ -180,6 +193,21 @@ def _rich_header_json(features: SampleFeatures) -> str | None:
         return None
     entries = [[e.product_id, e.build, e.count] for e in rich.entries]
     return json.dumps({"key": rich.key, "checksum_valid": rich.checksum_valid, "entries": entries})
+
+
+def _bulk_read_cursor(connection: Connection) -> Any:
+    """The driver's own cursor, inside the connection's open transaction.
+
+    SQLAlchemy's Row objects cost ~2x on a bulk read (measured in docs/store.md) and all values
+    here are plain. On PostgreSQL the cursor is a named (server-side) one in binary format: the
+    server keeps the result and ``fetchmany`` brings one chunk per round trip, where a client
+    cursor would hold the whole table in the driver first; binary skips the hex text form of
+    the MinHash blobs.
+    """
+    dbapi_connection: Any = connection.connection.dbapi_connection
+    if connection.dialect.name == "postgresql":
+        return dbapi_connection.cursor(FUNCTION_TABLE_CURSOR, binary=True)
+    return dbapi_connection.cursor()
 
 
 def _label_from_row(row: Any) -> SampleLabel:
@@ -363,13 +391,19 @@ class SqlStore:
 
     @contextmanager
     def _read(self, action: str) -> Iterator[Connection]:
-        """A read transaction, so several queries see one consistent snapshot."""
-        with (
-            _database_errors(action),
-            self._engine.connect() as connection,
-            connection.begin(),
-        ):
-            yield connection
+        """A read transaction, so several queries see one consistent snapshot.
+
+        SQLite gives that to any transaction (WAL); PostgreSQL's default READ COMMITTED takes a
+        new snapshot per statement, so reads there ask for REPEATABLE READ, which for a
+        read-only transaction never fails and never blocks a writer.
+        """
+        with _database_errors(action), self._engine.connect() as connection:
+            if connection.dialect.name == "postgresql":
+                connection = connection.execution_options(
+                    isolation_level="REPEATABLE READ", postgresql_readonly=True
+                )
+            with connection.begin():
+                yield connection
 
     def has_sample(self, sha256: str) -> bool:
         with _database_errors("read samples"), self._engine.connect() as connection:
@@ -451,9 +485,7 @@ class SqlStore:
             exact_hash = np.empty(expected, dtype=np.int64)
             minhash = np.empty((expected, MINHASH_PERMUTATIONS), dtype=np.uint32)
             filled = 0
-            # The driver's own cursor, inside the transaction begun above: SQLAlchemy's Row
-            # objects cost ~2x here (measured in docs/store.md), and all values are plain.
-            cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            cursor = _bulk_read_cursor(connection)
             cursor.execute(str(query.compile(dialect=connection.dialect)))
             while chunk := cursor.fetchmany(FUNCTION_TABLE_FETCH_ROWS):
                 end = min(filled + len(chunk), expected)
