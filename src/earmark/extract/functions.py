@@ -1,4 +1,6 @@
-"""Function recovery on (possibly stripped) x86/x86-64 code, and per-function features.
+"""Function recovery on (possibly stripped) x86/x86-64 code: where functions start and what
+they contain. The start heuristics live in ``function_starts``, per-function features in
+``function_features``; this module orders them and runs the descent.
 
 Starts come from, in order of trust: symbols, exports, entry points, unwind tables (.pdata,
 .eh_frame), then recursive descent: direct call targets, tail-jump targets (a ``jmp`` that
