@@ -270,22 +270,33 @@ class InstructionDecoder:
             if analysis is None:
                 analysis = self._analyse(mnemonic, op_str)
                 analyses[(mnemonic, op_str)] = analysis
-            memory = analysis.absolute_memory
-            if analysis.rip_displacement is not None:
-                memory = (insn_address + size + analysis.rip_displacement) & 0xFFFFFFFFFFFFFFFF
+            # One unpack instead of eight NamedTuple attribute lookups (measured 1-4 % of
+            # recovery; this runs once per decoded instruction).
+            (
+                clean_mnemonic,
+                token,
+                kind,
+                target,
+                memory,
+                rip_displacement,
+                address_immediates,
+                large_immediates,
+            ) = analysis
+            if rip_displacement is not None:
+                memory = (insn_address + size + rip_displacement) & 0xFFFFFFFFFFFFFFFF
             decoded[insn_address] = new_instruction(
                 Instruction,
                 (
                     insn_address,
                     size,
-                    analysis.mnemonic,
+                    clean_mnemonic,
                     op_str,
-                    analysis.token,
-                    analysis.kind,
-                    analysis.target,
+                    token,
+                    kind,
+                    target,
                     memory,
-                    analysis.address_immediates,
-                    analysis.large_immediates,
+                    address_immediates,
+                    large_immediates,
                 ),
             )
 
