@@ -21,12 +21,13 @@ from datetime import date
 from pathlib import Path
 from typing import Final
 
-from earmark.correlate.code import find_code_evidence
+from earmark.correlate.code import build_feature_candidates, find_code_evidence
 from earmark.demo_build import DemoBinary, Target, build_demo_corpus
 from earmark.errors import UsageError
 from earmark.extract import analyze_file
 from earmark.freeze import load_features
 from earmark.index import DEFAULT_TOP_K, FunctionIndex, IndexCacheError
+from earmark.index.feature_candidates import FeatureCandidateIndex
 from earmark.index.similarity import compare_functions
 from earmark.ingest import IngestSummary, LabelTemplate, ingest_paths
 from earmark.model.evidence import Evidence
@@ -85,6 +86,9 @@ class KnowledgeBase:
     index_path: Path | None  # None: keep the index in memory only
     _index: FunctionIndex | None = None
     _samples: dict[int, SampleRecord] = field(default_factory=dict)
+    # The second candidate stage, built once per store revision and process: building it reads
+    # every stored sample's features, so a batch of queries must not pay it per query.
+    _feature_candidates: tuple[int, FeatureCandidateIndex | None] | None = None
 
     def index(self) -> FunctionIndex:
         revision = self.store.revision()
@@ -107,6 +111,14 @@ class KnowledgeBase:
     def samples(self) -> dict[int, SampleRecord]:
         self.index()
         return self._samples
+
+    def feature_candidates(self) -> FeatureCandidateIndex | None:
+        """The optimisation-robust candidate stage (None past its sample limit)."""
+        index = self.index()
+        if self._feature_candidates is None or self._feature_candidates[0] != index.revision:
+            built = build_feature_candidates(self.store, self._samples, index.min_instructions)
+            self._feature_candidates = (index.revision, built)
+        return self._feature_candidates[1]
 
 
 def index_cache_path(database: str | None) -> Path | None:
@@ -214,7 +226,14 @@ def attribute_sample(
     """Code (and, when intel is available, infrastructure) evidence fused into a case."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, not {top}")
-    code = find_code_evidence(kb.store, kb.index(), kb.samples(), features, top_k=DEFAULT_TOP_K)
+    code = find_code_evidence(
+        kb.store,
+        kb.index(),
+        kb.samples(),
+        features,
+        top_k=DEFAULT_TOP_K,
+        feature_index=kb.feature_candidates(),
+    )
     indicators = [*_sample_indicators(features), *extra_indicators]
     infrastructure = _infrastructure_evidence(kb, indicators, at, features.sha256)
     evidence = [*code.evidence, *infrastructure]
