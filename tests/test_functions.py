@@ -1,4 +1,8 @@
-"""Function recovery on stripped fixture builds, scored against the unstripped symbols."""
+"""Function recovery on stripped fixture builds, scored against the unstripped symbols.
+
+Every build goes through ``earmark.extract.analyze_file`` (the product loader and pipeline);
+the truth comes from the unstripped build's symbol table (tests/fixtures/truth.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import pytest
 
 from earmark.config import DEFAULT_LIMITS, Limits
 from earmark.errors import AnalysisTimeoutError
+from earmark.extract import analyze_file
 from earmark.extract.disasm import InstructionDecoder
 from earmark.extract.function_features import FunctionBody
 from earmark.extract.function_starts import (
@@ -24,10 +29,14 @@ from fixtures.truth import code_image, truth_functions
 
 SOURCES = ("fx_codec.c", "fx_dispatch.c")
 TOOLCHAINS = ("gcc64", "clang64", "gcc32", "mingw64", "mingw32")
-# Stripped -O2 builds must reach this on both formats and bitnesses (see the brief and
-# docs/function-recovery.md for the figures of every build).
+# Stripped -O2 builds must reach this on both formats and bitnesses (the issue's bar; the
+# figures of every build are in docs/function-recovery.md).
 REQUIRED_RECALL = 0.95
 REQUIRED_PRECISION = 0.95
+# -O0 and -Os are held to a floor below the bar: mingw32 -O0 keeps dead CRT helpers and
+# frame-less functions whose gaps invite guesses (measured 0.89 precision on fx_dispatch).
+OTHER_LEVEL_RECALL = 0.95
+OTHER_LEVEL_PRECISION = 0.85
 
 
 def _recover(image: CodeImage, limits: Limits = DEFAULT_LIMITS) -> tuple[FunctionFeatures, ...]:
@@ -36,9 +45,10 @@ def _recover(image: CodeImage, limits: Limits = DEFAULT_LIMITS) -> tuple[Functio
 
 
 def _score(builder: FixtureBuilder, source: str, toolchain: str, opt: str) -> tuple[float, float]:
+    """(recall, precision) of the stripped build's starts through the whole pipeline."""
     build = builder.build(source, toolchain, opt)
     truth = truth_functions(build.unstripped)
-    found = {f.address for f in _recover(code_image(build.stripped))}
+    found = {f.address for f in analyze_file(build.stripped).functions}
     hits = len(found & set(truth))
     return hits / len(truth), hits / len(found)
 
@@ -55,17 +65,19 @@ def test_stripped_o2_starts_match_symbols(
 
 @pytest.mark.parametrize("opt", ["O0", "Os"])
 @pytest.mark.parametrize("toolchain", TOOLCHAINS)
-def test_other_levels_stay_close(builder: FixtureBuilder, toolchain: str, opt: str) -> None:
-    # -O0 mingw32 keeps more dead CRT helpers that only a guess can find; 0.85 is the floor.
-    recall, precision = _score(builder, "fx_dispatch.c", toolchain, opt)
-    assert recall >= 0.95
-    assert precision >= 0.85
+@pytest.mark.parametrize("source", SOURCES)
+def test_other_levels_stay_close(
+    builder: FixtureBuilder, source: str, toolchain: str, opt: str
+) -> None:
+    recall, precision = _score(builder, source, toolchain, opt)
+    assert recall >= OTHER_LEVEL_RECALL, f"recall {recall:.3f}"
+    assert precision >= OTHER_LEVEL_PRECISION, f"precision {precision:.3f}"
 
 
 def test_features_of_known_functions(builder: FixtureBuilder) -> None:
     build = builder.build("fx_codec.c", "gcc64", "O2")
     truth = truth_functions(build.unstripped)
-    functions = _recover(code_image(build.stripped))
+    functions = analyze_file(build.stripped).functions
     by_name = {truth[f.address]: f for f in functions if f.address in truth}
     crc = by_name["crc32_update"]
     # At -O2 gcc vectorises the CRC table loop (the polynomial moves to .rodata), but the
@@ -86,14 +98,14 @@ def test_features_of_known_functions(builder: FixtureBuilder) -> None:
 def test_crc_polynomial_is_a_constant_at_o0(builder: FixtureBuilder) -> None:
     build = builder.build("fx_codec.c", "gcc64", "O0")
     truth = truth_functions(build.unstripped)
-    functions = _recover(code_image(build.stripped))
+    functions = analyze_file(build.stripped).functions
     table_builder = next(f for f in functions if truth.get(f.address) == "crc32_build_table")
     assert 0xEDB88320 in table_builder.constants
 
 
 def test_pe_imports_and_strings(builder: FixtureBuilder) -> None:
     build = builder.build("fx_dispatch.c", "mingw32", "O2")
-    functions = _recover(code_image(build.stripped))
+    functions = analyze_file(build.stripped).functions
     imports = {name for f in functions for name in f.called_imports}
     assert any(name.endswith("!strchr") for name in imports)
     strings = {s for f in functions for s in f.strings}
@@ -104,14 +116,14 @@ def test_jump_table_cases_are_inside_the_dispatcher(builder: FixtureBuilder) -> 
     for toolchain in ("gcc64", "clang64", "gcc32", "mingw64"):
         build = builder.build("fx_dispatch.c", toolchain, "O2")
         truth = truth_functions(build.unstripped)
-        functions = _recover(code_image(build.stripped))
+        functions = analyze_file(build.stripped).functions
         dispatcher = next(f for f in functions if truth.get(f.address) == "dispatch_opcode")
         assert dispatcher.block_count >= 12, toolchain  # 12 cases + default reached
 
 
 def test_unstripped_build_names_functions(builder: FixtureBuilder) -> None:
     build = builder.build("fx_codec.c", "gcc64", "O2")
-    functions = _recover(code_image(build.unstripped))
+    functions = analyze_file(build.unstripped).functions
     names = {f.name for f in functions}
     assert {"main", "crc32_update", "rc4_crypt"} <= names
     assert [f.address for f in functions] == sorted(f.address for f in functions)
@@ -128,11 +140,9 @@ def test_instruction_limit_cuts_and_warns(builder: FixtureBuilder) -> None:
 
 def test_function_limit_warns(builder: FixtureBuilder) -> None:
     build = builder.build("fx_codec.c", "mingw64", "O2")
-    functions, warnings = recover_functions(
-        code_image(build.stripped), Limits(max_functions=10), time.monotonic() + 60
-    )
-    assert len(functions) == 10
-    assert any("function limit" in w for w in warnings)
+    features = analyze_file(build.stripped, Limits(max_functions=10))
+    assert len(features.functions) == 10
+    assert any("function limit" in w for w in features.warnings)
 
 
 def test_deadline_raises(builder: FixtureBuilder) -> None:

@@ -92,3 +92,31 @@ def test_elf_plt_stubs_match_objdump(builder: FixtureBuilder, toolchain: str) ->
 def test_detect_format_refuses_unknown_magic() -> None:
     with pytest.raises(UnsupportedFormatError):
         detect_format(b"#!/bin/sh\necho hi\n", DEFAULT_LIMITS)
+
+
+@pytest.mark.parametrize("toolchain", ["gcc64", "gcc32", "clang64"])
+def test_elf_got_address_and_plt_ranges_match_the_section_headers(
+    builder: FixtureBuilder, toolchain: str
+) -> None:
+    build = builder.build("meta_hello.c", toolchain, "O2")
+    image = load_sample(build.stripped.read_bytes(), DEFAULT_LIMITS).image
+    listing = subprocess.run(
+        ["readelf", "--wide", "--section-headers", str(build.stripped)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    sections = {
+        name: (int(address, 16), int(address, 16) + int(size, 16))
+        for name, address, size in re.findall(
+            r"\] (\.[\w.]+)\s+\w+\s+([0-9a-f]+) [0-9a-f]+ ([0-9a-f]+)", listing
+        )
+    }
+    assert image.got_address == sections[".got.plt"][0]
+    plt_names = [
+        name
+        for name in (".plt", ".plt.sec", ".plt.got")
+        if name in sections and sections[name][1] > sections[name][0]
+    ]
+    assert plt_names
+    assert set(image.plt_ranges) == {sections[name] for name in plt_names}

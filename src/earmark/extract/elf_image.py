@@ -209,8 +209,37 @@ def build_elf_image(
         import_slots={
             address: f"{library}!{name}" for library, name, address in elf_imports(binary)
         },
+        got_address=_got_address(binary),
+        plt_ranges=_plt_ranges(binary),
     )
     return image, tuple(warnings)
+
+
+def _got_address(binary: lief.ELF.Binary) -> int | None:
+    """_GLOBAL_OFFSET_TABLE_: DT_PLTGOT, or the .got.plt section when there is no dynamic entry.
+
+    i386 PIC code loads this address into its GOT register (``__x86.get_pc_thunk``) and
+    addresses jump tables and data relative to it; the ABI places it at the start of
+    .got.plt, which is what DT_PLTGOT names.
+    """
+    got_entry = binary.get(lief.ELF.DynamicEntry.TAG.PLTGOT)
+    if got_entry is not None and got_entry.value:
+        return int(got_entry.value)
+    section = binary.get_section(".got.plt")
+    if section is not None and section.virtual_address:
+        return int(section.virtual_address)
+    return None
+
+
+def _plt_ranges(binary: lief.ELF.Binary) -> tuple[tuple[int, int], ...]:
+    """[start, end) of the PLT sections (absent when the section headers were removed)."""
+    found: list[tuple[int, int]] = []
+    for section_name in _PLT_SECTIONS:
+        section = binary.get_section(section_name)
+        if section is not None and section.virtual_address and section.size:
+            start = int(section.virtual_address)
+            found.append((start, start + int(section.size)))
+    return tuple(sorted(found))
 
 
 def _symbol_functions(binary: lief.ELF.Binary) -> tuple[SymbolFunction, ...]:

@@ -128,8 +128,7 @@ class FunctionRecovery:
     def propose(self, address: int, source: str) -> None:
         if address in self.sources or not self.decoder.is_code(address):
             return
-        segment = self.decoder.segment_at(address)
-        if segment is not None and segment.name.startswith(".plt"):
+        if any(low <= address < high for low, high in self.image.plt_ranges):
             return  # ELF PLT: import stubs only (their unwind entry covers the whole section)
         if self.import_thunk(address) is not None:
             return

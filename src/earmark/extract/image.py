@@ -31,6 +31,25 @@ class SymbolFunction:
 
 
 @dataclass(frozen=True, slots=True)
+class UnwindRange:
+    """One unwind-table entry: PE ``RUNTIME_FUNCTION`` [begin, end) and the function it is part of.
+
+    MSVC splits one function into several entries when the prologue state differs between
+    its parts (shrink-wrapped or cold code); the later parts carry ``UNW_FLAG_CHAININFO`` and
+    point back at the entry of the function. ``function`` is that root entry's begin, and
+    equals ``begin`` for an entry that starts a function.
+    """
+
+    begin: int
+    end: int
+    function: int
+
+    @property
+    def chained(self) -> bool:
+        return self.function != self.begin
+
+
+@dataclass(frozen=True, slots=True)
 class CodeImage:
     arch: Arch
     bits: int
@@ -39,7 +58,17 @@ class CodeImage:
     entry_points: tuple[int, ...]
     symbol_functions: tuple[SymbolFunction, ...]  # from .symtab/.dynsym/COFF symbols
     export_addresses: tuple[int, ...]
-    # Function starts from unwind data: PE .pdata RUNTIME_FUNCTION begins, ELF .eh_frame FDEs.
+    # Function starts from unwind data: PE .pdata RUNTIME_FUNCTION begins of entries that start
+    # a function (chained entries are parts of another one), ELF .eh_frame FDEs.
     exception_starts: tuple[int, ...]
     # Address of an import slot (PE IAT entry) or stub (ELF PLT entry) -> "library!name".
     import_slots: Mapping[int, str] = field(default_factory=dict)
+    # Every PE .pdata entry with its extent and owning function (see UnwindRange), by begin.
+    exception_ranges: tuple[UnwindRange, ...] = ()
+    # ELF: the address i386 PIC code holds in its GOT register (_GLOBAL_OFFSET_TABLE_, which
+    # the ABI puts at DT_PLTGOT / .got.plt); jump tables there are relative to it.
+    got_address: int | None = None
+    # ELF: [start, end) of the .plt, .plt.sec and .plt.got sections, which hold import stubs
+    # and the lazy-binding resolver stub, never functions. Images are mapped by program
+    # segment, so section names are not otherwise visible to recovery.
+    plt_ranges: tuple[tuple[int, int], ...] = ()

@@ -10,8 +10,9 @@ Three patterns cover what gcc, clang, mingw and MSVC emit for x86 and x86-64:
 
 The entry count comes from the bounds check (``cmp index, N; ja default``) when it is in the
 same run of instructions, else entries are read while they point into the jump's own segment.
-32-bit PIC tables addressed through the GOT register are not resolved (the register value is
-not tracked); their cases are still found when other code calls into them.
+i386 PIC tables (``mov r, [ebx + index*4 + disp]; add r, ebx; jmp r``) are read relative to
+the image's GOT address (``CodeImage.got_address``): the GOT register is not tracked, but the
+ABI fixes its value.
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ def _read_entries(
 
 
 def _got_base(decoder: InstructionDecoder) -> int | None:
-    for segment in decoder.image.segments:
+    image = decoder.image
+    if image.got_address is not None:
+        return image.got_address
+    for segment in image.segments:  # images built by section rather than by the loader
         if segment.name == ".got.plt":
             return segment.virtual_address
     return None
