@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import shlex
 import subprocess
 import sys
@@ -59,6 +60,33 @@ EARMARK_INGEST_JOBS = 2
 # Hypotheses asked from earmark per query: more than the projects, so the ranking is complete.
 EARMARK_TOP_HYPOTHESES = 100
 UNKNOWN = "unknown"
+
+# The protocol, written into docs/benchmarks.md with every run's tables.
+PROTOCOL = f"""\
+`bench/attribution_pe.py` on the development PE corpus (`pe/<project>/<version>/<file>`,
+`labels_full.csv`). Files are deduplicated by sha256 before splitting (oldest copy kept).
+- (a) KB = every release but the newest of each project, queries = the newest release;
+- (b) KB = the oldest release only, queries = the newest (years of compiler and code drift);
+- (c) KB = all project code, queries = the whole third-party files (MSVC runtime DLLs): the
+  right answer is nobody; "high" = a project scoring ≥ {HIGH_SCORE} (inside ICD-203's "likely",
+  55-80 %); files reaching earmark's verdict threshold ({VERDICT_SCORE}) are counted too.
+Whole third-party files are never labelled as the project that shipped them (default run).
+KB files are labelled family = actor = project (earmark: `ingest_paths` with
+{EARMARK_INGEST_JOBS} worker processes into a temporary SQLite KB; MCRIT: in-process,
+`MemoryStorage`, fake queue, MinHash pools off, see bench/README.md). Predicted project =
+top family hypothesis (earmark) / top family of `getBestSampleMatchesPerFamily` (MCRIT);
+projects an engine does not list score 0; MRR and top-1 count ties as a random order
+(bench/common.py). Margin = score(true project) − score(best other project), negative when
+wrong. Top-1/MRR/margin means weight every project equally (mean of per-project means).
+Each engine runs in its own child process per group of settings ((a) then (c) grow one KB),
+so "process peak RSS" is that engine's getrusage peak; "phase peak RSS" is sampled every 20 ms
+during that setting. Indexing: earmark = the whole ingest (analysis + store) plus the index
+build ("index build s" alone); MCRIT = SMDA disassembly + storage + MinHash ("index build s" =
+storage + MinHash alone). Functions: each engine's own count (earmark: stored functions;
+MCRIT: SMDA functions). Query latency: earmark = `analyze_file` + `attribute_sample`, MCRIT =
+SMDA + `getMatchesForSmdaReport`; "w/o analysis" leaves out the query's own analysis. CPU
+seconds include earmark's ingest workers and stay comparable when other jobs load the machine.
+"""
 
 
 # --------------------------------------------------------------------------- plans
@@ -142,6 +170,22 @@ def build_groups(files: Sequence[CorpusFile], args: argparse.Namespace) -> list[
 # --------------------------------------------------------------------------- child: engines
 
 
+def _children_cpu_seconds() -> float:
+    """CPU seconds of finished child processes (earmark's ingest workers); the machine may be
+    shared, and CPU seconds stay comparable when wall time is inflated by other load."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _progress(engine: str, entry: dict[str, Any], seconds: float) -> None:
+    print(
+        f"  [{engine}] {entry['project']}/{entry['version']}/{Path(entry['path']).name}"
+        f" {seconds:.1f}s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
     from earmark.attribution import attribute_sample
     from earmark.extract import analyze_file
@@ -152,6 +196,7 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
         by_project.setdefault(entry["project"], []).append(entry["path"])
     functions_before = kb.store.stats().functions
     failures: list[str] = []
+    workers_cpu_before = _children_cpu_seconds()
     with Stopwatch() as ingest_watch, watch_peak_memory() as ingest_memory:
         for project, paths in sorted(by_project.items()):
             template = LabelTemplate(actor=project, family=project, source="bench-pe")
@@ -167,6 +212,7 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
             failures += [f"{o.name}: {o.error_type}" for o in summary.failures]
     with Stopwatch() as build_watch:
         index = kb.index()
+    workers_cpu = _children_cpu_seconds() - workers_cpu_before
     stats = kb.store.stats()
     queries = []
     with watch_peak_memory() as query_memory:
@@ -175,6 +221,7 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
                 features = analyze_file(Path(entry["path"]))
             with Stopwatch() as match_watch:
                 case = attribute_sample(kb, features, top=EARMARK_TOP_HYPOTHESES)
+            _progress("earmark", entry, analysis_watch.wall + match_watch.wall)
             families = [h for h in case.hypotheses if h.family is not None]
             queries.append(
                 {
@@ -184,6 +231,7 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
                     "function_count": len(features.functions),
                     "analysis_seconds": analysis_watch.wall,
                     "match_seconds": match_watch.wall,
+                    "cpu_seconds": analysis_watch.cpu + match_watch.cpu,
                     "detail": {
                         "verdict": case.verdict.summary,
                         "verdict_actor": case.verdict.actor,
@@ -213,6 +261,7 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
             "wall_seconds": ingest_watch.wall + build_watch.wall,
             "ingest_seconds": ingest_watch.wall,
             "build_seconds": build_watch.wall,
+            "cpu_seconds": ingest_watch.cpu + build_watch.cpu + workers_cpu,
             "peak_rss_bytes": ingest_memory.peak_bytes,
             "failures": failures,
         },
@@ -230,7 +279,9 @@ def _mcrit_phase(mcrit: Any, phase: dict[str, Any]) -> dict[str, Any]:
     queries = []
     with watch_peak_memory() as query_memory:
         for entry in phase["queries"]:
-            result = mcrit.query_file(Path(entry["path"]))
+            with Stopwatch() as query_watch:
+                result = mcrit.query_file(Path(entry["path"]))
+            _progress("mcrit", entry, query_watch.wall)
             queries.append(
                 {
                     **entry,
@@ -239,6 +290,7 @@ def _mcrit_phase(mcrit: Any, phase: dict[str, Any]) -> dict[str, Any]:
                     "function_count": result.function_count,
                     "analysis_seconds": result.disassembly_seconds,
                     "match_seconds": result.matching_seconds,
+                    "cpu_seconds": query_watch.cpu,
                     "detail": {},
                 }
             )
@@ -251,6 +303,7 @@ def _mcrit_phase(mcrit: Any, phase: dict[str, Any]) -> dict[str, Any]:
             "wall_seconds": watch.wall,
             "ingest_seconds": watch.wall,
             "build_seconds": sum(i.indexing_seconds for i in added),
+            "cpu_seconds": watch.cpu,
             "peak_rss_bytes": memory.peak_bytes,
             "failures": [str(i.path) for i in added if i.status == "error"],
         },
@@ -261,8 +314,6 @@ def _mcrit_phase(mcrit: Any, phase: dict[str, Any]) -> dict[str, Any]:
 
 def run_child(engine: str, plan_path: Path, out_path: Path) -> None:
     """Run one engine over one group of phases; write its raw results as JSON."""
-    import resource
-
     group = json.loads(plan_path.read_text(encoding="utf-8"))
     phases_out = []
     with tempfile.TemporaryDirectory(prefix="earmark-bench-pe-") as temporary:
@@ -359,6 +410,12 @@ def summarise(
             "p95": _percentile(match, 95),
         },
         "peak_rss_bytes": engine_result["peak_rss_bytes"],
+        "index_cpu_seconds": index.get("cpu_seconds", float("nan")),
+        "query_cpu_mean": float(
+            np.mean([q.get("cpu_seconds", float("nan")) for q in setting_phase["queries"]])
+        )
+        if setting_phase["queries"]
+        else float("nan"),
         "phase_peak_rss_bytes": max(index["peak_rss_bytes"], setting_phase["query_peak_rss_bytes"]),
         "rows": rows,
     }
@@ -398,6 +455,24 @@ def run_engine(engine: str, group: dict[str, Any], work: Path) -> dict[str, Any]
 
 def _mb(value: float) -> str:
     return f"{value / 1e6:.0f}"
+
+
+def summarise_run(
+    groups: Sequence[dict[str, Any]], raw: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every engine x setting summary of a run (raw child results matched to their plan)."""
+    summaries = []
+    for result in raw:
+        group = next(
+            g
+            for g in groups
+            if g["name"] == result.get("group", g["name"])
+            and [p["setting"] for p in g["phases"]] == [p["setting"] for p in result["phases"]]
+        )
+        for phase_plan, phase in zip(group["phases"], result["phases"], strict=True):
+            summaries.append(summarise(result, phase_plan, phase))
+    summaries.sort(key=lambda s: (s["setting"], ENGINES.index(s["engine"])))
+    return summaries
 
 
 def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
@@ -463,12 +538,14 @@ def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
             s["index"]["functions_added"],
             s["index"]["wall_seconds"],
             s["functions_per_second"],
+            s["index_cpu_seconds"],
             s["index"]["build_seconds"],
             s["latency_total"]["mean"],
             s["latency_total"]["p50"],
             s["latency_total"]["p95"],
             s["latency_match"]["mean"],
             s["latency_match"]["p95"],
+            s["query_cpu_mean"],
             _mb(s["phase_peak_rss_bytes"]),
             _mb(s["peak_rss_bytes"]),
         ]
@@ -483,12 +560,14 @@ def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
                 "functions added",
                 "index wall s",
                 "functions/s",
+                "index CPU s",
                 "index build s",
                 "query s mean",
                 "p50",
                 "p95",
                 "query s w/o analysis mean",
                 "p95",
+                "query CPU s mean",
                 "phase peak RSS MB",
                 "process peak RSS MB",
             ],
@@ -599,6 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="earmark-only variant: ingest KB releases' third-party files as goodware",
     )
+    parser.add_argument(
+        "--render", type=Path, help="re-print (and --update-doc) a saved --json run; no engines run"
+    )
     parser.add_argument("--json", type=Path, help="write every result (per file too) here")
     parser.add_argument("--update-doc", type=Path, help=f"rewrite '{SECTION_TITLE}' in this file")
     args = parser.parse_args(argv)
@@ -609,31 +691,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(args.settings) - {"a", "b", "c"}
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}; use a, b, c")
-    files = load_release_corpus("pe")
+    files = [] if args.render else load_release_corpus("pe")
     if args.projects:
         files = [f for f in files if f.project in set(args.projects)]
-    groups = build_groups(files, args)
-    engines = ["earmark"] if args.skip_mcrit else list(ENGINES)
-    summaries: list[dict[str, Any]] = []
-    raw: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-attribution-pe-") as temporary:
-        for group in groups:
-            for engine in engines:
-                print(f"[{engine}] settings {group['name']} ...", file=sys.stderr, flush=True)
-                result = run_engine(engine, group, Path(temporary))
-                raw.append(result)
-                for phase_plan, phase in zip(group["phases"], result["phases"], strict=True):
-                    summaries.append(summarise(result, phase_plan, phase))
-    summaries.sort(key=lambda s: (s["setting"], ENGINES.index(s["engine"])))
+    command = "python -m bench.attribution_pe " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    if args.render:
+        saved = json.loads(args.render.read_text(encoding="utf-8"))
+        groups, raw, command = saved["groups"], saved["raw"], saved["command"]
+    else:
+        groups = build_groups(files, args)
+        engines = ["earmark"] if args.skip_mcrit else list(ENGINES)
+        raw = []
+        with tempfile.TemporaryDirectory(prefix="bench-attribution-pe-") as temporary:
+            for group in groups:
+                for engine in engines:
+                    print(f"[{engine}] settings {group['name']} ...", file=sys.stderr, flush=True)
+                    raw.append(
+                        run_engine(engine, group, Path(temporary)) | {"group": group["name"]}
+                    )
+    summaries = summarise_run(groups, raw)
     print(render_results(summaries, markdown=False))
     print()
     print(render_per_file(summaries, markdown=False))
     failures = explain_failures(summaries)
     if failures:
         print("\nearmark misses:\n" + "\n".join(failures))
-    command = "python -m bench.attribution_pe " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -644,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.update_doc:
         body = "\n\n".join(
             [
+                PROTOCOL,
                 f"Command: `{command.strip()}`",
                 render_results(summaries, markdown=True),
                 render_per_file(summaries, markdown=True),
