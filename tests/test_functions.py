@@ -22,7 +22,7 @@ from earmark.extract.function_starts import (
     gap_prologue,
 )
 from earmark.extract.functions import recover_functions
-from earmark.extract.image import CodeImage, Segment
+from earmark.extract.image import CodeImage, Segment, UnwindRange
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 from fixtures.build import FixtureBuilder
 from fixtures.truth import code_image, truth_functions
@@ -274,3 +274,59 @@ def test_elf_lazy_binding_stubs_are_not_functions() -> None:
         exception_starts=(0x401000,),
     )
     assert [f.address for f in _recover(image)] == [0x401020]
+
+
+def test_chained_unwind_parts_belong_to_their_function() -> None:
+    # 0x401000 push rbx; jmp 0x401020 | int3 int3; 0x401008 push rbp; ret (unreached, inside
+    # the first entry's range) | 0x401010 xor eax, eax; ret | 0x401020 pop rbx; ret: a part
+    # of the first function with a chained .pdata entry of its own (as MSVC splits code).
+    code = (
+        b"\x53\xe9\x1a\x00\x00\x00"
+        + b"\xcc\xcc\x55\xc3"
+        + b"\xcc" * 6
+        + b"\x31\xc0\xc3"
+        + b"\xcc" * 13
+        + b"\x5b\xc3"
+    )
+    image = CodeImage(
+        arch="x86_64",
+        bits=64,
+        image_base=0x400000,
+        segments=(Segment(".text", 0x401000, code, True),),
+        entry_points=(),
+        symbol_functions=(),
+        export_addresses=(),
+        exception_starts=(0x401000, 0x401010),
+        exception_ranges=(
+            UnwindRange(0x401000, 0x40100C, 0x401000),
+            UnwindRange(0x401010, 0x401013, 0x401010),
+            UnwindRange(0x401020, 0x401022, 0x401000),
+        ),
+    )
+    functions = {f.address: f for f in _recover(image)}
+    # Neither the chained part nor the prologue-shaped bytes inside the range are functions.
+    assert {a: f.source for a, f in functions.items()} == {0x401000: "unwind", 0x401010: "unwind"}
+    assert functions[0x401000].normalized == ("push r64", "jmp addr", "pop r64", "ret")
+
+
+def test_chained_part_the_flow_misses_is_still_explored_with_its_function() -> None:
+    # 0x401000 push rbx; jmp rax (unresolved) | 0x401010 pop rbx; ret: chained to 0x401000.
+    code = b"\x53\xff\xe0" + b"\xcc" * 13 + b"\x5b\xc3"
+    image = CodeImage(
+        arch="x86_64",
+        bits=64,
+        image_base=0x400000,
+        segments=(Segment(".text", 0x401000, code, True),),
+        entry_points=(),
+        symbol_functions=(),
+        export_addresses=(),
+        exception_starts=(0x401000,),
+        exception_ranges=(
+            UnwindRange(0x401000, 0x401003, 0x401000),
+            UnwindRange(0x401010, 0x401012, 0x401000),
+        ),
+    )
+    (function,) = _recover(image)
+    assert function.address == 0x401000
+    assert function.normalized == ("push r64", "jmp r64", "pop r64", "ret")
+    assert function.block_count == 2

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
 from earmark.config import DEFAULT_LIMITS
 from earmark.errors import UnsupportedFormatError
+from earmark.extract.image import UnwindRange
 from earmark.extract.loader import detect_format, load_sample
+from earmark.extract.pe_image import unwind_ranges
 from fixtures.build import FixtureBuilder
 
 TOOLCHAIN_SHAPES = {
@@ -120,3 +123,41 @@ def test_elf_got_address_and_plt_ranges_match_the_section_headers(
     ]
     assert plt_names
     assert set(image.plt_ranges) == {sections[name] for name in plt_names}
+
+
+def _runtime_function(begin: int, end: int, chained_to: int | None = None) -> SimpleNamespace:
+    """A stand-in for LIEF's RuntimeFunctionX64 with the fields the loader reads."""
+    parent = None if chained_to is None else SimpleNamespace(rva_start=chained_to)
+    return SimpleNamespace(
+        rva_start=begin, rva_end=end, unwind_info=SimpleNamespace(chained=parent)
+    )
+
+
+def test_chained_pdata_entries_name_the_function_at_the_root_of_the_chain() -> None:
+    binary = SimpleNamespace(
+        exceptions=[
+            _runtime_function(0x1000, 0x1010),
+            _runtime_function(0x1010, 0x1020, chained_to=0x1000),
+            _runtime_function(0x1800, 0x1810, chained_to=0x1010),  # a chain two links long
+            _runtime_function(0x2000, 0x2010),
+        ]
+    )
+    assert unwind_ranges(binary, 0x10000) == (  # type: ignore[arg-type]
+        UnwindRange(0x11000, 0x11010, 0x11000),
+        UnwindRange(0x11010, 0x11020, 0x11000),
+        UnwindRange(0x11800, 0x11810, 0x11000),
+        UnwindRange(0x12000, 0x12010, 0x12000),
+    )
+
+
+def test_a_chain_loop_in_hostile_pdata_ends() -> None:
+    # Each entry names the other as its function: resolution stops after a bounded walk.
+    binary = SimpleNamespace(
+        exceptions=[
+            _runtime_function(0x1000, 0x1010, chained_to=0x1010),
+            _runtime_function(0x1010, 0x1020, chained_to=0x1000),
+        ]
+    )
+    ranges = unwind_ranges(binary, 0)  # type: ignore[arg-type]
+    assert [r.begin for r in ranges] == [0x1000, 0x1010]
+    assert all(r.function in (0x1000, 0x1010) for r in ranges)

@@ -12,6 +12,7 @@ Import thunks (``jmp [IAT]``, PLT stubs) are not functions: calls to them become
 
 from __future__ import annotations
 
+import bisect
 import gc
 import time
 from collections import deque
@@ -89,6 +90,9 @@ MAX_HEURISTIC_PASSES: Final = 8
 # Sources that name a function outright; every other source is checked against stub shapes.
 _TRUSTED_SOURCES: Final = frozenset({"symbol", "export", "entry"})
 
+# Starts guessed by the heuristic rounds, not read from the image or a direct call.
+_GUESS_SOURCES: Final = frozenset({"tail", "reference", "prologue"})
+
 # Source labels, in order of trust; the first one that finds a start names it.
 SOURCE_ORDER: Final = (
     "symbol",
@@ -122,6 +126,21 @@ class FunctionRecovery:
         self._reference_scanned: set[int] = set()
         self._gaps_scanned: set[tuple[int, int]] = set()
         self._data_pointers: list[int] | None = None
+        # PE chained .pdata entries: parts of the function at their root entry, explored as
+        # part of it rather than as functions of their own (see docs, "Where starts come from").
+        self._fragment_function = {r.begin: r.function for r in image.exception_ranges if r.chained}
+        self._fragments_of: dict[int, list[int]] = {}
+        for begin, function in sorted(self._fragment_function.items(), reverse=True):
+            self._fragments_of.setdefault(function, []).append(begin)  # popped lowest first
+        # .pdata ranges for refusing guesses inside a function; an entry overlapping the one
+        # before it is ignored, so hostile unwind data cannot blanket the image.
+        self._unwind_begins: list[int] = []
+        self._unwind_ends: list[int] = []
+        for unwind in image.exception_ranges:
+            if self._unwind_ends and unwind.begin < self._unwind_ends[-1]:
+                continue
+            self._unwind_begins.append(unwind.begin)
+            self._unwind_ends.append(unwind.end)
 
     # --- start discovery -----------------------------------------------------------------
 
@@ -132,11 +151,22 @@ class FunctionRecovery:
             return  # ELF PLT: import stubs only (their unwind entry covers the whole section)
         if self.import_thunk(address) is not None:
             return
-        if source not in _TRUSTED_SOURCES and is_lazy_binding_stub(self.decoder, address):
-            return  # ELF PLT0 / lazy-binding entry (their FDE and GOT pointers name them)
+        if source not in _TRUSTED_SOURCES and (
+            address in self._fragment_function or is_lazy_binding_stub(self.decoder, address)
+        ):
+            # A chained .pdata part belongs to its function; ELF PLT0 / lazy-binding entries
+            # are named by their FDE and GOT pointers but are not functions.
+            return
+        if source in _GUESS_SOURCES and self._inside_unwind_range(address):
+            return  # no function starts inside another's .pdata range
         self.sources[address] = source
         self.queue.append(address)
         self._new_starts.append(address)
+
+    def _inside_unwind_range(self, address: int) -> bool:
+        """True strictly inside a .pdata entry: [begin, end) is one function's code."""
+        index = bisect.bisect_right(self._unwind_begins, address) - 1
+        return index >= 0 and self._unwind_begins[index] < address < self._unwind_ends[index]
 
     def import_thunk(self, address: int) -> str | None:
         """ "lib!name" when ``address`` is an import stub (PLT entry, ``jmp [IAT]``)."""
@@ -197,8 +227,17 @@ class FunctionRecovery:
         instructions = body.instructions
         body.leaders.add(start)
         pending = [start]
+        # Parts the unwind table assigns to this function, explored once its own flow is done
+        # (only those the flow did not reach, so reached parts do not become extra leaders).
+        fragments = list(self._fragments_of.get(start, ()))
         max_instructions = self.limits.max_instructions_per_function
-        while pending:
+        while pending or fragments:
+            if not pending:
+                fragment = fragments.pop()
+                if fragment not in instructions and fragment not in known and not body.truncated:
+                    body.leaders.add(fragment)
+                    pending.append(fragment)
+                continue
             address = pending.pop()
             trail: list[Instruction] = []
             import_registers: dict[str, str] = {}

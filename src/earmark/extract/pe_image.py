@@ -14,7 +14,7 @@ import lief
 
 from earmark.config import Limits
 from earmark.errors import MalformedFileError, UnsupportedFormatError
-from earmark.extract.image import CodeImage, Segment, SymbolFunction
+from earmark.extract.image import CodeImage, Segment, SymbolFunction, UnwindRange
 from earmark.extract.metadata import clean_text
 from earmark.model.sample import Arch
 
@@ -24,6 +24,10 @@ _SECTION_HEADER_SIZE = 40
 _FILE_HEADER_SIZE = 20
 # TLS callback arrays are a handful of pointers in real code; a long array is a parser trap.
 MAX_TLS_CALLBACKS = 64
+# Links followed from a chained .pdata entry to the entry of its function. MSVC chains one
+# level deep in practice (a part points at the function's first entry); a longer chain, or a
+# loop, in a hostile file ends at this depth.
+MAX_UNWIND_CHAIN_DEPTH = 32
 _IMAGE_SCN_CNT_CODE = 0x20
 _IMAGE_SCN_MEM_EXECUTE = 0x20000000
 
@@ -165,6 +169,7 @@ def build_pe_image(
         if len(callbacks) > MAX_TLS_CALLBACKS:
             warnings.append(f"{len(callbacks)} TLS callbacks; kept the first {MAX_TLS_CALLBACKS}")
         entry_points.extend(int(address) for address in callbacks[:MAX_TLS_CALLBACKS] if address)
+    exception_ranges = unwind_ranges(binary, base)
     image = CodeImage(
         arch=header.arch,
         bits=header.bits,
@@ -173,10 +178,43 @@ def build_pe_image(
         entry_points=tuple(dict.fromkeys(entry_points)),
         symbol_functions=_coff_functions(binary, header),
         export_addresses=tuple(sorted({base + rva for _, rva, _ in pe_exports(binary)})),
-        exception_starts=tuple(sorted({base + entry.rva_start for entry in binary.exceptions})),
+        exception_starts=tuple(sorted({r.function for r in exception_ranges})),
         import_slots={base + rva: f"{library}!{name}" for library, name, rva in pe_imports(binary)},
+        exception_ranges=exception_ranges,
     )
     return image, tuple(warnings)
+
+
+def unwind_ranges(binary: lief.PE.Binary, base: int) -> tuple[UnwindRange, ...]:
+    """Every .pdata entry with the begin of the function it belongs to, sorted by begin.
+
+    A chained entry (``UNW_FLAG_CHAININFO``) is a later part of the function whose entry its
+    UNWIND_INFO names; only entries that are no part of another one start functions.
+    """
+    chained_to: dict[int, int] = {}  # begin RVA -> begin RVA of the entry it chains to
+    ends: dict[int, int] = {}
+    for entry in binary.exceptions:
+        # rva_end and unwind_info exist on x64 entries (RuntimeFunctionX64) only; other
+        # machines' entries are not read (x86 PE has no .pdata).
+        end = getattr(entry, "rva_end", None)
+        if end is None:
+            continue
+        begin = int(entry.rva_start)
+        ends.setdefault(begin, int(end))
+        unwind = getattr(entry, "unwind_info", None)
+        parent = unwind.chained if unwind is not None else None
+        if parent is not None and int(parent.rva_start) != begin:
+            chained_to.setdefault(begin, int(parent.rva_start))
+    ranges: list[UnwindRange] = []
+    for begin, end in sorted(ends.items()):
+        function = begin
+        for _ in range(MAX_UNWIND_CHAIN_DEPTH):
+            parent_begin = chained_to.get(function)
+            if parent_begin is None:
+                break
+            function = parent_begin
+        ranges.append(UnwindRange(base + begin, base + end, base + function))
+    return tuple(ranges)
 
 
 def _mapped_size(section: PeSectionHeader) -> int:
