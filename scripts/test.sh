@@ -24,4 +24,15 @@ PY=${PYTHON:-python3}
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
 .venv/bin/lint-imports
+# The store suite also runs on PostgreSQL: as root, start a throwaway server (reused when already
+# running, stopped again at exit when this run started it) and require those tests to run.
+if [ -z "${EARMARK_TEST_POSTGRES_URL:-}" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    bash scripts/postgres.sh status || trap 'bash scripts/postgres.sh stop' EXIT
+    EARMARK_TEST_POSTGRES_URL=$(bash scripts/postgres.sh start)
+    export EARMARK_TEST_POSTGRES_URL EARMARK_TEST_REQUIRE_POSTGRES=1
+  else
+    echo "warning: not root and EARMARK_TEST_POSTGRES_URL unset; PostgreSQL tests will skip" >&2
+  fi
+fi
 .venv/bin/python -m pytest "$@"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import date
 from pathlib import Path
 
@@ -47,10 +48,25 @@ int main(void) {
 """
 
 
-@pytest.fixture(scope="module")
-def real_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlStore]:
-    path = tmp_path_factory.mktemp("intel") / "kb.db"
-    with open_store(str(path)) as store:
+@pytest.fixture(params=["sqlite", "postgres"])
+def kb_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh knowledge base on each backend (postgres skipped without a test server)."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / "kb.db")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def real_store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SqlStore]:
+    with ExitStack() as stack:
+        if request.param == "postgres":
+            fresh_database = request.getfixturevalue("fresh_postgres_database")
+            url = stack.enter_context(fresh_database())
+        else:
+            url = str(tmp_path_factory.mktemp("intel") / "kb.db")
+        store = stack.enter_context(open_store(url))
         summary = intel_ops.import_intel(store, REAL_FILES)
         assert summary.failed == 0, [o.error for o in summary.outcomes]
         yield store
@@ -103,10 +119,10 @@ def test_value_search_pivots_to_reports(real_store: SqlStore) -> None:
     assert intel_ops.search_intel(real_store, "8.8.8.8").benign is not None
 
 
-def test_changed_report_replaces_its_rows(tmp_path: Path) -> None:
+def test_changed_report_replaces_its_rows(kb_url: str) -> None:
     report = IntelReport("r1", "case", "first", None, None, Tlp.GREEN, ("APT28",), (),
                          (Indicator(IndicatorType.DOMAIN, "old-c2.bluefrog-ops.net"),))
-    with open_store(str(tmp_path / "kb.db")) as store:
+    with open_store(kb_url) as store:
         assert store.add_intel([report]).reports_added == 1
         changed = IntelReport("r1", "case", "second", None, None, Tlp.GREEN, ("APT28",), (),
                               (Indicator(IndicatorType.DOMAIN, "new-c2.bluefrog-ops.net"),))
@@ -116,7 +132,9 @@ def test_changed_report_replaces_its_rows(tmp_path: Path) -> None:
         assert store.intel_stats().indicators == 1
 
 
-def test_failed_intel_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_intel_write_leaves_nothing(
+    kb_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*_args: object) -> str:
         raise RuntimeError("interrupted")
 
@@ -124,7 +142,7 @@ def test_failed_intel_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
                          (Indicator(IndicatorType.IPV4, "185.220.33.17"),))
     from earmark.model.intel import ActorProfile
 
-    with open_store(str(tmp_path / "kb.db")) as store:
+    with open_store(kb_url) as store:
         monkeypatch.setattr(intel_sql, "_write_actor", broken)
         with pytest.raises(RuntimeError):
             store.add_intel([report], [ActorProfile("X", (), (), "s")])
@@ -132,11 +150,11 @@ def test_failed_intel_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
         assert store.intel_stats().reports == 0 and store.intel_revision() == 0
 
 
-def test_taxonomy_is_applied_when_reading(tmp_path: Path) -> None:
+def test_taxonomy_is_applied_when_reading(kb_url: str) -> None:
     andariel = IntelReport("a1", "case", "andariel op", None, None, Tlp.GREEN, ("Andariel",), (),
                            (Indicator(IndicatorType.DOMAIN, "andariel-c2.bluefrog-ops.net"),))
     query = [Indicator(IndicatorType.DOMAIN, "andariel-c2.bluefrog-ops.net")]
-    with open_store(str(tmp_path / "kb.db")) as store:
+    with open_store(kb_url) as store:
         store.add_intel([andariel])
         split = intel_ops.infrastructure_evidence(store, query, taxonomy="split")
         umbrella = intel_ops.infrastructure_evidence(store, query, taxonomy="umbrella")
@@ -146,15 +164,17 @@ def test_taxonomy_is_applied_when_reading(tmp_path: Path) -> None:
         intel_ops.resolve_taxonomy("tribal")
 
 
-def test_exports_are_valid_and_withhold_red(tmp_path: Path) -> None:
+def test_exports_are_valid_and_withhold_red(kb_url: str, tmp_path: Path) -> None:
     red_list = tmp_path / "partner.txt"
     red_list.write_text("secret-partner-c2.example.net\n185.220.33.99\n", encoding="utf-8")
-    with open_store(str(tmp_path / "kb.db")) as store:
+    with open_store(kb_url) as store:
         intel_ops.import_intel(store, [ESET_LAZARUS])
         intel_ops.import_intel(store, [red_list], tlp=Tlp.RED, source="partner")
         stix = intel_ops.export_intel(store, "stix", actor="Hidden Cobra")
         misp = intel_ops.export_intel(store, "misp")
         with_red = intel_ops.export_intel(store, "misp", include_red=True)
+        with pytest.raises(UsageError):
+            intel_ops.export_intel(store, "yaml")
     validation = stix2validator.validate_string(stix)
     assert validation.is_valid, [str(e) for e in validation.errors]
     assert "journalide.org" in stix and "secret-partner-c2" not in stix
@@ -165,8 +185,6 @@ def test_exports_are_valid_and_withhold_red(tmp_path: Path) -> None:
         event.load(document)
         assert event.attributes
     assert "secret-partner-c2" in with_red
-    with pytest.raises(UsageError):
-        intel_ops.export_intel(store, "yaml")
 
 
 def test_ioc_file_gives_indicators_and_date(tmp_path: Path) -> None:
@@ -199,10 +217,10 @@ def _c2_builds(builder: FixtureBuilder, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_sample_infrastructure_links_to_the_labelled_actor(
-    builder: FixtureBuilder, tmp_path: Path
+    builder: FixtureBuilder, kb_url: str, tmp_path: Path
 ) -> None:
     labelled, query = _c2_builds(builder, tmp_path)
-    with open_store(str(tmp_path / "kb.db")) as store:
+    with open_store(kb_url) as store:
         ingest_paths(store, [labelled], LabelTemplate(actor="Hidden Cobra", family="testdoor",
                                                       source="case 17-112"))
         stored = store.load_sample_indicators()
@@ -230,8 +248,8 @@ def test_sample_infrastructure_links_to_the_labelled_actor(
         assert own == []
 
 
-def test_infrastructure_index_is_cached_until_a_revision_changes(tmp_path: Path) -> None:
-    with open_store(str(tmp_path / "kb.db")) as store:
+def test_infrastructure_index_is_cached_until_a_revision_changes(kb_url: str) -> None:
+    with open_store(kb_url) as store:
         first = intel_ops.infrastructure_index(store)
         assert intel_ops.infrastructure_index(store) is first
         store.add_intel([IntelReport("x", "s", "t", None, None, Tlp.GREEN, (), (),

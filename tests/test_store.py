@@ -9,6 +9,7 @@ is skipped when that is not set. Tests that need a database that survives a reop
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import sqlite3
 import threading
@@ -19,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import Connection, Engine, UniqueConstraint, insert, inspect, text
 from sqlalchemy.engine import make_url
 
 import earmark.store
+from earmark.cli import cli
 from earmark.errors import StoreError
 from earmark.model.kb import Tlp
 from earmark.model.sample import MINHASH_PERMUTATIONS
@@ -32,6 +35,7 @@ from earmark.store import schema as schema_module
 from earmark.store import sql as sql_module
 from earmark.store.migrations import MIGRATIONS, Migration
 from earmark.store.sql import connect_database
+from fixtures.build import FixtureBuilder
 from kb_factories import make_features, make_label
 
 
@@ -365,3 +369,33 @@ def test_database_location_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert resolve_database_url(":memory:").database is None
     with pytest.raises(StoreError):
         open_store("nosuchdialect://x")
+
+
+def _ingest_and_attribute(database: str, builder: FixtureBuilder) -> dict[str, object]:
+    runner = CliRunner()
+    for source, actor, family in (("fx_codec.c", "Group A", "codec"),
+                                  ("fx_dispatch.c", "Group B", "dispatch")):
+        stored = builder.build(source, "gcc64", "O2").stripped
+        result = runner.invoke(cli, ["ingest", "--db", database, str(stored),
+                                     "--actor", actor, "--family", family])
+        assert result.exit_code == 0, result.output
+        assert "ingested 1, skipped 0" in result.output
+    query = builder.build("fx_codec.c", "gcc64", "Os").stripped  # another -O level, not stored
+    result = runner.invoke(cli, ["attribute", "--db", database, str(query), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    document: dict[str, object] = json.loads(result.output)
+    return document
+
+
+def test_cli_ingest_and_attribute_on_postgres(
+    postgres_url: str, builder: FixtureBuilder, tmp_path: Path
+) -> None:
+    """`earmark ingest --db postgresql+psycopg://...` then `attribute --format json`: the same
+    case document as on a SQLite file."""
+    on_postgres = _ingest_and_attribute(postgres_url, builder)
+    on_sqlite = _ingest_and_attribute(str(tmp_path / "kb.db"), builder)
+    hypotheses = on_postgres["hypotheses"]
+    assert isinstance(hypotheses, list) and hypotheses[0]["actor"] == "Group A"
+    assert on_postgres == on_sqlite
+    with open_store(postgres_url) as store:
+        assert store.stats().samples == 2 and store.stats().actors == 2
