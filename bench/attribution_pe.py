@@ -420,6 +420,9 @@ def summarise(
         "rows": rows,
     }
     labelled = [r for r in rows if "hit" in r]
+    # earmark also states a verdict (an authored actor, or "no known actor"); MCRIT has none.
+    verdicts = [r["query"]["detail"].get("verdict_actor") for r in rows]
+    has_verdict = bool(rows) and "verdict_actor" in rows[0]["query"]["detail"]
     if labelled:
         summary.update(
             top1=_per_project_mean(labelled, "hit"),
@@ -428,12 +431,21 @@ def summarise(
             margin_mean=_per_project_mean(labelled, "margin"),
             margin_median=float(np.median([r["margin"] for r in labelled])),
             margin_min=float(min(r["margin"] for r in labelled)),
+            verdict_right=sum(1 for r, v in zip(rows, verdicts, strict=True) if v == r["project"])
+            if has_verdict
+            else None,
+            verdict_wrong=sum(
+                1 for r, v in zip(rows, verdicts, strict=True) if v not in (None, r["project"])
+            )
+            if has_verdict
+            else None,
         )
     else:
         summary.update(
             max_score=max((r["top_score"] for r in rows), default=0.0),
             high=sum(1 for r in rows if r["top_score"] >= HIGH_SCORE),
             verdict_level=sum(1 for r in rows if r["top_score"] >= VERDICT_SCORE),
+            verdict_wrong=sum(1 for v in verdicts if v is not None) if has_verdict else None,
         )
     return summary
 
@@ -490,6 +502,9 @@ def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
                 s["margin_mean"],
                 s["margin_median"],
                 s["margin_min"],
+                "-"
+                if s["verdict_right"] is None
+                else f"{s['verdict_right']} / {s['verdict_wrong']}",
             ]
             for s in attributed
         ]
@@ -505,6 +520,7 @@ def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
                     "margin mean",
                     "margin median",
                     "margin min",
+                    "verdict right / wrong",
                 ],
                 rows,
                 markdown,
@@ -513,7 +529,15 @@ def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
     third_party = [s for s in summaries if "max_score" in s]
     if third_party:
         rows = [
-            [s["setting"], s["engine"], s["queries"], s["max_score"], s["high"], s["verdict_level"]]
+            [
+                s["setting"],
+                s["engine"],
+                s["queries"],
+                s["max_score"],
+                s["high"],
+                s["verdict_level"],
+                "-" if s["verdict_wrong"] is None else s["verdict_wrong"],
+            ]
             for s in third_party
         ]
         blocks.append(
@@ -525,6 +549,7 @@ def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
                     "max score any project",
                     f"files ≥ {HIGH_SCORE} (high)",
                     f"files ≥ {VERDICT_SCORE}",
+                    "verdict names a project",
                 ],
                 rows,
                 markdown,
@@ -682,6 +707,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--render", type=Path, help="re-print (and --update-doc) a saved --json run; no engines run"
     )
     parser.add_argument("--json", type=Path, help="write every result (per file too) here")
+    parser.add_argument(
+        "--notes", type=Path, help="markdown appended to the doc section (analysis of the run)"
+    )
     parser.add_argument("--update-doc", type=Path, help=f"rewrite '{SECTION_TITLE}' in this file")
     args = parser.parse_args(argv)
     if args.child:
@@ -728,13 +756,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.update_doc:
         body = "\n\n".join(
             [
-                PROTOCOL,
+                PROTOCOL.strip(),
                 f"Command: `{command.strip()}`",
                 render_results(summaries, markdown=True),
                 render_per_file(summaries, markdown=True),
                 ("earmark misses:\n\n" + "\n".join(failures))
                 if failures
                 else "earmark misses: none",
+                args.notes.read_text(encoding="utf-8") if args.notes else "",
             ]
         )
         update_doc(args.update_doc, body)
