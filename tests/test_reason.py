@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from earmark.model.evidence import Evidence
 from earmark.reason.hypotheses import (
+    AUTHORSHIP_COVERAGE,
     DEPENDENT_DISCOUNT,
     KNOWN_ACTOR_THRESHOLD,
     MAX_ITEM_CONTRIBUTION,
@@ -60,12 +61,25 @@ def test_call_graph_neighbours_are_partly_dependent() -> None:
     assert actor_score(dependent, "Group A") < actor_score(rank_hypotheses(evidence), "Group A")
 
 
-def test_score_does_not_depend_on_query_size() -> None:
+def test_link_score_ignores_query_size_and_score_follows_the_share_explained() -> None:
     evidence = [code(0x10), code(0x20)]
     small = rank_hypotheses(evidence, distinctive_code_units=3)
     large = rank_hypotheses(evidence, distinctive_code_units=300)
-    assert actor_score(small, "Group A") == actor_score(large, "Group A")
-    assert small[0].relation == "authored" and large[0].relation == "shares-code"
+    link = 1 - (1 - MAX_ITEM_CONTRIBUTION) ** 2
+    assert small[0].link_score == large[0].link_score == round(link, 4)
+    # 2 of 3 distinctive functions explained: the link is authorship, the score the link.
+    assert small[0].relation == "authored" and small[0].score == round(link, 4)
+    # 2 of 300 explained (a library that shares a few routines): a link, and a low score.
+    assert large[0].relation == "shares-code"
+    assert large[0].score == round(link * (2 / 300) / AUTHORSHIP_COVERAGE, 4)
+    # The same two functions in a 4-function query: scaled by the share, authorship kept.
+    half = rank_hypotheses(evidence, distinctive_code_units=4)[0]
+    assert half.relation == "authored" and half.score == round(link, 4)
+
+
+def test_a_single_rare_function_is_never_authorship() -> None:
+    hypotheses = rank_hypotheses([code(0x10)], distinctive_code_units=1)
+    assert hypotheses[0].coverage == 1.0 and hypotheses[0].relation == "shares-code"
 
 
 def test_code_and_infrastructure_fuse_and_keep_their_kind() -> None:

@@ -16,7 +16,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Final
@@ -199,15 +199,26 @@ def _build_case(
 ) -> CaseReport:
     # Code items are already strongest first; other kinds join by contribution, stable.
     evidence = sorted(evidence, key=lambda item: -(item.similarity * item.weight))
-    evidence = evidence[:MAX_EVIDENCE_ITEMS]
+    # Hypotheses are ranked on all evidence (coverage needs every matched function); only the
+    # document's list is cut, keeping every item a shown hypothesis names.
     hypotheses = rank_hypotheses(evidence, code_neighbours(neighbours), distinctive)
     verdict = decide_verdict(hypotheses)
+    hypotheses = hypotheses[:top]
+    kept = sorted(
+        set(range(min(len(evidence), MAX_EVIDENCE_ITEMS)))
+        | {position for h in hypotheses for position in h.strongest}
+    )
+    new_position = {old: new for new, old in enumerate(kept)}
+    hypotheses = [
+        replace(h, strongest=tuple(new_position[p] for p in h.strongest)) for h in hypotheses
+    ]
+    evidence = [evidence[position] for position in kept]
     return CaseReport(
         sha256=sha256,
         query=query,
         verdict=VerdictItem.from_verdict(verdict),
         hypotheses=[
-            HypothesisItem.from_hypothesis(h, likelihood_words(h.score)) for h in hypotheses[:top]
+            HypothesisItem.from_hypothesis(h, likelihood_words(h.score)) for h in hypotheses
         ],
         evidence=[EvidenceItem.from_evidence(item) for item in evidence],
         knowledge_base=_kb_info(kb),

@@ -10,10 +10,17 @@ Scoring (docs/attribution.md, "Scoring"):
 - groups that the producer declares neighbours (code: caller/callee in the query's call graph)
   are partly dependent: taken strongest first, a group next to one already counted is multiplied
   by ``DEPENDENT_DISCOUNT``;
-- the hypothesis score is the noisy-OR ``1 - prod(1 - c)`` of the counted contributions. It
-  depends only on the evidence, never on the query's size, so scores compare across queries.
-- a hypothesis whose code evidence covers a small part of the query's distinctive functions is a
-  *shared-code link*, not authorship (the WannaCry/Lazarus pattern): ``relation`` says which.
+- the *link score* is the noisy-OR ``1 - prod(1 - c)`` of the counted contributions: how sure we
+  are that the query and the hypothesis share code or infrastructure at all;
+- the hypothesis *score* is the link score times ``min(1, coverage / AUTHORSHIP_COVERAGE)``,
+  where coverage is the share of the query's distinctive functions the hypothesis explains
+  (no code evidence: factor 1). A sample whose distinctive code is mostly explained keeps its
+  link score; a library file that shares 4 % of its functions with a project's statically linked
+  copy does not get a high score however exact those few matches are. Both depend on the share
+  of the query explained, not on its size, so scores compare across queries;
+- a hypothesis whose code evidence covers a small part of the query's distinctive functions, or
+  rests on fewer than ``MIN_RARE_FOR_AUTHORSHIP`` rare functions, is a *shared-code link*, not
+  authorship (the WannaCry/Lazarus pattern): ``relation`` says which.
 - when no authored actor hypothesis reaches ``KNOWN_ACTOR_THRESHOLD`` the verdict is "no known
   actor".
 """
@@ -49,6 +56,11 @@ AUTHORSHIP_COVERAGE: Final = 0.5
 # An item counts as "rare" shared code for the hypothesis summary from this weight.
 RARE_WEIGHT: Final = 0.5
 
+# Rare shared functions needed before code evidence alone is read as authorship: on the PE corpus
+# a tiny module (lz4 `_version`) matched another project's start-up code at high coverage with no
+# rare function at all (bench/attribution_pe.py, setting b).
+MIN_RARE_FOR_AUTHORSHIP: Final = 2
+
 # Strongest evidence items named per hypothesis.
 STRONGEST_SHOWN: Final = 3
 
@@ -60,7 +72,8 @@ EvidenceKey = tuple[str, str]  # (kind, what the item observes about the query)
 class Hypothesis:
     actor: str | None
     family: str | None  # None: the actor-level hypothesis
-    score: float  # 0..1 noisy-OR of capped, de-duplicated contributions
+    score: float  # 0..1: link score scaled by coverage (see module docstring)
+    link_score: float  # 0..1 noisy-OR of capped, de-duplicated contributions
     evidence_count: int  # distinct evidence groups counted
     rare_function_count: int  # distinct query functions shared with weight >= RARE_WEIGHT
     shared_bytes: int  # bytes of the query functions counted
@@ -149,30 +162,46 @@ def rank_hypotheses(
         actors = family_actors[family]
         groups.append((next(iter(actors)) if len(actors) == 1 else None, family, positions))
     for group_actor, group_family, positions in groups:
-        score, counted = _score_group(positions, evidence, neighbours)
+        link_score, counted = _score_group(positions, evidence, neighbours)
         code_counted = [entry for entry in counted if entry[0][0] == "code"]
+        rare_functions = sum(
+            1 for _, index, _ in code_counted if evidence[index].weight >= RARE_WEIGHT
+        )
         coverage = None
         if code_counted and distinctive_code_units:
             coverage = min(len(code_counted) / distinctive_code_units, 1.0)
-        relation: Relation = (
-            "shares-code" if coverage is not None and coverage < AUTHORSHIP_COVERAGE else "authored"
-        )
+        only_code = len(code_counted) == len(counted)
+        relation: Relation = "authored"
+        if coverage is not None and (
+            coverage < AUTHORSHIP_COVERAGE
+            or (only_code and rare_functions < MIN_RARE_FOR_AUTHORSHIP)
+        ):
+            relation = "shares-code"
+        explained = 1.0 if coverage is None else min(1.0, coverage / AUTHORSHIP_COVERAGE)
         hypotheses.append(
             Hypothesis(
                 actor=group_actor,
                 family=group_family,
-                score=round(score, 4),
+                score=round(link_score * explained, 4),
+                link_score=round(link_score, 4),
                 evidence_count=len(counted),
-                rare_function_count=sum(
-                    1 for _, index, _ in code_counted if evidence[index].weight >= RARE_WEIGHT
-                ),
+                rare_function_count=rare_functions,
                 shared_bytes=sum(evidence[index].query_size or 0 for _, index, _ in code_counted),
                 coverage=None if coverage is None else round(coverage, 4),
                 relation=relation,
                 strongest=tuple(position for _, position, _ in counted[:STRONGEST_SHOWN]),
             )
         )
-    hypotheses.sort(key=lambda h: (-h.score, h.family is not None, h.actor or "", h.family or ""))
+    hypotheses.sort(
+        key=lambda h: (
+            -h.score,
+            -(h.coverage or 0.0),
+            -h.link_score,
+            h.family is not None,
+            h.actor or "",
+            h.family or "",
+        )
+    )
     return hypotheses
 
 
@@ -191,15 +220,18 @@ def decide_verdict(hypotheses: Sequence[Hypothesis]) -> Verdict:
             score=hypothesis.score,
             summary=f"{name} ({likelihood_words(hypothesis.score)}, score {hypothesis.score:.2f})",
         )
-    links = [h for h in hypotheses if h.actor and h.family is None and h.score > 0]
+    links = sorted(
+        (h for h in hypotheses if h.actor and h.family is None and h.link_score > 0),
+        key=lambda h: -h.link_score,
+    )
     summary = "no known actor"
     if links:
         best = links[0]
         summary += (
             f"; linked to {best.actor} by shared rare code ({best.rare_function_count} rare "
-            f"functions, link score {best.score:.2f}): too little of the sample for authorship, "
-            "enough for a lead (code reuse or a shared developer); weigh tooling and "
-            "infrastructure evidence"
+            f"functions, link score {best.link_score:.2f}): not enough of the sample for "
+            "authorship, enough for a lead (code reuse or a shared developer); weigh tooling "
+            "and infrastructure evidence"
         )
     return Verdict(actor=None, family=None, score=0.0, summary=summary)
 

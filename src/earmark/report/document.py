@@ -87,7 +87,14 @@ class EvidenceItem(_Frozen):
 class HypothesisItem(_Frozen):
     actor: str | None
     family: str | None = Field(description="null for the actor-level hypothesis")
-    score: float = Field(ge=0.0, le=1.0)
+    score: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="link score scaled by the share of the query explained (docs/attribution.md)",
+    )
+    link_score: float = Field(
+        ge=0.0, le=1.0, description="strength of the shared code/infrastructure link alone"
+    )
     likelihood: str = Field(description="ICD-203 words for the score")
     evidence_count: int = Field(ge=0)
     rare_function_count: int = Field(ge=0)
@@ -104,6 +111,7 @@ class HypothesisItem(_Frozen):
             actor=hypothesis.actor,
             family=hypothesis.family,
             score=hypothesis.score,
+            link_score=hypothesis.link_score,
             likelihood=likelihood,
             evidence_count=hypothesis.evidence_count,
             rare_function_count=hypothesis.rare_function_count,

@@ -76,6 +76,7 @@ def render_case_text(case: CaseReport) -> str:
         coverage = "" if hypothesis.coverage is None else f", covers {hypothesis.coverage:.0%}"
         lines.append(
             f"  {rank}. {name}: score {hypothesis.score:.2f} ({hypothesis.likelihood}), "
+            f"link {hypothesis.link_score:.2f}, "
             f"{hypothesis.relation}, {hypothesis.evidence_count} evidence, "
             f"{hypothesis.rare_function_count} rare functions, {hypothesis.shared_bytes} bytes"
             f"{coverage}"
