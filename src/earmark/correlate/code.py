@@ -26,13 +26,16 @@ from typing import Final
 
 import numpy as np
 
-from earmark.index.feature_candidates import FeatureCandidateIndex, FeatureMatch
+from earmark.index.feature_candidates import (
+    FeatureCandidateIndex,
+    FeatureMatch,
+    locate_function,
+)
 from earmark.index.function_index import (
     DEFAULT_MIN_SIMILARITY,
     DEFAULT_TOP_K,
     FunctionIndex,
 )
-from earmark.index.lsh import reduce_signatures
 from earmark.index.similarity import function_similarity
 from earmark.model.evidence import Evidence
 from earmark.model.kb import SampleRecord
@@ -108,24 +111,6 @@ class _Candidate:
     weight: float
 
 
-def _locate_function(
-    index: FunctionIndex, row: int, functions: Sequence[FunctionFeatures]
-) -> FunctionFeatures | None:
-    """The stored sample's function behind an index row: same exact hash and b-bit signature.
-
-    The index keeps function ids, not addresses; matching on its own stored values finds the
-    function in the sample's frozen features without another store query.
-    """
-    exact_hash = int(index.exact_hash[row])
-    same_hash = [f for f in functions if f.exact_hash == exact_hash and len(f.minhash) > 0]
-    if not same_hash:
-        return None
-    signatures = reduce_signatures(np.array([f.minhash for f in same_hash], dtype=np.uint32))
-    equal = np.flatnonzero((signatures == index.signatures[row]).all(axis=1))
-    chosen = [same_hash[int(i)] for i in equal] or same_hash
-    return min(chosen, key=lambda function: function.address)
-
-
 def _labels_of(record: SampleRecord) -> list[tuple[str | None, str | None]]:
     """Distinct (actor, family) claims of a non-goodware sample, sorted for stable output."""
     claims = {(label.actor, label.family) for label in record.labels if label.actor or label.family}
@@ -139,10 +124,36 @@ def build_feature_candidates(
     if len(samples) > MAX_FEATURE_STAGE_SAMPLES:
         return None
     ordered = sorted(samples.values(), key=lambda record: record.sha256)
+    table = store.load_function_table()
+    function_ids = {
+        (int(sample), int(address)): int(identifier)
+        for sample, address, identifier in zip(
+            table.sample_id.tolist(),
+            table.address.tolist(),
+            table.function_id.tolist(),
+            strict=True,
+        )
+    }
+    del table
+    # A generator: one decoded sample alive at a time; only the compact form is kept.
     return FeatureCandidateIndex.build(
         ((record.sample_id, store.load_features(record.sha256).functions) for record in ordered),
         min_instructions,
+        function_ids,
     )
+
+
+def _rows_of_function_ids(index: FunctionIndex, function_ids: Sequence[int]) -> list[int | None]:
+    """The index row of each store function id (None: not indexed or unknown, i.e. -1)."""
+    if not function_ids or len(index) == 0:
+        return [None] * len(function_ids)
+    order = np.argsort(index.function_id, kind="stable")
+    sorted_ids = index.function_id[order]
+    wanted = np.asarray(function_ids, dtype=np.int64)
+    places = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+    found = (sorted_ids[places] == wanted) & (wanted >= 0)
+    rows = order[places]
+    return [int(row) if ok else None for row, ok in zip(rows.tolist(), found.tolist(), strict=True)]
 
 
 def _feature_stage_matches(
@@ -165,25 +176,21 @@ def _feature_stage_matches(
     found = feature_index.find(subset, index.min_instructions)
     if not found:
         return [], set()
-    # Index row of each matched KB function: (sample, address) -> function id -> row.
-    table = store.load_function_table()
-    function_id = {
-        (int(sample), int(address)): int(identifier)
-        for sample, address, identifier in zip(
-            table.sample_id, table.address, table.function_id, strict=True
-        )
-    }
-    row_of = {int(identifier): row for row, identifier in enumerate(index.function_id.tolist())}
+    # Index row of each matched KB function, by its store function id.
+    rows = _rows_of_function_ids(index, [match.function_id for match in found])
     located: list[tuple[FeatureMatch, int]] = []
-    for match in found:
-        identifier = function_id.get((match.sample_id, match.function.address))
-        row = row_of.get(identifier) if identifier is not None else None
+    for match, row in zip(found, rows, strict=True):
         if row is not None:
             query = unmatched[match.query]
             located.append(
                 (
                     FeatureMatch(
-                        query, match.sample_id, match.function, match.shared_keys, match.similarity
+                        query,
+                        match.sample_id,
+                        match.function,
+                        match.shared_keys,
+                        match.similarity,
+                        match.function_id,
                     ),
                     row,
                 )
@@ -294,17 +301,24 @@ def find_code_evidence(
         strength[candidate.sample_id] += candidate.weight * candidate.index_similarity
     # Ties broken by sha256 so the result never depends on ingest order (sample ids).
     ranked_samples = sorted(strength, key=lambda s: (-strength[s], samples[s].sha256))
-    loaded = {
-        sample_id: store.load_features(samples[sample_id].sha256).functions
-        for sample_id in ranked_samples[:MAX_RERANKED_SAMPLES]
-    }
+    reranked = set(ranked_samples[:MAX_RERANKED_SAMPLES])
+    # Without the compact KB functions (past MAX_FEATURE_STAGE_SAMPLES) each re-ranked sample
+    # is decoded once for this query and dropped with it.
+    decoded: dict[int, tuple[FunctionFeatures, ...]] = {}
 
     evidence: list[Evidence] = []
     for candidate in candidates:
-        stored_functions = loaded.get(candidate.sample_id)
-        if stored_functions is None:
+        if candidate.sample_id not in reranked:
             continue
-        matched = _locate_function(index, candidate.row, stored_functions)
+        exact_hash = int(index.exact_hash[candidate.row])
+        signature = index.signatures[candidate.row]
+        if feature_index is not None:
+            matched = feature_index.stored.locate(candidate.sample_id, exact_hash, signature)
+        else:
+            if candidate.sample_id not in decoded:
+                sha256 = samples[candidate.sample_id].sha256
+                decoded[candidate.sample_id] = store.load_features(sha256).functions
+            matched = locate_function(decoded[candidate.sample_id], exact_hash, signature)
         if matched is None:
             continue
         query_function = functions[candidate.query]

@@ -11,19 +11,25 @@ stage is an inverted index from such features to KB functions:
 A key shared by many KB functions is not evidence of identity (``MAX_POSTINGS_PER_KEY``); the
 rest are counted per (query, KB function) pair, the pairs sharing most keys are kept
 (``CANDIDATES_PER_QUERY``) and verified with the richer ``function_similarity``.
+
+The KB functions are kept as ``CompactFunctions``: numeric columns and MinHash rows in numpy
+arrays, references in small tuples, no instruction tokens. ``correlate.code`` re-ranks LSH
+matches from the same object, so a query never decodes a stored features file (decoding was
+~0.2 s per matched sample and ~90 % of a query; docs/attribution.md, "Performance").
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from earmark.index.lsh import expand_ranges
+from earmark.index.lsh import expand_ranges, reduce_signatures
 from earmark.index.similarity import function_similarity
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
@@ -84,13 +90,245 @@ def feature_keys(function: FunctionFeatures) -> list[int]:
     return sorted(set(keys))
 
 
+_UINT64_END: Final = 1 << 64
+_UINT32_END: Final = 1 << 32
+_INT64_END: Final = 1 << 63
+
+# Per-function references kept as Python tuples: calls, called imports, strings, constants,
+# immediates. Most are empty (the shared empty tuple costs nothing).
+_References = tuple[
+    tuple[int, ...], tuple[str, ...], tuple[str, ...], tuple[int, ...], tuple[int, ...]
+]
+
+
+def _fits_arrays(function: FunctionFeatures) -> bool:
+    """Whether every numeric field fits its column (always true for extracted features; a
+    hand-made file with odd values is kept as the object itself, so results never change)."""
+    return (
+        0 <= function.address < _UINT64_END
+        and 0 <= function.exact_hash < _UINT64_END
+        and all(
+            0 <= value < _INT64_END
+            for value in (
+                function.size,
+                function.block_count,
+                function.edge_count,
+                function.instruction_count,
+            )
+        )
+        and len(function.minhash) in (0, MINHASH_PERMUTATIONS)
+        and len(function.robust_minhash) in (0, MINHASH_PERMUTATIONS)
+        and all(0 <= value < _UINT32_END for value in function.minhash)
+        and all(0 <= value < _UINT32_END for value in function.robust_minhash)
+    )
+
+
+class _CompactBuilder:
+    def __init__(self) -> None:
+        self.sample_id: list[int] = []
+        self.function_id: list[int] = []
+        self.numbers: list[tuple[int, int, int, int, int, int]] = []
+        self.minhash: list[tuple[int, ...]] = []
+        self.robust: list[tuple[int, ...]] = []
+        self.signature_length: list[tuple[int, int]] = []
+        self.references: list[_References] = []
+        self.sources: list[str] = []
+        self.irregular: dict[int, FunctionFeatures] = {}
+
+    def add(self, sample_id: int, function_id: int, function: FunctionFeatures) -> int:
+        position = len(self.sample_id)
+        self.sample_id.append(sample_id)
+        self.function_id.append(function_id)
+        regular = _fits_arrays(function)
+        if not regular:
+            self.irregular[position] = replace(function, normalized=(), name=None)
+        self.numbers.append(
+            (
+                function.address,
+                function.size,
+                function.block_count,
+                function.edge_count,
+                function.instruction_count,
+                function.exact_hash,
+            )
+            if regular
+            else (0, 0, 0, 0, 0, 0)
+        )
+        empty = (0,) * MINHASH_PERMUTATIONS
+        self.minhash.append(function.minhash if regular and function.minhash else empty)
+        self.robust.append(
+            function.robust_minhash if regular and function.robust_minhash else empty
+        )
+        self.signature_length.append((len(function.minhash), len(function.robust_minhash)))
+        self.references.append(
+            (
+                function.calls,
+                function.called_imports,
+                function.strings,
+                function.constants,
+                function.immediates,
+            )
+        )
+        # Few distinct values ("call", "pdata", ...): one string object each, not one per row.
+        self.sources.append(sys.intern(function.source))
+        return position
+
+    def finish(self) -> CompactFunctions:
+        numbers = np.array(self.numbers, dtype=np.uint64).reshape(len(self.numbers), 6)
+        lengths = np.array(self.signature_length, dtype=np.int64).reshape(-1, 2)
+        sample_ids = np.array(self.sample_id, dtype=np.int64)
+        # Functions are added sample by sample: each sample is one contiguous range.
+        ranges: dict[int, tuple[int, int]] = {}
+        for position, sample_id in enumerate(self.sample_id):
+            start, _ = ranges.get(sample_id, (position, position))
+            ranges[sample_id] = (start, position + 1)
+        return CompactFunctions(
+            sample_id=sample_ids,
+            function_id=np.array(self.function_id, dtype=np.int64),
+            address=numbers[:, 0].copy(),
+            size=numbers[:, 1].astype(np.int64),
+            block_count=numbers[:, 2].astype(np.int64),
+            edge_count=numbers[:, 3].astype(np.int64),
+            instruction_count=numbers[:, 4].astype(np.int64),
+            exact_hash=numbers[:, 5].copy(),
+            minhash=np.array(self.minhash, dtype=np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
+            minhash_length=lengths[:, 0].copy(),
+            robust_minhash=np.array(self.robust, dtype=np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
+            robust_length=lengths[:, 1].copy(),
+            references=tuple(self.references),
+            sources=tuple(self.sources),
+            irregular=dict(self.irregular),
+            sample_ranges=ranges,
+        )
+
+
+@dataclass(frozen=True)
+class CompactFunctions:
+    """KB functions without their instruction tokens: what ``function_similarity``, the
+    re-ranking and evidence need, ~0.7 KB per function instead of ~10 KB decoded."""
+
+    sample_id: npt.NDArray[np.int64]
+    function_id: npt.NDArray[np.int64]  # store function id; -1 when unknown
+    address: npt.NDArray[np.uint64]
+    size: npt.NDArray[np.int64]
+    block_count: npt.NDArray[np.int64]
+    edge_count: npt.NDArray[np.int64]
+    instruction_count: npt.NDArray[np.int64]
+    exact_hash: npt.NDArray[np.uint64]
+    minhash: npt.NDArray[np.uint32]  # (N, 64); zeros where minhash_length is 0
+    minhash_length: npt.NDArray[np.int64]
+    robust_minhash: npt.NDArray[np.uint32]
+    robust_length: npt.NDArray[np.int64]
+    references: tuple[_References, ...]
+    sources: tuple[str, ...]
+    irregular: Mapping[int, FunctionFeatures]  # rows whose values do not fit the columns
+    sample_ranges: Mapping[int, tuple[int, int]]
+
+    def __len__(self) -> int:
+        return int(self.sample_id.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the numpy columns (the reference tuples come on top)."""
+        return sum(
+            int(getattr(self, name).nbytes)
+            for name in (
+                "sample_id", "function_id", "address", "size", "block_count", "edge_count",
+                "instruction_count", "exact_hash", "minhash", "minhash_length",
+                "robust_minhash", "robust_length",
+            )
+        )  # fmt: skip
+
+    def function(self, position: int) -> FunctionFeatures:
+        """The function at ``position``, with ``normalized`` empty and ``name`` None."""
+        kept = self.irregular.get(position)
+        if kept is not None:
+            return kept
+        calls, called_imports, strings, constants, immediates = self.references[position]
+        minhash_length = int(self.minhash_length[position])
+        robust_length = int(self.robust_length[position])
+        return FunctionFeatures(
+            address=int(self.address[position]),
+            size=int(self.size[position]),
+            block_count=int(self.block_count[position]),
+            edge_count=int(self.edge_count[position]),
+            instruction_count=int(self.instruction_count[position]),
+            exact_hash=int(self.exact_hash[position]),
+            minhash=tuple(self.minhash[position].tolist()) if minhash_length else (),
+            normalized=(),
+            calls=calls,
+            called_imports=called_imports,
+            strings=strings,
+            constants=constants,
+            name=None,
+            source=self.sources[position],
+            robust_minhash=tuple(self.robust_minhash[position].tolist()) if robust_length else (),
+            immediates=immediates,
+        )
+
+    def locate(
+        self, sample_id: int, exact_hash: int, signature: npt.NDArray[np.uint8]
+    ) -> FunctionFeatures | None:
+        """The sample's function with this exact hash and b-bit signature (the lowest address
+        when several agree; any with the hash when none agrees); None when the sample has no
+        such function. The same rule as reading the sample's features and searching them."""
+        start, stop = self.sample_ranges.get(sample_id, (0, 0))
+        if start == stop:
+            return None
+        if self.irregular and any(position in self.irregular for position in range(start, stop)):
+            return _locate_in(
+                [self.function(position) for position in range(start, stop)],
+                exact_hash,
+                signature,
+            )
+        if not 0 <= exact_hash < _UINT64_END:
+            return None
+        same_hash = start + np.flatnonzero(
+            (self.exact_hash[start:stop] == np.uint64(exact_hash))
+            & (self.minhash_length[start:stop] > 0)
+        )
+        if len(same_hash) == 0:
+            return None
+        signatures = reduce_signatures(self.minhash[same_hash])
+        equal = same_hash[(signatures == signature).all(axis=1)]
+        chosen = equal if len(equal) else same_hash
+        # Lowest address; the first such row on ties, as ``min`` over the sample's order does.
+        best = int(chosen[int(np.argmin(self.address[chosen]))])
+        return self.function(best)
+
+
+def _locate_in(
+    functions: Sequence[FunctionFeatures], exact_hash: int, signature: npt.NDArray[np.uint8]
+) -> FunctionFeatures | None:
+    """``CompactFunctions.locate`` over function objects (also used on decoded samples)."""
+    same_hash = [f for f in functions if f.exact_hash == exact_hash and len(f.minhash) > 0]
+    if not same_hash:
+        return None
+    regular = [f for f in same_hash if len(f.minhash) == MINHASH_PERMUTATIONS]
+    if len(regular) != len(same_hash):
+        chosen = same_hash  # odd signature lengths cannot be compared; any with the hash
+    else:
+        signatures = reduce_signatures(np.array([f.minhash for f in regular], dtype=np.uint32))
+        equal = np.flatnonzero((signatures == signature).all(axis=1))
+        chosen = [regular[int(i)] for i in equal] or regular
+    return min(chosen, key=lambda function: function.address)
+
+
+def locate_function(
+    functions: Sequence[FunctionFeatures], exact_hash: int, signature: npt.NDArray[np.uint8]
+) -> FunctionFeatures | None:
+    """The function of a decoded sample behind an index row (see ``CompactFunctions.locate``)."""
+    return _locate_in(functions, exact_hash, signature)
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureMatch:
     query: int  # position of the query function
     sample_id: int
-    function: FunctionFeatures  # the KB function
+    function: FunctionFeatures  # the KB function (``normalized`` empty, ``name`` None)
     shared_keys: int
     similarity: float  # verified ``function_similarity``
+    function_id: int = -1  # store function id of the KB function; -1 when unknown
 
 
 @dataclass(frozen=True)
@@ -98,32 +336,37 @@ class FeatureCandidateIndex:
     """Posting lists (key -> KB function) over the functions of the indexed samples."""
 
     keys: npt.NDArray[np.uint64]  # sorted; one entry per (key, function)
-    postings: npt.NDArray[np.int64]  # position in ``functions`` for each entry
-    functions: tuple[FunctionFeatures, ...]
-    sample_ids: npt.NDArray[np.int64]  # sample of each function
+    postings: npt.NDArray[np.int64]  # position in ``stored`` for each entry
+    # Every indexed sample's functions of >= min_instructions (with or without keys): the
+    # posting targets and the re-ranking's view of the KB.
+    stored: CompactFunctions
 
     @classmethod
     def build(
         cls,
         samples: Iterable[tuple[int, Sequence[FunctionFeatures]]],
         min_instructions: int,
+        function_ids: Mapping[tuple[int, int], int] | None = None,
     ) -> FeatureCandidateIndex:
-        """Index the functions of ``(sample_id, functions)`` with >= ``min_instructions``."""
-        functions: list[FunctionFeatures] = []
-        sample_ids: list[int] = []
+        """Index the functions of ``(sample_id, functions)`` with >= ``min_instructions``.
+
+        ``samples`` is consumed one sample at a time, so a generator that decodes each stored
+        sample keeps only one decoded sample alive. ``function_ids`` maps (sample id, address)
+        to the store's function id."""
+        builder = _CompactBuilder()
         keys: list[int] = []
         owners: list[int] = []
         for sample_id, sample_functions in samples:
             for function in sample_functions:
                 if function.instruction_count < min_instructions:
                     continue
+                identifier = -1
+                if function_ids is not None:
+                    identifier = function_ids.get((sample_id, function.address), -1)
+                position = builder.add(sample_id, identifier, function)
                 function_keys = feature_keys(function)
-                if not function_keys:
-                    continue
                 keys.extend(function_keys)
-                owners.extend([len(functions)] * len(function_keys))
-                functions.append(function)
-                sample_ids.append(sample_id)
+                owners.extend([position] * len(function_keys))
         key_array = np.array(keys, dtype=np.uint64)
         owner_array = np.array(owners, dtype=np.int64)
         order = np.argsort(key_array, kind="stable")
@@ -131,15 +374,14 @@ class FeatureCandidateIndex:
         # Drop keys too common to single out a function (see MAX_POSTINGS_PER_KEY).
         _, counts = np.unique(key_array, return_counts=True)
         keep = np.repeat(counts <= MAX_POSTINGS_PER_KEY, counts)
-        return cls(
-            keys=key_array[keep],
-            postings=owner_array[keep],
-            functions=tuple(functions),
-            sample_ids=np.array(sample_ids, dtype=np.int64),
-        )
+        return cls(keys=key_array[keep], postings=owner_array[keep], stored=builder.finish())
 
     def __len__(self) -> int:
-        return len(self.functions)
+        return len(self.stored)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.postings.nbytes) + self.stored.nbytes
 
     def find(
         self, queries: Sequence[FunctionFeatures], min_instructions: int
@@ -165,12 +407,12 @@ class FeatureCandidateIndex:
         pair_query = np.array(query_owner, dtype=np.int64)[owners]
         pair_function = self.postings[positions]
         combined, shared = np.unique(
-            pair_query * len(self.functions) + pair_function, return_counts=True
+            pair_query * len(self.stored) + pair_function, return_counts=True
         )
         enough = shared >= MIN_SHARED_KEYS
         combined, shared = combined[enough], shared[enough]
-        pair_query = combined // len(self.functions)
-        pair_function = combined % len(self.functions)
+        pair_query = combined // len(self.stored)
+        pair_function = combined % len(self.stored)
         # Most shared keys first within each query; ties by KB position for determinism.
         order = np.lexsort((pair_function, -shared, pair_query))
         pair_query, pair_function, shared = pair_query[order], pair_function[order], shared[order]
@@ -185,16 +427,17 @@ class FeatureCandidateIndex:
             shared[top].tolist(),
             strict=True,
         ):
-            stored = self.functions[function_position]
+            stored = self.stored.function(function_position)
             similarity = function_similarity(queries[query], stored)
             if similarity >= FEATURE_MATCH_SIMILARITY:
                 matches.append(
                     FeatureMatch(
                         query=query,
-                        sample_id=int(self.sample_ids[function_position]),
+                        sample_id=int(self.stored.sample_id[function_position]),
                         function=stored,
                         shared_keys=count,
                         similarity=similarity,
+                        function_id=int(self.stored.function_id[function_position]),
                     )
                 )
         matches.sort(key=lambda m: (m.query, -m.similarity, m.sample_id, m.function.address))
