@@ -6,6 +6,7 @@ import json
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -13,8 +14,11 @@ import numpy as np
 import pytest
 
 from earmark.attribution import KnowledgeBase, attribute_sample, open_knowledge_base
+from earmark.correlate.code import find_code_evidence
 from earmark.demo_build import DemoBinary, DemoCorpus, build_demo_corpus
 from earmark.extract import analyze_file
+from earmark.index.feature_candidates import locate_function
+from earmark.index.lsh import reduce_signatures
 from earmark.ingest import LabelTemplate, ingest_paths
 from earmark.reason.hypotheses import KNOWN_ACTOR_THRESHOLD
 from earmark.report.document import CaseReport, case_json_schema
@@ -221,3 +225,39 @@ def test_case_json_validates_against_the_published_schema(
     for item in document["evidence"]:
         assert {"kind", "query_address", "match_sha256", "match_address", "similarity",
                 "weight"} <= item.keys()
+
+
+def test_compact_kb_functions_reproduce_the_stored_features(
+    corpora: dict[str, DemoCorpus],
+) -> None:
+    """The feature stage keeps KB functions without tokens; re-ranking from them must give the
+    same evidence as decoding every matched sample (the path taken without the stage)."""
+    corpus = corpora["gcc-elf64"]
+    with standard_kb(corpus) as kb:
+        feature_index = kb.feature_candidates()
+        assert feature_index is not None
+        stored = feature_index.stored
+        index = kb.index()
+        checked = 0
+        for record in kb.samples().values():
+            decoded = kb.store.load_features(record.sha256).functions
+            kept = [f for f in decoded if f.instruction_count >= index.min_instructions]
+            start, stop = stored.sample_ranges[record.sample_id]
+            rebuilt = [stored.function(position) for position in range(start, stop)]
+            assert rebuilt == [replace(f, normalized=(), name=None) for f in kept]
+            for function in kept:
+                signature = reduce_signatures(np.array([function.minhash], dtype=np.uint32))[0]
+                expected = locate_function(decoded, function.exact_hash, signature)
+                assert expected is not None
+                assert stored.locate(
+                    record.sample_id, function.exact_hash, signature
+                ) == replace(expected, normalized=(), name=None)
+                checked += 1
+        assert checked > 50
+        query = analyze_file(corpus.binary("alpha-v3", "O2").path)
+        with_stage = find_code_evidence(
+            kb.store, index, kb.samples(), query, feature_index=feature_index
+        )
+        decoding = find_code_evidence(kb.store, index, kb.samples(), query, feature_index=None)
+        assert with_stage.evidence == decoding.evidence
+        assert len(with_stage.evidence) > 0
