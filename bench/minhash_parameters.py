@@ -32,7 +32,7 @@ import itertools
 import shlex
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ from bench.function_search import (
     WRONG_CANDIDATES,
     BuildAnalysis,
     EngineResult,
+    Scores,
     evaluate_pair,
     extract_with_earmark,
     pair_list,
@@ -198,11 +199,12 @@ class BuildShingles:
     signatures: npt.NDArray[np.uint32]
 
 
-Scores = Callable[[str, int, str, Sequence[int]], np.ndarray]
-
-
 def exact_scorer(builds: dict[str, BuildShingles]) -> Scores:
-    """Exact Jaccard of the query's set against every pool function's set."""
+    """Exact Jaccard of the query's set against every pool function's set.
+
+    One vectorised pass per query (pool vocabulary marked, hits counted per pool function)
+    instead of Python set operations: ~10^4 queries x 10^3 candidates x 7 choices.
+    """
     pools: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def scores(build_x: str, address: int, build_y: str, pool: Sequence[int]) -> np.ndarray:
