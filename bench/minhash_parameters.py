@@ -17,8 +17,9 @@ is checked against earmark: with n-grams 1..3 and 64 permutations it must reprod
 Queries and pool are limited to function starts earmark recovered on the stripped builds
 (``function_search`` also intersects with MCRIT's starts; MCRIT is not run here, so query
 counts are a little higher). Choices are picked on zlib only; zstd and brotli are held out.
-Cost = wall seconds of shingling + signatures (best of ``--repeat``) per 1,000 functions,
-over every function of the analysed builds.
+Cost = CPU seconds of shingling + signatures (best of ``--repeat``) per 1,000 functions,
+over every function of the analysed builds (CPU, not wall: the machine is shared and wall
+times of one choice varied by half between runs).
 
 Usage:  python -m bench.minhash_parameters [--projects zlib zstd brotli] [--quick] [--jobs 2]
                                             [--update-doc docs/benchmarks.md]
@@ -384,14 +385,14 @@ def measure_cost(
                 with Stopwatch() as watch:
                     sets = shingle_sets(streams, sizes)
                     signatures(sets, permutations)
-                best = min(best, watch.wall)
+                best = min(best, watch.cpu)
             cost[(choice, permutations)] = best / thousands
             distinct[choice] = float(np.mean(sets.sizes()))
     reference = float("inf")
     for _ in range(repeat):
         with Stopwatch() as watch:
             stream_minhash_signatures(streams)
-        reference = min(reference, watch.wall)
+        reference = min(reference, watch.cpu)
     return cost, distinct, reference / thousands
 
 
@@ -411,7 +412,7 @@ def result_rows(
     for project in projects:
         headers += [f"{project} R@1", f"{project} MRR@10"]
     headers += ["held-out R@1", "held-out R@1 (pool)", "MAE vs exact", "R@1 - exact",
-                "true >= floor", "wrong >= floor", "shingles/fn", "ms / 1k fn"]  # fmt: skip
+                "true >= floor", "wrong >= floor", "shingles/fn", "CPU ms / 1k fn"]  # fmt: skip
     rows: list[list[object]] = []
     for choice in SHINGLE_CHOICES:
         exact_engine = engine_name(choice, EXACT)
@@ -495,7 +496,7 @@ def render_section(
         "MAE = mean |estimate - exact| over the (query, candidate) pairs scored; true/wrong",
         ">= floor = share of true / drawn wrong pairs scoring at least",
         f"the index's match floor {DEFAULT_MIN_SIMILARITY} (all pairs pooled); cost = shingling",
-        "+ signatures per 1,000 functions (earmark's own",
+        "+ signatures, CPU ms per 1,000 functions, best of the repeats (earmark's own",
         f"`stream_minhash_signatures`, {{1,2,3}} k=64: {reference_seconds * 1000:.1f} ms / 1k fn).",
         f"Choice made on {SELECTION_PROJECT} only (k=64 R@1): **{pick}**; the other projects are",
         "held out.",
