@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sqlite3
+import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -104,6 +106,30 @@ def resolve_database_url(url_or_path: str | None) -> URL:
         raise StoreError(f"not a database path or URL: {target!r} ({error})") from error
 
 
+def _enable_wal(cursor: Any) -> None:
+    """Switch a database file to WAL once (the mode is stored in the file).
+
+    Changing the journal mode needs the database to itself, and SQLite answers "database is
+    locked" at once, without its busy handler, while another connection is inside a
+    transaction: several processes opening a new knowledge base together hit that. So the mode
+    is only set when it is not WAL yet, and a locked attempt is retried until the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
+    delay = 0.01
+    while True:
+        row = cursor.execute("PRAGMA journal_mode").fetchone()
+        if row is not None and str(row[0]).lower() in ("wal", "memory"):
+            return  # already WAL, or an in-memory database (which has no WAL)
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
 def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
     # Take transactions out of the sqlite3 module's hands (it would not BEGIN before DDL, so a
     # migration would not be atomic); the "begin" hook below issues BEGIN itself.
@@ -113,7 +139,7 @@ def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         # WAL: readers (the index) never block the ingest writer, and a killed writer leaves
         # only uncommitted frames that the next open discards.
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(cursor)
         # NORMAL is crash-safe in WAL mode (a power cut may lose the last commits, never
         # corrupts) and avoids an fsync per sample.
         cursor.execute("PRAGMA synchronous=NORMAL")
