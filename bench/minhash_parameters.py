@@ -474,12 +474,46 @@ def per_pair_rows(results: Sequence[PairResult]) -> list[list[object]]:
     return rows
 
 
+def summary_text(
+    results: Sequence[PairResult],
+    projects: Sequence[str],
+    cost: dict[tuple[str, int], float],
+    pick: str,
+) -> str:
+    """The numbers the decision rests on, for the picked and the current choice (k=64)."""
+    held_out = [p for p in projects if p != SELECTION_PROJECT]
+    held = [r for r in results if r.project in held_out]
+    k = MINHASH_PERMUTATIONS
+
+    def recall(choice: str, scorer: str, members: Sequence[PairResult]) -> float:
+        return float(np.mean([recall_at_k(r.by_engine[engine_name(choice, scorer)].standard)
+                              for r in members]))  # fmt: skip
+
+    def described(choice: str) -> str:
+        zlib = [r for r in results if r.project == SELECTION_PROJECT]
+        wrong = share_above_floor(results, engine_name(choice, f"k={k}"))[1]
+        return (
+            f"{choice}: {SELECTION_PROJECT} R@1 {recall(choice, f'k={k}', zlib):.3f}, held-out"
+            f" R@1 {recall(choice, f'k={k}', held):.3f} (exact Jaccard"
+            f" {recall(choice, EXACT, held):.3f}, k=128 {recall(choice, 'k=128', held):.3f}),"
+            f" wrong pairs >= floor {wrong}, {cost[(choice, k)] * 1000:.0f} CPU ms / 1k fn"
+        )
+
+    if not held or pick == "-":
+        return ""
+    lines = [f"Summary (k={k}, means over pairs):", "", f"- picked {described(pick)};"]
+    if pick != CURRENT_CHOICE:
+        lines.append(f"- current {described(CURRENT_CHOICE)}.")
+    return "\n".join(lines)
+
+
 def render_section(
     command: str,
     headers: Sequence[str],
     rows: Sequence[Sequence[object]],
     pair_rows: Sequence[Sequence[object]],
     pick: str,
+    summary: str,
     reference_seconds: float,
     seconds: float,
 ) -> str:
@@ -500,6 +534,8 @@ def render_section(
         f"`stream_minhash_signatures`, {{1,2,3}} k=64: {reference_seconds * 1000:.1f} ms / 1k fn).",
         f"Choice made on {SELECTION_PROJECT} only (k=64 R@1): **{pick}**; the other projects are",
         "held out.",
+        "",
+        summary,
         "",
         render_table(headers, rows),
         "",
@@ -550,19 +586,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     headers, rows = result_rows(results, args.projects, cost, distinct)
     pair_rows = per_pair_rows(results)
     pick = pick_on_selection_project(results) if SELECTION_PROJECT in args.projects else "-"
+    summary = summary_text(results, args.projects, cost, pick)
     print(render_table(headers, rows, markdown=False))
     print()
     print(render_table(["pair", "queries", *SHINGLE_CHOICES], pair_rows, markdown=False))
     print(
         f"\npicked on {SELECTION_PROJECT}: {pick}; {len(streams)} functions timed; earmark"
-        f" {{1,2,3}} k=64: {reference * 1000:.1f} ms / 1k fn; wall {watch.wall:.1f} s"
+        f" {{1,2,3}} k=64: {reference * 1000:.1f} ms / 1k fn; wall {watch.wall:.1f} s\n"
     )
+    print(summary)
     if args.update_doc is not None:
         command = "python -m bench.minhash_parameters " + shlex.join(
             list(argv if argv is not None else sys.argv[1:])
         )
         section = render_section(
-            command.strip(), headers, rows, pair_rows, pick, reference, watch.wall
+            command.strip(), headers, rows, pair_rows, pick, summary, reference, watch.wall
         )
         replace_section(args.update_doc, section)
     return 0
