@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -124,13 +125,17 @@ def _fits_arrays(function: FunctionFeatures) -> bool:
 
 
 class _CompactBuilder:
+    """Accumulates rows in ``array.array`` buffers (4 or 8 bytes per value) rather than
+    lists of Python ints (~36 bytes each), so building over a large KB peaks near the size of
+    the result, not ten times it."""
+
     def __init__(self) -> None:
-        self.sample_id: list[int] = []
-        self.function_id: list[int] = []
-        self.numbers: list[tuple[int, int, int, int, int, int]] = []
-        self.minhash: list[tuple[int, ...]] = []
-        self.robust: list[tuple[int, ...]] = []
-        self.signature_length: list[tuple[int, int]] = []
+        self.sample_id = array("q")
+        self.function_id = array("q")
+        self.numbers = array("Q")  # address, size, blocks, edges, instructions, exact hash
+        self.minhash = array("I")
+        self.robust = array("I")
+        self.signature_length = array("q")  # minhash length, robust minhash length
         self.references: list[_References] = []
         self.sources: list[str] = []
         self.irregular: dict[int, FunctionFeatures] = {}
@@ -140,26 +145,25 @@ class _CompactBuilder:
         self.sample_id.append(sample_id)
         self.function_id.append(function_id)
         regular = _fits_arrays(function)
-        if not regular:
-            self.irregular[position] = replace(function, normalized=(), name=None)
-        self.numbers.append(
-            (
-                function.address,
-                function.size,
-                function.block_count,
-                function.edge_count,
-                function.instruction_count,
-                function.exact_hash,
+        if regular:
+            self.numbers.extend(
+                (
+                    function.address,
+                    function.size,
+                    function.block_count,
+                    function.edge_count,
+                    function.instruction_count,
+                    function.exact_hash,
+                )
             )
-            if regular
-            else (0, 0, 0, 0, 0, 0)
+        else:
+            self.irregular[position] = replace(function, normalized=(), name=None)
+            self.numbers.extend(_EMPTY_NUMBERS)
+        self.minhash.extend(function.minhash if regular and function.minhash else _EMPTY_ROW)
+        self.robust.extend(
+            function.robust_minhash if regular and function.robust_minhash else _EMPTY_ROW
         )
-        empty = (0,) * MINHASH_PERMUTATIONS
-        self.minhash.append(function.minhash if regular and function.minhash else empty)
-        self.robust.append(
-            function.robust_minhash if regular and function.robust_minhash else empty
-        )
-        self.signature_length.append((len(function.minhash), len(function.robust_minhash)))
+        self.signature_length.extend((len(function.minhash), len(function.robust_minhash)))
         self.references.append(
             (
                 function.calls,
@@ -174,32 +178,46 @@ class _CompactBuilder:
         return position
 
     def finish(self) -> CompactFunctions:
-        numbers = np.array(self.numbers, dtype=np.uint64).reshape(len(self.numbers), 6)
-        lengths = np.array(self.signature_length, dtype=np.int64).reshape(-1, 2)
-        sample_ids = np.array(self.sample_id, dtype=np.int64)
+        numbers = _column(self.numbers, np.uint64).reshape(-1, 6)
+        lengths = _column(self.signature_length, np.int64).reshape(-1, 2)
         # Functions are added sample by sample: each sample is one contiguous range.
         ranges: dict[int, tuple[int, int]] = {}
         for position, sample_id in enumerate(self.sample_id):
             start, _ = ranges.get(sample_id, (position, position))
             ranges[sample_id] = (start, position + 1)
         return CompactFunctions(
-            sample_id=sample_ids,
-            function_id=np.array(self.function_id, dtype=np.int64),
+            sample_id=_column(self.sample_id, np.int64),
+            function_id=_column(self.function_id, np.int64),
             address=numbers[:, 0].copy(),
             size=numbers[:, 1].astype(np.int64),
             block_count=numbers[:, 2].astype(np.int64),
             edge_count=numbers[:, 3].astype(np.int64),
             instruction_count=numbers[:, 4].astype(np.int64),
             exact_hash=numbers[:, 5].copy(),
-            minhash=np.array(self.minhash, dtype=np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
+            minhash=_column(self.minhash, np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
             minhash_length=lengths[:, 0].copy(),
-            robust_minhash=np.array(self.robust, dtype=np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
+            robust_minhash=_column(self.robust, np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
             robust_length=lengths[:, 1].copy(),
             references=tuple(self.references),
             sources=tuple(self.sources),
             irregular=dict(self.irregular),
             sample_ranges=ranges,
         )
+
+
+_EMPTY_NUMBERS: Final = (0,) * 6
+_EMPTY_ROW: Final = (0,) * MINHASH_PERMUTATIONS
+
+_Column = TypeVar("_Column", bound=np.generic)
+
+
+def _column(values: array[int], dtype: type[_Column]) -> npt.NDArray[_Column]:
+    """An owned numpy copy of an ``array.array`` (its C item size varies by platform)."""
+    kind = "i" if values.typecode.islower() else "u"
+    raw = np.frombuffer(values, dtype=f"{kind}{values.itemsize}") if len(values) else None
+    if raw is None:
+        return np.zeros(0, dtype=dtype)
+    return raw.astype(dtype)
 
 
 @dataclass(frozen=True)
@@ -354,8 +372,8 @@ class FeatureCandidateIndex:
         sample keeps only one decoded sample alive. ``function_ids`` maps (sample id, address)
         to the store's function id."""
         builder = _CompactBuilder()
-        keys: list[int] = []
-        owners: list[int] = []
+        keys = array("Q")
+        owners = array("q")
         for sample_id, sample_functions in samples:
             for function in sample_functions:
                 if function.instruction_count < min_instructions:
@@ -367,8 +385,9 @@ class FeatureCandidateIndex:
                 function_keys = feature_keys(function)
                 keys.extend(function_keys)
                 owners.extend([position] * len(function_keys))
-        key_array = np.array(keys, dtype=np.uint64)
-        owner_array = np.array(owners, dtype=np.int64)
+        key_array = _column(keys, np.uint64)
+        owner_array = _column(owners, np.int64)
+        del keys, owners
         order = np.argsort(key_array, kind="stable")
         key_array, owner_array = key_array[order], owner_array[order]
         # Drop keys too common to single out a function (see MAX_POSTINGS_PER_KEY).
