@@ -24,8 +24,11 @@ import numpy.typing as npt
 
 from earmark.model.sample import MINHASH_PERMUTATIONS
 
-# Shingle n-gram sizes. Measured in docs/function-recovery.md (xcomp zlib/zstd, gcc -O2 vs
-# -O3 and gcc vs clang -O2, Recall@1 of MinHash-only search): 1..3-grams beat single sizes.
+# Shingle n-gram sizes, measured in docs/function-recovery.md ("MinHash parameters (measured)",
+# bench/minhash_parameters.py): 1-grams alone rank best across -O levels (held-out R@1 0.668 vs
+# 0.558) but put 1 % of unrelated pairs above the index's 0.5 match floor, 33x the 0.03 % of
+# 1..3-grams. The index needs that precision; ranking across -O levels is the job of the
+# re-ranking similarity (index/similarity.py), which scores 0.758 there.
 NGRAM_SIZES: Final = (1, 2, 3)
 
 # Permutations are multiply-shift hashes h(x) = ((a*x + b) mod 2^64) >> 32 with odd a
