@@ -54,9 +54,10 @@ IDENTITY_MARGIN: Final = 0.15
 # instructions with their own constants are a fingerprint.
 SPECIFIC_INSTRUCTIONS: Final = 40
 
-# Matched samples whose features are loaded for re-ranking, strongest first. Loading costs
-# ~5 ms per sample (frozen features); past 64 samples the weakest matches are a rounding error
-# in a noisy-OR already saturated by the strongest ones.
+# Matched samples whose functions are re-ranked, strongest first: past 64 samples the weakest
+# matches are a rounding error in a noisy-OR already saturated by the strongest ones. (Without
+# the feature stage each re-ranked sample costs a decode of its features file, ~50 µs per
+# function, which this also bounds.)
 MAX_RERANKED_SAMPLES: Final = 64
 
 # Matches below this rarity weight are not reported as evidence (they are library or runtime
@@ -64,9 +65,11 @@ MAX_RERANKED_SAMPLES: Final = 64
 MIN_EVIDENCE_WEIGHT: Final = 0.01
 
 
-# The feature stage loads the frozen features of every KB sample (~5 ms each) to build its
-# posting lists; past this many samples an attribution would spend seconds on it, so larger KBs
-# skip it until the index is cached next to the function index (docs/function-similarity.md).
+# The feature stage decodes the frozen features of every KB sample once per process and store
+# revision to build its posting lists and compact KB functions (117 samples / 134k functions:
+# 13 s and 60 MB of columns, docs/attribution.md "Performance"); past this many samples an
+# attribution would spend minutes on it, so larger KBs skip it (and re-rank by decoding the
+# matched samples) until it is persisted beside the function index.
 MAX_FEATURE_STAGE_SAMPLES: Final = 2000
 
 
