@@ -12,7 +12,8 @@ Scoring (docs/attribution.md, "Scoring"):
   by ``DEPENDENT_DISCOUNT``;
 - the *link score* is the noisy-OR ``1 - prod(1 - c)`` of the counted contributions: how sure we
   are that the query and the hypothesis share code or infrastructure at all;
-- the hypothesis *score* is the link score times ``min(1, coverage / AUTHORSHIP_COVERAGE)``,
+- the hypothesis *score* is the link score times ``min(1, coverage / AUTHORSHIP_COVERAGE)``
+  (and, for code evidence alone, times ``min(1, rare functions / MIN_RARE_FOR_AUTHORSHIP)``),
   where coverage is the share of the query's distinctive functions the hypothesis explains
   (no code evidence: factor 1). A sample whose distinctive code is mostly explained keeps its
   link score; a library file that shares 4 % of its functions with a project's statically linked
@@ -178,6 +179,10 @@ def rank_hypotheses(
         ):
             relation = "shares-code"
         explained = 1.0 if coverage is None else min(1.0, coverage / AUTHORSHIP_COVERAGE)
+        if coverage is not None and only_code:
+            # Code alone with fewer than MIN_RARE_FOR_AUTHORSHIP rare functions: the link rests
+            # on common code (runtime start-up, small helpers), so it cannot score high.
+            explained *= min(1.0, rare_functions / MIN_RARE_FOR_AUTHORSHIP)
         hypotheses.append(
             Hypothesis(
                 actor=group_actor,
