@@ -37,7 +37,7 @@ from earmark.intel.warninglists import (
 )
 from earmark.model.intel import IntelReport
 
-DEFAULT_INTEL_DIR = Path("/work/shared/data/intel")
+DEFAULT_INTEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "intel"
 # An actor scoring below this is not called a link: one decayed /24 neighbour (0.3 × decay)
 # or one value shared by two actors (0.5) is a lead, not attribution.
 DEFAULT_MIN_SCORE = 0.3

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from earmark.intel.aliases import AliasResolver, Taxonomy, clean_name, name_key
 from earmark.intel.importers.attack import attack_groups
+from shared_data import INTEL_DIR
 
-ATTACK_BUNDLE = Path("/work/shared/data/intel/mitre_cti/enterprise-attack-compact.json")
+ATTACK_BUNDLE = INTEL_DIR / "mitre_cti" / "enterprise-attack-compact.json"
 
 
 @pytest.fixture(scope="module")

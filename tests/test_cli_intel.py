@@ -10,10 +10,11 @@ from click.testing import CliRunner
 from pymisp import MISPEvent
 
 from earmark.cli import cli
+from shared_data import INTEL_DIR
 
 stix2validator = pytest.importorskip("stix2validator")
 
-INTEL = Path("/work/shared/data/intel")
+INTEL = INTEL_DIR
 ESET_LAZARUS = INTEL / "eset_malware-ioc" / "nukesped_lazarus"
 pytestmark = pytest.mark.skipif(not INTEL.is_dir(), reason="shared intel data not present")
 

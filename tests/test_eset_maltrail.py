@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import date
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,9 @@ from earmark.intel.maltrail import (
 )
 from earmark.model.intel import Indicator, IndicatorType
 from earmark.model.kb import Tlp
+from shared_data import INTEL_DIR
 
-INTEL = Path("/work/shared/data/intel")
+INTEL = INTEL_DIR
 LAZARUS_ADOC = INTEL / "eset_malware-ioc" / "nukesped_lazarus" / "README.adoc"
 LAZARUS_TRAILS = INTEL / "maltrail" / "trails" / "static" / "malware" / "apt_lazarus.txt"
 

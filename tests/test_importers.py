@@ -20,8 +20,9 @@ from earmark.intel.importers import (
 from earmark.model.intel import Indicator
 from earmark.model.intel import IndicatorType as T
 from earmark.model.kb import Tlp
+from shared_data import INTEL_DIR
 
-INTEL = Path("/work/shared/data/intel")
+INTEL = INTEL_DIR
 ATTACK_BUNDLE = INTEL / "mitre_cti" / "enterprise-attack-compact.json"
 LAZARUS_MISP = INTEL / "eset_malware-ioc" / "nukesped_lazarus" / "lazarus_3cx.json"
 SSHDOOR_MISP = INTEL / "eset_malware-ioc" / "sshdoor" / "misp-events" / "jakku.json"

@@ -20,10 +20,11 @@ from earmark.model.intel import Indicator, IndicatorType, IntelReport
 from earmark.model.kb import Tlp
 from earmark.store import SqlStore, intel_sql, open_store
 from fixtures.build import FixtureBuilder
+from shared_data import INTEL_DIR
 
 stix2validator = pytest.importorskip("stix2validator")
 
-INTEL = Path("/work/shared/data/intel")
+INTEL = INTEL_DIR
 ATTACK_BUNDLE = INTEL / "mitre_cti" / "enterprise-attack-compact.json"
 ESET_LAZARUS = INTEL / "eset_malware-ioc" / "nukesped_lazarus"
 ESET_MISP_EVENT = INTEL / "eset_malware-ioc" / "sednit" / "2018-11-20_Zebrocy.json"
