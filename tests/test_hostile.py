@@ -115,6 +115,24 @@ def test_sections_sharing_file_bytes_only_warn(small_pe: bytes) -> None:
     assert any("share file bytes" in warning for warning in features.warnings)
 
 
+def test_code_mapped_above_two_to_the_63(small_elf: bytes) -> None:
+    """A 64-bit ELF whose executable segment sits at 0x8000...: analysed, never an overflow."""
+    data = bytearray(small_elf)
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for index in range(phnum):
+        entry = phoff + index * phentsize
+        p_type, p_flags = struct.unpack_from("<II", data, entry)
+        if p_type == 1 and p_flags & 1:  # PT_LOAD, executable
+            data[entry + 16 + 7] |= 0x80  # top byte of p_vaddr
+            break
+    else:
+        pytest.fail("fixture has no executable PT_LOAD")
+    features = analyze_bytes(bytes(data), DEFAULT_LIMITS)  # must not raise
+    code = [f for f in features.functions if f.source != "symbol"]
+    assert code and all(function.address >= 2**63 for function in code)
+
+
 def test_huge_virtual_size(small_pe: bytes, small_elf: bytes) -> None:
     data = bytearray(small_pe)
     table, count = _section_table(data)

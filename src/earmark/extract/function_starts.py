@@ -40,6 +40,9 @@ _SIZE_OF: Final = operator.attrgetter("size")
 # Owner value of an instruction that more than one function reaches by its own flow.
 SHARED_OWNER: Final = -1
 
+# Largest address a uint64 holds; segment ends are clipped to it.
+_MAX_ADDRESS: Final = 2**64 - 1
+
 
 class CodeCoverage:
     """Which code bytes recovered functions cover, and who owns each instruction.
@@ -91,19 +94,21 @@ class CodeCoverage:
         pending, self._pending = self._pending, []
         counts = [len(body.instructions) for body in pending]
         total = sum(counts)
+        # uint64: a hostile 64-bit image may map code at or above 2**63 (int64 overflows).
         addresses = np.fromiter(
             itertools.chain.from_iterable(body.instructions for body in pending),
-            dtype=np.int64,
+            dtype=np.uint64,
             count=total,
         )
         sizes = np.fromiter(
             itertools.chain.from_iterable(
                 map(_SIZE_OF, body.instructions.values()) for body in pending
             ),
-            dtype=np.int64,
+            dtype=np.uint64,
             count=total,
         )
-        ends = addresses + sizes
+        with np.errstate(over="ignore"):  # an instruction ending past 2**64 wraps; harmless
+            ends = addresses + sizes
         if total:
             offsets = np.concatenate(([0], np.cumsum(counts[:-1]))).astype(np.int64)
             furthest = np.maximum.reduceat(ends, offsets).tolist()
@@ -111,11 +116,13 @@ class CodeCoverage:
                 self._extent_ends[body.start] = end  # a re-explored body replaces its old end
             self._sorted_extents = None
         for base, coverage in zip(self._bases, self._maps, strict=True):
-            inside = (addresses >= base) & (addresses < base + len(coverage))
+            low_bound = np.uint64(base)
+            high_bound = np.uint64(min(base + len(coverage), _MAX_ADDRESS))
+            inside = (addresses >= low_bound) & (addresses < high_bound)
             if not inside.any():
                 continue
-            lows = addresses[inside] - base
-            highs = np.minimum(ends[inside] - base, len(coverage))
+            lows = (addresses[inside] - low_bound).astype(np.int64)
+            highs = np.minimum(ends[inside] - low_bound, np.uint64(len(coverage))).astype(np.int64)
             first, last = int(lows.min()), int(highs.max())
             # +1 at each instruction's first byte, -1 after its last: a running sum above
             # zero is a covered byte.
@@ -151,8 +158,9 @@ class CodeCoverage:
         for base, coverage in zip(self._bases, self._maps, strict=True):
             uncovered = np.concatenate(([0], (~coverage).view(np.int8), [0]))
             edges = np.diff(uncovered)
-            lows = (np.flatnonzero(edges == 1) + base).tolist()
-            highs = (np.flatnonzero(edges == -1) + base).tolist()
+            # Added in Python: base may be past int64 in a hostile 64-bit image.
+            lows = [base + offset for offset in np.flatnonzero(edges == 1).tolist()]
+            highs = [base + offset for offset in np.flatnonzero(edges == -1).tolist()]
             found.extend(zip(lows, highs, strict=True))
         return found
 
