@@ -261,3 +261,34 @@ def test_compact_kb_functions_reproduce_the_stored_features(
         decoding = find_code_evidence(kb.store, index, kb.samples(), query, feature_index=None)
         assert with_stage.evidence == decoding.evidence
         assert len(with_stage.evidence) > 0
+
+
+def test_feature_stage_cache_gives_the_same_case(
+    corpora: dict[str, DemoCorpus], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SQLite KB keeps the feature candidate stage in ``<db>.features``: a new process
+    (here: a new KnowledgeBase) loads it instead of decoding every sample, with the same
+    case; a damaged cache is rebuilt, never trusted."""
+    corpus = corpora["gcc-elf64"]
+    database = str(tmp_path / "kb.db")
+    query = corpus.binary("alpha-v3", "O2")
+    with open_knowledge_base(database) as kb:
+        for binary in corpus.select(role="kb", opt="O0"):
+            template = LabelTemplate(actor=binary.actor, family=binary.family, source="test")
+            ingest_paths(kb.store, [binary.path], template)
+        built = attribute(kb, query)
+    cache = tmp_path / "kb.db.features"
+    assert (cache / "manifest.json").is_file()
+
+    def must_not_build(*_: object) -> None:
+        raise AssertionError("the cached feature stage was rebuilt")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("earmark.attribution.build_feature_candidates", must_not_build)
+        with open_knowledge_base(database) as kb:
+            assert attribute(kb, query) == built
+    postings = cache / "postings.npy"
+    postings.write_bytes(postings.read_bytes()[:100])
+    with open_knowledge_base(database) as kb:
+        assert attribute(kb, query) == built
+    assert len((cache / "postings.npy").read_bytes()) > 100  # rewritten by the rebuild

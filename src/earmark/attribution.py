@@ -21,12 +21,17 @@ from datetime import date
 from pathlib import Path
 from typing import Final
 
-from earmark.correlate.code import build_feature_candidates, find_code_evidence
+from earmark.correlate.code import (
+    MAX_FEATURE_STAGE_SAMPLES,
+    build_feature_candidates,
+    find_code_evidence,
+)
 from earmark.demo_build import DemoBinary, Target, build_demo_corpus
 from earmark.errors import UsageError
 from earmark.extract import analyze_file
 from earmark.freeze import load_features
 from earmark.index import DEFAULT_TOP_K, FunctionIndex, IndexCacheError
+from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
 from earmark.index.feature_candidates import FeatureCandidateIndex
 from earmark.index.similarity import compare_functions
 from earmark.ingest import IngestSummary, LabelTemplate, ingest_paths
@@ -116,9 +121,32 @@ class KnowledgeBase:
         """The optimisation-robust candidate stage (None past its sample limit)."""
         index = self.index()
         if self._feature_candidates is None or self._feature_candidates[0] != index.revision:
-            built = build_feature_candidates(self.store, self._samples, index.min_instructions)
+            built = self._cached_feature_candidates(index.revision, index.min_instructions)
+            if built is None:
+                built = build_feature_candidates(self.store, self._samples, index.min_instructions)
+                cache = self._feature_cache_path()
+                if built is not None and cache is not None:
+                    save_feature_candidates(built, cache, index.revision, index.min_instructions)
             self._feature_candidates = (index.revision, built)
         return self._feature_candidates[1]
+
+    def _feature_cache_path(self) -> Path | None:
+        """``<db>.features`` beside ``<db>.index`` (its own directory: saving the function
+        index replaces ``<db>.index`` wholesale)."""
+        if self.index_path is None:
+            return None
+        return self.index_path.with_name(self.index_path.name.removesuffix(".index") + ".features")
+
+    def _cached_feature_candidates(
+        self, revision: int, min_instructions: int
+    ) -> FeatureCandidateIndex | None:
+        cache = self._feature_cache_path()
+        if cache is None or len(self._samples) > MAX_FEATURE_STAGE_SAMPLES:
+            return None
+        try:
+            return load_feature_candidates(cache, revision, min_instructions)
+        except IndexCacheError:
+            return None  # damaged cache: rebuilt by the caller, never trusted
 
 
 def index_cache_path(database: str | None) -> Path | None:

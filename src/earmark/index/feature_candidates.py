@@ -180,13 +180,9 @@ class _CompactBuilder:
     def finish(self) -> CompactFunctions:
         numbers = _column(self.numbers, np.uint64).reshape(-1, 6)
         lengths = _column(self.signature_length, np.int64).reshape(-1, 2)
-        # Functions are added sample by sample: each sample is one contiguous range.
-        ranges: dict[int, tuple[int, int]] = {}
-        for position, sample_id in enumerate(self.sample_id):
-            start, _ = ranges.get(sample_id, (position, position))
-            ranges[sample_id] = (start, position + 1)
+        sample_ids = _column(self.sample_id, np.int64)
         return CompactFunctions(
-            sample_id=_column(self.sample_id, np.int64),
+            sample_id=sample_ids,
             function_id=_column(self.function_id, np.int64),
             address=numbers[:, 0].copy(),
             size=numbers[:, 1].astype(np.int64),
@@ -201,8 +197,18 @@ class _CompactBuilder:
             references=tuple(self.references),
             sources=tuple(self.sources),
             irregular=dict(self.irregular),
-            sample_ranges=ranges,
+            sample_ranges=sample_ranges(sample_ids),
         )
+
+
+def sample_ranges(sample_ids: npt.NDArray[np.int64]) -> dict[int, tuple[int, int]]:
+    """Each sample's (first position, last position + 1). Functions are added sample by
+    sample, so each sample is one contiguous range."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for position, sample_id in enumerate(sample_ids.tolist()):
+        start, _ = ranges.get(sample_id, (position, position))
+        ranges[sample_id] = (start, position + 1)
+    return ranges
 
 
 _EMPTY_NUMBERS: Final = (0,) * 6

@@ -1,0 +1,119 @@
+"""The on-disk cache of the feature candidate stage: exact round trip, staleness, damage."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from earmark.errors import IndexCacheError
+from earmark.extract import analyze_file
+from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
+from earmark.index.feature_candidates import FeatureCandidateIndex
+from earmark.model.sample import FunctionFeatures
+from fixtures.build import FixtureBuilder
+
+MIN_INSTRUCTIONS = 10
+REVISION = 7
+
+
+def _functions(builder: FixtureBuilder, opt: str) -> list[FunctionFeatures]:
+    return list(analyze_file(builder.build("fx_codec.c", "gcc64", opt).stripped).functions)
+
+
+def _odd_references(function: FunctionFeatures) -> FunctionFeatures:
+    """Values the flattening must carry exactly: negative and 64-bit constants, non-ASCII
+    text with a NUL, an empty string."""
+    return replace(
+        function,
+        constants=(-1, -(1 << 63), (1 << 64) - 1, 0),
+        strings=("caf\u00e9\u4e2d\x00", ""),
+    )
+
+
+def _index(builder: FixtureBuilder) -> tuple[FeatureCandidateIndex, list[FunctionFeatures]]:
+    pool = _functions(builder, "O0")
+    first = next(i for i, f in enumerate(pool) if f.instruction_count >= MIN_INSTRUCTIONS)
+    pool[:first] = []  # stored position 0 is the function with odd references
+    pool[0] = _odd_references(pool[0])
+    index = FeatureCandidateIndex.build(
+        [(3, pool[: len(pool) // 2]), (5, pool[len(pool) // 2 :])],
+        MIN_INSTRUCTIONS,
+        {(3, pool[0].address): 42},
+    )
+    return index, _functions(builder, "O2")
+
+
+def test_round_trip_is_exact(builder: FixtureBuilder, tmp_path: Path) -> None:
+    index, queries = _index(builder)
+    path = tmp_path / "kb.features"
+    assert save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
+    loaded = load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS)
+    assert loaded is not None
+    assert len(loaded) == len(index) > 0
+    assert np.array_equal(loaded.keys, index.keys)
+    assert np.array_equal(loaded.postings, index.postings)
+    assert dict(loaded.stored.sample_ranges) == dict(index.stored.sample_ranges)
+    assert [loaded.stored.function(i) for i in range(len(index))] == [
+        index.stored.function(i) for i in range(len(index))
+    ]
+    assert loaded.stored.function(0).strings == ("caf\u00e9\u4e2d\x00", "")
+    assert int(loaded.stored.function_id[0]) == 42
+    found = loaded.find(queries, MIN_INSTRUCTIONS)
+    assert found  # the fixture's -O2 build finds -O0 copies (test_similarity)
+    assert found == index.find(queries, MIN_INSTRUCTIONS)
+
+
+def test_other_revision_or_parameters_is_a_miss(builder: FixtureBuilder, tmp_path: Path) -> None:
+    index, _ = _index(builder)
+    path = tmp_path / "kb.features"
+    assert load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS) is None  # absent
+    save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
+    assert load_feature_candidates(path, REVISION + 1, MIN_INSTRUCTIONS) is None
+    assert load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS + 1) is None
+
+
+@pytest.mark.parametrize(
+    ("array", "damage"),
+    [
+        ("postings", lambda a: a + 1_000_000),
+        ("keys", lambda a: a[::-1].copy()),
+        ("strings_offsets", lambda a: a[:-1].copy()),
+        ("minhash", lambda a: a.astype(np.uint64)),
+        ("calls_negative", lambda a: a[1:].copy()),
+    ],
+)
+def test_damaged_cache_is_refused(
+    builder: FixtureBuilder, tmp_path: Path, array: str, damage: object
+) -> None:
+    index, _ = _index(builder)
+    path = tmp_path / "kb.features"
+    save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
+    target = path / f"{array}.npy"
+    assert callable(damage)
+    np.save(target, damage(np.load(target)), allow_pickle=False)
+    with pytest.raises(IndexCacheError):
+        load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS)
+
+
+def test_truncated_file_is_refused(builder: FixtureBuilder, tmp_path: Path) -> None:
+    index, _ = _index(builder)
+    path = tmp_path / "kb.features"
+    save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
+    target = path / "robust_minhash.npy"
+    target.write_bytes(target.read_bytes()[:200])
+    with pytest.raises(IndexCacheError):
+        load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS)
+
+
+def test_values_the_arrays_cannot_carry_are_not_saved(
+    builder: FixtureBuilder, tmp_path: Path
+) -> None:
+    pool = [f for f in _functions(builder, "O0") if f.instruction_count >= MIN_INSTRUCTIONS]
+    pool[0] = replace(pool[0], immediates=(1 << 70,))
+    index = FeatureCandidateIndex.build([(1, pool)], MIN_INSTRUCTIONS)
+    path = tmp_path / "kb.features"
+    assert not save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
+    assert not path.exists()
