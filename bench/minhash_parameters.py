@@ -28,7 +28,6 @@ Usage:  python -m bench.minhash_parameters [--projects zlib zstd brotli] [--quic
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import shlex
 import sys
@@ -65,7 +64,13 @@ from bench.function_search import (
 )
 from bench.peers.mcrit_peer import FunctionSignatures
 
-from earmark.extract.minhash import SHINGLES_PER_BATCH, token_id
+from earmark.extract.minhash import (
+    MIX_MULTIPLIER,
+    NGRAM_MULTIPLIER,
+    SHINGLES_PER_BATCH,
+    permutation_coefficients,
+    token_id,
+)
 from earmark.index.function_index import DEFAULT_MIN_SIMILARITY
 from earmark.model.sample import MINHASH_PERMUTATIONS
 
@@ -85,30 +90,15 @@ SELECTION_PROJECT = "zlib"  # choices are made on zlib; the other projects are h
 SECTION_TITLE = "## MinHash parameters"
 EXACT = "exact"
 
-# Same constants as earmark.extract.minhash (checked: the current choice must reproduce
-# earmark's stored signatures bit for bit).
-_NGRAM_MULTIPLIER = np.uint64(0x100000001B3)
-_MIX_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+# earmark's own constants and permutations, so the current choice reproduces earmark's stored
+# signatures bit for bit (checked at run time).
 _TOKEN_IDS: dict[str, int] = {}
 
 
 # --------------------------------------------------------------------------- signatures
 
 
-def _coefficients(count: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    a_values: list[int] = []
-    b_values: list[int] = []
-    for index in range(count):
-        digest = hashlib.blake2b(f"earmark-minhash-{index}".encode(), digest_size=16).digest()
-        a_values.append(int.from_bytes(digest[:8], "little") | 1)
-        b_values.append(int.from_bytes(digest[8:], "little"))
-    return (
-        np.array(a_values, dtype=np.uint64).reshape(1, -1),
-        np.array(b_values, dtype=np.uint64).reshape(1, -1),
-    )
-
-
-_COEFFICIENTS = {count: _coefficients(count) for count in PERMUTATION_COUNTS}
+_COEFFICIENTS = {count: permutation_coefficients(count) for count in PERMUTATION_COUNTS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +138,10 @@ def shingle_sets(streams: Sequence[Sequence[str]], sizes: tuple[int, ...]) -> Sh
                 continue
             folded = ids[: total - size + 1] ^ np.uint64(size)
             for shift in range(1, size):
-                folded = folded * _NGRAM_MULTIPLIER ^ ids[shift : total - size + 1 + shift]
+                folded = folded * NGRAM_MULTIPLIER ^ ids[shift : total - size + 1 + shift]
             first_owner = owner[: total - size + 1]
             inside = np.arange(total - size + 1, dtype=np.int64) + size <= ends[first_owner]
-            shingles = ((folded[inside] * _MIX_MULTIPLIER) >> np.uint64(32)).astype(np.uint64)
+            shingles = ((folded[inside] * MIX_MULTIPLIER) >> np.uint64(32)).astype(np.uint64)
             keys_parts.append((first_owner[inside].astype(np.uint64) << np.uint64(32)) | shingles)
     keys = np.concatenate(keys_parts) if keys_parts else np.zeros(0, dtype=np.uint64)
     keys.sort()

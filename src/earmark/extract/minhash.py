@@ -40,14 +40,18 @@ NGRAM_SIZES: Final = (1, 2, 3)
 # 2^10..2^13 rows within noise (0.97-1.05 s), 2^14 1.5 s, 2^16 2.3 s, 2^18 (128 MiB) 4.0 s.
 SHINGLES_PER_BATCH: Final = 1 << 11
 
-_NGRAM_MULTIPLIER: Final = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime, folds ids into n-grams
-_MIX_MULTIPLIER: Final = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio mixing before truncation
+NGRAM_MULTIPLIER: Final = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime, folds ids into n-grams
+MIX_MULTIPLIER: Final = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio mixing before truncation
 
 
-def _permutation_coefficients() -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+def permutation_coefficients(
+    count: int = MINHASH_PERMUTATIONS,
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """The (a, b) of the first ``count`` permutations, each shaped (1, count); a prefix of a
+    longer list is the shorter list, so parameter studies can vary ``count``."""
     a_values: list[int] = []
     b_values: list[int] = []
-    for index in range(MINHASH_PERMUTATIONS):
+    for index in range(count):
         digest = hashlib.blake2b(f"earmark-minhash-{index}".encode(), digest_size=16).digest()
         a_values.append(int.from_bytes(digest[:8], "little") | 1)
         b_values.append(int.from_bytes(digest[8:], "little"))
@@ -57,7 +61,7 @@ def _permutation_coefficients() -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.
     )
 
 
-_COEFFICIENT_A, _COEFFICIENT_B = _permutation_coefficients()
+_COEFFICIENT_A, _COEFFICIENT_B = permutation_coefficients()
 _TOKEN_IDS: dict[str, int] = {}
 
 
@@ -86,11 +90,11 @@ def shingle_hashes(tokens: Sequence[str]) -> npt.NDArray[np.uint32]:
                 break
             folded = ids[: len(ids) - size + 1] ^ np.uint64(size)
             for shift in range(1, size):
-                folded = folded * _NGRAM_MULTIPLIER ^ ids[shift : len(ids) - size + 1 + shift]
+                folded = folded * NGRAM_MULTIPLIER ^ ids[shift : len(ids) - size + 1 + shift]
             parts.append(folded)
         if not parts:
             return np.zeros(0, dtype=np.uint32)
-        mixed = np.concatenate(parts) * _MIX_MULTIPLIER
+        mixed = np.concatenate(parts) * MIX_MULTIPLIER
     return (mixed >> np.uint64(32)).astype(np.uint32)
 
 
@@ -167,7 +171,7 @@ def stream_minhash_signatures(
                 break
             folded = ids[: total - size + 1] ^ np.uint64(size)
             for shift in range(1, size):
-                folded = folded * _NGRAM_MULTIPLIER ^ ids[shift : total - size + 1 + shift]
+                folded = folded * NGRAM_MULTIPLIER ^ ids[shift : total - size + 1 + shift]
             first_owner = owner[: total - size + 1]
             inside = np.arange(total - size + 1, dtype=np.int64) + size <= ends[first_owner]
             parts.append(folded[inside])
@@ -175,7 +179,7 @@ def stream_minhash_signatures(
     if not parts:
         return np.full((count, MINHASH_PERMUTATIONS), 0xFFFFFFFF, dtype=np.uint32)
     with np.errstate(over="ignore"):
-        mixed = np.concatenate(parts) * _MIX_MULTIPLIER
+        mixed = np.concatenate(parts) * MIX_MULTIPLIER
     shingles = (mixed >> np.uint64(32)).astype(np.uint32)
     # A function's repeated shingles cannot change its minima: sorting (stream, shingle) keys
     # groups them by stream and lets duplicates go before the 64-permutation product, which
