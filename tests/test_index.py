@@ -26,6 +26,7 @@ from earmark.index.lsh import (
     expand_ranges,
     reduce_signatures,
 )
+from earmark.index.packed import PackedUInts, byte_width
 from earmark.model.kb import FunctionTable
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
@@ -274,7 +275,8 @@ def test_persistence_round_trip(tmp_path: Path) -> None:
         loaded = FunctionIndex.load(path, revision=17, memory_map=memory_map)
         assert loaded is not None and loaded.rarity is not None and index.rarity is not None
         np.testing.assert_array_equal(loaded.signatures, index.signatures)
-        np.testing.assert_array_equal(loaded.band_orders, index.band_orders)
+        np.testing.assert_array_equal(loaded.band_orders.data, index.band_orders.data)
+        np.testing.assert_array_equal(loaded.rarity.group.data, index.rarity.group.data)
         np.testing.assert_array_equal(loaded.rarity.weight, index.rarity.weight)
         expected, got = index.query(query), loaded.query(query)
         np.testing.assert_array_equal(got.function_id, expected.function_id)
@@ -302,7 +304,8 @@ def test_out_of_range_permutation_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "function-index"
     FunctionIndex.build(make_table(random_minhash(rng, 100)), revision=1).save(path)
     orders = np.load(path / "band_orders.npy")
-    orders[0, 0] = 10_000
+    assert orders.shape == (15, 100, 1)  # row numbers 0..99 need one byte
+    orders[0, 0] = 200
     np.save(path / "band_orders.npy", orders)
     with pytest.raises(IndexCacheError):
         FunctionIndex.load(path, revision=1)
@@ -310,7 +313,40 @@ def test_out_of_range_permutation_is_refused(tmp_path: Path) -> None:
 
 def test_index_memory_per_function() -> None:
     rng = np.random.default_rng(12)
-    index = FunctionIndex.build(make_table(random_minhash(rng, 2000)), revision=1)
-    lookup = index.signatures.nbytes + index.band_orders.nbytes
-    assert lookup / len(index) == 124  # 64 B signature + 15 x 4 B band permutations
-    assert index.nbytes / len(index) == 148  # + exact hash, function id, sample id
+    table = make_table(
+        random_minhash(rng, 2000), sample_id=np.arange(2000, dtype=np.int64) // 500 + 70_000
+    )
+    index = FunctionIndex.build(table, revision=1)
+    # Rows 0..1999 and ids 1000..2999 need 2 bytes; four sample positions need 1.
+    assert index.lookup_nbytes / len(index) == 64 + 15 * 2
+    assert index.band_orders.width == index.function_id.width == 2
+    assert index.sample_position.width == 1
+    assert index.sample_ids.tolist() == [70_000, 70_001, 70_002, 70_003]
+    assert index.nbytes == len(index) * (64 + 15 * 2 + 8 + 2 + 1) + 4 * 8
+
+
+def test_packed_columns_widen_to_the_stored_values() -> None:
+    values = np.array([0, 1, 255, 256, 65_535, 1 << 24, (1 << 40) + 7], dtype=np.int64)
+    for width in range(6, 9):
+        packed = PackedUInts.pack(values, width)
+        assert packed.width == width
+        assert packed.unpack().tolist() == values.tolist()
+        assert packed[np.array([6, 0, 3])].tolist() == [(1 << 40) + 7, 0, 256]
+        assert packed[4] == 65_535
+        assert packed.maximum() == (1 << 40) + 7
+    assert PackedUInts.pack(values[:3]).width == 1
+    assert PackedUInts.pack(values[:5]).width == 2
+    assert PackedUInts.pack(values[:6]).width == 4  # 2^24 needs a fourth byte
+    assert PackedUInts.pack(np.zeros(0, dtype=np.int64)).maximum() == -1
+    with pytest.raises(ValueError):
+        PackedUInts.pack(values, width=4)
+    with pytest.raises(ValueError):
+        PackedUInts.pack(np.array([-1, 2]))
+
+
+@given(st.lists(st.integers(0, (1 << 63) - 1), max_size=40))
+def test_packed_round_trip(values: list[int]) -> None:
+    packed = PackedUInts.pack(np.array(values, dtype=np.int64))
+    assert packed.tolist() == values
+    assert np.asarray(packed).tolist() == values
+    assert packed.width == byte_width(max(values, default=0))

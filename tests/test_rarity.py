@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from earmark.index import FunctionIndex, rarity_weight
-from earmark.index.rarity import connected_components
+from earmark.index.rarity import cluster_near_identical, connected_components
 from earmark.model.kb import Provenance, SampleLabel, SampleRecord
 from test_index import make_table, minhash_of, queries_for, random_minhash
 
@@ -181,3 +181,49 @@ def test_connected_components_follow_chains() -> None:
         7, np.array([5, 4, 3, 0], dtype=np.int64), np.array([6, 5, 4, 1], dtype=np.int64)
     )
     assert labels.tolist() == [0, 0, 2, 3, 3, 3, 3]
+
+
+def test_counts_stored_per_group_equal_counts_per_cluster() -> None:
+    """Rows whose cluster stays within one sample read their sample's group; the counts and
+    weights must be what counting the cluster's own samples gives."""
+    rng = np.random.default_rng(23)
+    labels = [("alpha", "Actor A"), ("beta", "Actor A"), ("gamma", None), (None, None)]
+    samples = {
+        s: record(s, *labels[s % 4]) if s != 9 else record(s, goodware=True) for s in range(12)
+    }
+    shared = random_minhash(rng, 30)
+    signatures, sample_ids = [], []
+    for sample in range(12):
+        own = random_minhash(rng, 25)
+        picked = shared[rng.choice(30, size=10, replace=False)]
+        twice = own[:2]  # code that a sample holds twice stays a one-sample cluster
+        for block in (own, picked, twice):
+            signatures.append(block)
+            sample_ids.extend([sample] * len(block))
+    table = make_table(np.vstack(signatures), sample_id=np.array(sample_ids, dtype=np.int64))
+    index = FunctionIndex.build(table, revision=1, samples=samples)
+    assert index.rarity is not None
+    clusters = cluster_near_identical(index.signatures, index.band_orders, index.exact_hash)
+    row_samples = index.sample_id(np.arange(len(index)))
+    assert len(index.rarity.owner_count) < int(clusters.max()) + 1  # fewer groups than clusters
+    total_owners = index.rarity.total_owners
+    for row in range(len(index)):
+        members = {int(s) for s in row_samples[clusters == clusters[row]]}
+        records = [samples[s] for s in members]
+        malware = [r for r in records if not r.goodware]
+        families = {f for r in malware for f in r.families} | {
+            f for r in records if r.goodware for f in r.families
+        }
+        actors = {a for r in records for a in r.actors}
+        owners = {
+            ("actor", a) if r.actors else ("family", f) if r.families else ("sample", r.sample_id)
+            for r in malware
+            for a in (sorted(r.actors) or [None])
+            for f in (sorted(r.families) or [None])
+        }
+        goodware = sum(1 for r in records if r.goodware)
+        explained = index.rarity.explain(row)
+        assert (explained.family_count, explained.actor_count) == (len(families), len(actors))
+        assert (explained.owner_count, explained.goodware_count) == (len(owners), goodware)
+        expected = rarity_weight(np.array([len(owners)]), np.array([goodware]), total_owners)
+        assert explained.weight == pytest.approx(float(expected[0]))

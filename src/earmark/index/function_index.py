@@ -1,10 +1,13 @@
 """The function index: exact-hash and MinHash-LSH lookup of a whole sample's functions at once.
 
-Memory layout (per indexed function; see docs/index.md for the measurements):
-  signatures   64 B  b-bit MinHash (uint8 x 64); rows sorted by band-0 key
-  band_orders  60 B  uint32 row permutation for bands 1..15 (band 0 is the row order itself)
-  exact_hash    8 B  read only for rows in the query's band-0 bucket
-  function_id, sample_id  16 B  to name what matched
+Memory layout (per indexed function, 10^7 rows and 10^4 samples; docs/index.md has the
+measurements). Integer columns are packed in the fewest whole bytes their largest value needs
+(``packed.py``), so the widths below grow by a byte only when rows or ids pass 2^24:
+  signatures      64 B  b-bit MinHash (uint8 x 64); rows sorted by band-0 key
+  band_orders     45 B  3-byte row permutation for bands 1..15 (band 0 is the row order itself)
+  exact_hash       8 B  read only for candidate rows
+  function_id      3 B  store id, to name what matched
+  sample_position  2 B  position in ``sample_ids`` (one int64 per sample, not per function)
 Exact duplicates have identical MinHash signatures, so they always fall in the query's band-0
 bucket: the exact-hash lookup is that bucket filtered by hash equality, which saves the 12 B a
 separate sorted hash array with its permutation would cost.
@@ -36,6 +39,7 @@ from earmark.index.lsh import (
     reduce_signatures,
     sort_band,
 )
+from earmark.index.packed import PackedColumns, PackedUInts, byte_width
 from earmark.index.rarity import RarityTable, compute_rarity
 from earmark.model.kb import FunctionTable, SampleRecord
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
@@ -62,10 +66,12 @@ DEFAULT_TOP_K: Final = 20
 BUILD_CHUNK_ROWS: Final = 1 << 20
 
 INDEX_FORMAT: Final = "earmark-function-index"
-INDEX_FORMAT_VERSION: Final = 1
+# 2: integer columns packed in whole bytes, sample ids stored once per sample, rarity groups.
+INDEX_FORMAT_VERSION: Final = 2
 _MANIFEST: Final = "manifest.json"
 _LOOKUP_ARRAYS: Final = ("signatures", "band_orders")
-_CORE_ARRAYS: Final = ("signatures", "band_orders", "exact_hash", "function_id", "sample_id")
+_PACKED_ARRAYS: Final = ("band_orders", "function_id", "sample_position")
+_CORE_ARRAYS: Final = (*_PACKED_ARRAYS, "signatures", "exact_hash", "sample_ids")
 
 
 @dataclass(frozen=True)
@@ -142,17 +148,23 @@ class FunctionIndexBuilder:
         order = sort_band(np.ascontiguousarray(band_keys(signatures)[:, 0]))
         signatures = signatures[order]
         keys = band_keys(signatures)
-        band_orders = np.empty((BAND_COUNT - 1, len(order)), dtype=np.uint32)
+        rows = len(order)
+        band_orders = np.empty((BAND_COUNT - 1, rows, byte_width(max(rows - 1, 0))), np.uint8)
         for band in range(1, BAND_COUNT):
-            band_orders[band - 1] = sort_band(np.ascontiguousarray(keys[:, band]))
+            permutation = sort_band(np.ascontiguousarray(keys[:, band]))
+            band_orders[band - 1] = PackedUInts.pack(permutation, band_orders.shape[2]).data
+        sample_ids, sample_position = np.unique(
+            _concatenate(self._sample_id, np.int64, (0,))[order], return_inverse=True
+        )
         return FunctionIndex(
             revision=self.revision,
             min_instructions=self.min_instructions,
             signatures=signatures,
-            band_orders=band_orders,
+            band_orders=PackedColumns(band_orders),
             exact_hash=_concatenate(self._exact, np.uint64, (0,))[order],
-            function_id=_concatenate(self._function_id, np.int64, (0,))[order],
-            sample_id=_concatenate(self._sample_id, np.int64, (0,))[order],
+            function_id=PackedUInts.pack(_concatenate(self._function_id, np.int64, (0,))[order]),
+            sample_position=PackedUInts.pack(sample_position.reshape(-1)),
+            sample_ids=sample_ids.astype(np.int64),
             rarity=None,
         )
 
@@ -175,10 +187,11 @@ class FunctionIndex:
     revision: int  # store revision the index was built from (the cache key)
     min_instructions: int
     signatures: npt.NDArray[np.uint8]  # (rows, 64), sorted by band-0 key
-    band_orders: npt.NDArray[np.uint32]  # (BAND_COUNT - 1, rows)
+    band_orders: PackedColumns  # BAND_COUNT - 1 row permutations
     exact_hash: npt.NDArray[np.uint64]
-    function_id: npt.NDArray[np.int64]
-    sample_id: npt.NDArray[np.int64]
+    function_id: PackedUInts  # store function id of each row
+    sample_position: PackedUInts  # each row's position in ``sample_ids``
+    sample_ids: npt.NDArray[np.int64]  # distinct store sample ids, ascending (one per sample)
     rarity: RarityTable | None
 
     @classmethod
@@ -197,17 +210,31 @@ class FunctionIndex:
 
     def with_rarity(self, samples: Mapping[int, SampleRecord]) -> FunctionIndex:
         rarity = compute_rarity(
-            self.signatures, self.band_orders, self.exact_hash, self.sample_id, samples
+            self.signatures,
+            self.band_orders,
+            self.exact_hash,
+            self.sample_position.unpack(),
+            self.sample_ids,
+            samples,
         )
         return replace(self, rarity=rarity)
 
     def __len__(self) -> int:
         return int(self.signatures.shape[0])
 
+    def sample_id(self, rows: npt.NDArray[np.integer]) -> npt.NDArray[np.int64]:
+        """Store sample id of each index row."""
+        return self.sample_ids[self.sample_position[rows]]
+
     @property
     def nbytes(self) -> int:
-        """Bytes of the lookup arrays (rarity arrays not included; see ``rarity.nbytes``)."""
+        """Bytes of the index columns (rarity not included; see ``rarity.nbytes``)."""
         return sum(int(getattr(self, name).nbytes) for name in _CORE_ARRAYS)
+
+    @property
+    def lookup_nbytes(self) -> int:
+        """Bytes every query reads at random: signatures and band permutations."""
+        return sum(int(getattr(self, name).nbytes) for name in _LOOKUP_ARRAYS)
 
     def query(
         self,
@@ -232,13 +259,13 @@ class FunctionIndex:
         pair_rows: list[npt.NDArray[np.int64]] = []
         truncated = 0
         for band in range(BAND_COUNT):
-            order = None if band == 0 else self.band_orders[band - 1]
+            order = None if band == 0 else self.band_orders.column(band - 1)
             targets = np.ascontiguousarray(query_keys[:, band])
             starts, stops = locate_keys(stored_keys, band, order, targets)
             owners, positions, cut = expand_ranges(starts, stops, MAX_ROWS_PER_BUCKET)
             truncated += cut
             pair_queries.append(owners)
-            pair_rows.append(positions if order is None else order[positions].astype(np.int64))
+            pair_rows.append(positions if order is None else order[positions])
         combined = np.unique(np.concatenate(pair_queries) * len(self) + np.concatenate(pair_rows))
         queries = combined // len(self)
         rows = combined % len(self)
@@ -260,7 +287,7 @@ class FunctionIndex:
             query=large[queries[top]].astype(np.int64),
             row=rows,
             function_id=self.function_id[rows],
-            sample_id=self.sample_id[rows],
+            sample_id=self.sample_id(rows),
             similarity=similarity[top],
             exact=exact[top],
             skipped_small=skipped,
@@ -277,8 +304,9 @@ class FunctionIndex:
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         arrays: dict[str, npt.NDArray[np.generic]] = {
-            name: getattr(self, name) for name in _CORE_ARRAYS
+            name: getattr(self, name) for name in _CORE_ARRAYS if name not in _PACKED_ARRAYS
         }
+        arrays.update({name: getattr(self, name).data for name in _PACKED_ARRAYS})
         if self.rarity is not None:
             arrays.update(self.rarity.arrays())
         for name, array in arrays.items():
@@ -311,8 +339,8 @@ class FunctionIndex:
         """The index saved at ``path`` if it was built from ``revision``; None if absent or stale.
 
         ``memory_map`` keeps the per-row columns (exact hash, ids, rarity) on disk, paged in
-        only for candidate rows; the lookup arrays (signatures, band orders; 124 B/function)
-        are always read into memory because every query touches them at random.
+        only for candidate rows; the lookup arrays (signatures, band orders; 109 B/function up
+        to 2^24 rows) are always read into memory because every query touches them at random.
         Raises IndexCacheError when the directory is damaged or of another format.
         """
         manifest_path = path / _MANIFEST
@@ -345,19 +373,19 @@ class FunctionIndex:
                 revision=revision,
                 min_instructions=int(manifest["min_instructions"]),
                 signatures=arrays["signatures"],
-                band_orders=arrays["band_orders"],
+                band_orders=PackedColumns(arrays["band_orders"]),
                 exact_hash=arrays["exact_hash"],
-                function_id=arrays["function_id"],
-                sample_id=arrays["sample_id"],
+                function_id=PackedUInts(arrays["function_id"]),
+                sample_position=PackedUInts(arrays["sample_position"]),
+                sample_ids=arrays["sample_ids"],
                 rarity=None
                 if rarity_names is None
                 else RarityTable(
-                    cluster=arrays["rarity_cluster"],
+                    group=PackedUInts(arrays["rarity_group"]),
                     family_count=arrays["rarity_family_count"],
                     actor_count=arrays["rarity_actor_count"],
                     owner_count=arrays["rarity_owner_count"],
                     goodware_count=arrays["rarity_goodware_count"],
-                    weight=arrays["rarity_weight"],
                     family_examples=arrays["rarity_family_examples"],
                     actor_examples=arrays["rarity_actor_examples"],
                     family_names=tuple(rarity_names["family_names"]),
@@ -391,31 +419,54 @@ class FunctionIndex:
 
 
 def _check_consistent(index: FunctionIndex, path: Path) -> None:
-    """Shapes, dtypes and permutation bounds, so a damaged file fails here and not mid-query."""
+    """Shapes, dtypes and value bounds, so a damaged file fails here and not mid-query."""
     rows = len(index)
-    expected = {
+    expected: dict[str, tuple[type[np.generic], tuple[int | None, ...]]] = {
         "signatures": (np.uint8, (rows, MINHASH_PERMUTATIONS)),
-        "band_orders": (np.uint32, (BAND_COUNT - 1, rows)),
+        "band_orders": (np.uint8, (BAND_COUNT - 1, rows, None)),
         "exact_hash": (np.uint64, (rows,)),
-        "function_id": (np.int64, (rows,)),
-        "sample_id": (np.int64, (rows,)),
+        "function_id": (np.uint8, (rows, None)),
+        "sample_position": (np.uint8, (rows, None)),
+        "sample_ids": (np.int64, (None,)),
     }
     for name, (dtype, shape) in expected.items():
-        array = getattr(index, name)
-        if array.dtype != dtype or array.shape != shape:
+        value = getattr(index, name)
+        array = value if isinstance(value, np.ndarray) else value.data
+        if not _has_shape(array, dtype, shape):
             raise IndexCacheError(f"{path}: {name} has dtype {array.dtype} shape {array.shape}")
-    if rows and int(index.band_orders.max(initial=0)) >= rows:
+    orders = index.band_orders
+    if any(orders.column(band).maximum() >= rows for band in range(len(orders))):
         raise IndexCacheError(f"{path}: band order points past the last row")
+    if index.sample_position.maximum() >= len(index.sample_ids):
+        raise IndexCacheError(f"{path}: sample positions point past the sample list")
     rarity = index.rarity
     if rarity is not None:
-        clusters = rarity.weight.shape[0]
-        if rarity.cluster.shape != (rows,) or (rows and int(rarity.cluster.max()) >= clusters):
-            raise IndexCacheError(f"{path}: rarity clusters do not match the index rows")
+        groups = rarity.owner_count.shape[0]
+        counts = (rarity.family_count, rarity.actor_count, rarity.goodware_count)
+        if any(count.shape != (groups,) for count in counts) or not _has_shape(
+            rarity.group.data, np.uint8, (rows, None)
+        ):
+            raise IndexCacheError(f"{path}: rarity columns do not match each other")
+        if rarity.group.maximum() >= groups:
+            raise IndexCacheError(f"{path}: rarity groups do not match the index rows")
         names_ok = int(rarity.family_examples.max(initial=-1)) < len(rarity.family_names) and int(
             rarity.actor_examples.max(initial=-1)
         ) < len(rarity.actor_names)
         if not names_ok:
             raise IndexCacheError(f"{path}: rarity names do not match their codes")
+
+
+def _has_shape(
+    array: npt.NDArray[np.generic], dtype: type[np.generic], shape: tuple[int | None, ...]
+) -> bool:
+    """dtype and shape match (None: any length); a packed uint8 column is 1..8 bytes wide."""
+    if array.dtype != dtype or array.ndim != len(shape):
+        return False
+    if not all(
+        want is None or length == want for length, want in zip(array.shape, shape, strict=True)
+    ):
+        return False
+    return not (dtype is np.uint8 and shape[-1] is None) or 1 <= array.shape[-1] <= 8
 
 
 def _empty_matches(skipped: int) -> FunctionMatches:

@@ -20,6 +20,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from earmark.index.packed import PackedUInts
 from earmark.model.sample import MINHASH_PERMUTATIONS
 
 # Bits kept per MinHash value. 8 bits: a b-bit collision between unrelated values has
@@ -99,7 +100,7 @@ def sort_band(keys: UInt32Array) -> UInt32Array:
 def locate_keys(
     keys: UInt32Array,
     band: int,
-    order: UInt32Array | None,
+    order: UInt32Array | PackedUInts | None,
     targets: UInt32Array,
 ) -> tuple[Int64Array, Int64Array]:
     """Vectorised lower/upper bound of ``targets`` in one band's key order.

@@ -6,6 +6,13 @@ rows that share a key sit next to each other and one pass over neighbours per ba
 candidate pairs; verified pairs are joined by connected components. Per cluster we count the
 distinct families, actors and goodware samples, and turn the counts into a weight (the formula
 and its reasons are in docs/index.md, "Rarity weight").
+
+Most clusters hold the code of one sample only (in a KB of unrelated samples, nearly all of
+them), and their counts are that sample's own labels. So counts are stored per *group*: groups
+0..S-1 are the index's S samples (for rows whose cluster lies within one sample), groups S..
+are the clusters spanning several samples. Per row only the group number is kept, in the
+fewest whole bytes that hold it; counts and name codes use the narrowest integer dtype, and
+the weight is computed from the counts when asked, not stored.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +32,7 @@ from earmark.index.lsh import (
     estimate_jaccard_from_agreement,
     expand_ranges,
 )
+from earmark.index.packed import PackedColumns, PackedUInts, narrowest_signed, narrowest_unsigned
 from earmark.model.kb import SampleRecord
 
 # Similarity from which two stored functions count as "the same code" for rarity. Chosen above
@@ -46,6 +54,8 @@ SHARED_OWNER_COUNT: Final = 3
 Int64Array = npt.NDArray[np.int64]
 UInt32Array = npt.NDArray[np.uint32]
 Float32Array = npt.NDArray[np.float32]
+CountArray = npt.NDArray[np.unsignedinteger[Any]]  # narrowest unsigned dtype holding the counts
+NameCodes = npt.NDArray[np.signedinteger[Any]]  # (groups, EXAMPLE_NAMES) name codes, -1 = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,34 +74,44 @@ class FunctionRarity:
 
 @dataclass(frozen=True)
 class RarityTable:
-    """Per-cluster counts and weights; ``cluster[row]`` maps an index row to its cluster."""
+    """Per-group counts; ``group[row]`` maps an index row to its group (see the module doc)."""
 
-    cluster: UInt32Array  # (rows,)
-    family_count: UInt32Array  # (clusters,)
-    actor_count: UInt32Array
-    owner_count: UInt32Array
-    goodware_count: UInt32Array
-    weight: Float32Array
-    family_examples: npt.NDArray[np.int32]  # (clusters, EXAMPLE_NAMES), -1 = none
-    actor_examples: npt.NDArray[np.int32]
+    group: PackedUInts  # (rows,)
+    family_count: CountArray  # (groups,)
+    actor_count: CountArray
+    owner_count: CountArray
+    goodware_count: CountArray
+    family_examples: NameCodes
+    actor_examples: NameCodes
     family_names: tuple[str, ...]
     actor_names: tuple[str, ...]
     total_owners: int
 
     def weights(self, rows: npt.ArrayLike) -> Float32Array:
         """Rarity weight of each index row (vectorised)."""
-        return self.weight[self.cluster[np.asarray(rows, dtype=np.int64)]]
+        groups = self.group[np.asarray(rows, dtype=np.int64).reshape(-1)]
+        return rarity_weight(
+            self.owner_count[groups], self.goodware_count[groups], self.total_owners
+        )
+
+    @property
+    def weight(self) -> Float32Array:
+        """Weight of every group (computed from the counts)."""
+        return rarity_weight(self.owner_count, self.goodware_count, self.total_owners)
 
     def explain(self, row: int) -> FunctionRarity:
-        cluster = int(self.cluster[row])
+        cluster = self.group[int(row)]
         families = tuple(self.family_names[c] for c in self.family_examples[cluster] if c >= 0)
         actors = tuple(self.actor_names[c] for c in self.actor_examples[cluster] if c >= 0)
         family_count = int(self.family_count[cluster])
         actor_count = int(self.actor_count[cluster])
         owner_count = int(self.owner_count[cluster])
         goodware_count = int(self.goodware_count[cluster])
+        weight = rarity_weight(
+            np.array([owner_count]), np.array([goodware_count]), self.total_owners
+        )
         return FunctionRarity(
-            weight=float(self.weight[cluster]),
+            weight=float(weight[0]),
             family_count=family_count,
             actor_count=actor_count,
             owner_count=owner_count,
@@ -106,12 +126,11 @@ class RarityTable:
     def arrays(self) -> dict[str, npt.NDArray[np.generic]]:
         """Arrays to persist next to the index (names go into the manifest)."""
         return {
-            "rarity_cluster": self.cluster,
+            "rarity_group": self.group.data,
             "rarity_family_count": self.family_count,
             "rarity_actor_count": self.actor_count,
             "rarity_owner_count": self.owner_count,
             "rarity_goodware_count": self.goodware_count,
-            "rarity_weight": self.weight,
             "rarity_family_examples": self.family_examples,
             "rarity_actor_examples": self.actor_examples,
         }
@@ -205,7 +224,7 @@ def connected_components(row_count: int, first: Int64Array, second: Int64Array) 
 
 def cluster_near_identical(
     signatures: npt.NDArray[np.uint8],
-    band_orders: UInt32Array,
+    band_orders: PackedColumns,
     exact_hash: npt.NDArray[np.uint64],
     similarity: float = RARITY_SIMILARITY,
 ) -> UInt32Array:
@@ -223,7 +242,7 @@ def cluster_near_identical(
     firsts.append(first)
     seconds.append(second)
     for band in range(BAND_COUNT):
-        order = identity if band == 0 else band_orders[band - 1].astype(np.int64)
+        order = identity if band == 0 else band_orders.column(band - 1).unpack()
         first, second = _adjacent_pairs(keys[order, band], order)
         agreeing = count_agreeing_slots(signatures, first, signatures, second)
         keep = estimate_jaccard_from_agreement(agreeing) >= similarity
@@ -314,39 +333,57 @@ def _distinct_per_cluster(
 
 def compute_rarity(
     signatures: npt.NDArray[np.uint8],
-    band_orders: UInt32Array,
+    band_orders: PackedColumns,
     exact_hash: npt.NDArray[np.uint64],
-    sample_id: Int64Array,
+    sample_position: Int64Array,
+    sample_ids: Int64Array,
     samples: Mapping[int, SampleRecord],
     similarity: float = RARITY_SIMILARITY,
 ) -> RarityTable:
-    """Rarity of every index row. Samples missing from ``samples`` count as unlabelled."""
-    cluster = cluster_near_identical(signatures, band_orders, exact_hash, similarity)
+    """Rarity of every index row; ``sample_position[row]`` indexes ``sample_ids``.
+
+    Samples missing from ``samples`` count as unlabelled.
+    """
+    cluster = cluster_near_identical(signatures, band_orders, exact_hash, similarity).astype(
+        np.int64
+    )
     cluster_count = int(cluster.max()) + 1 if len(cluster) else 0
-    distinct_samples, sample_index = np.unique(sample_id, return_inverse=True)
-    groups = _sample_groups(distinct_samples, samples)
-    pairs = np.unique(cluster.astype(np.int64) * len(distinct_samples) + sample_index)
-    pair_cluster = pairs // max(len(distinct_samples), 1)
-    pair_sample = pairs % max(len(distinct_samples), 1)
+    sample_count = len(sample_ids)
+    groups = _sample_groups(sample_ids, samples)
+    pairs = np.unique(cluster * max(sample_count, 1) + sample_position)
+    pair_cluster = pairs // max(sample_count, 1)
+    pair_sample = pairs % max(sample_count, 1)
+    # Clusters spanning several samples get groups S, S+1, ...; the others are their sample.
+    spanning = np.bincount(pair_cluster, minlength=cluster_count) > 1
+    cluster_group = np.full(cluster_count, -1, dtype=np.int64)
+    cluster_group[spanning] = sample_count + np.arange(int(spanning.sum()), dtype=np.int64)
+    row_group = np.where(spanning[cluster], cluster_group[cluster], sample_position)
+    shared_pairs = spanning[pair_cluster]
+    member_group = np.concatenate(
+        (np.arange(sample_count, dtype=np.int64), cluster_group[pair_cluster[shared_pairs]])
+    )
+    member_sample = np.concatenate(
+        (np.arange(sample_count, dtype=np.int64), pair_sample[shared_pairs])
+    )
+    group_count = sample_count + int(spanning.sum())
     family_count, family_examples = _distinct_per_cluster(
-        pair_cluster, pair_sample, groups.family, cluster_count
+        member_group, member_sample, groups.family, group_count
     )
     actor_count, actor_examples = _distinct_per_cluster(
-        pair_cluster, pair_sample, groups.actor, cluster_count
+        member_group, member_sample, groups.actor, group_count
     )
-    owner_count, _ = _distinct_per_cluster(pair_cluster, pair_sample, groups.owner, cluster_count)
+    owner_count, _ = _distinct_per_cluster(member_group, member_sample, groups.owner, group_count)
     goodware_count = np.bincount(
-        pair_cluster[groups.goodware[pair_sample]], minlength=cluster_count
+        member_group[groups.goodware[member_sample]], minlength=group_count
     ).astype(np.uint32)
     return RarityTable(
-        cluster=cluster,
-        family_count=family_count,
-        actor_count=actor_count,
-        owner_count=owner_count,
-        goodware_count=goodware_count,
-        weight=rarity_weight(owner_count, goodware_count, groups.total_owners),
-        family_examples=family_examples,
-        actor_examples=actor_examples,
+        group=PackedUInts.pack(row_group),
+        family_count=narrowest_unsigned(family_count),
+        actor_count=narrowest_unsigned(actor_count),
+        owner_count=narrowest_unsigned(owner_count),
+        goodware_count=narrowest_unsigned(goodware_count),
+        family_examples=narrowest_signed(family_examples),
+        actor_examples=narrowest_signed(actor_examples),
         family_names=groups.family_names,
         actor_names=groups.actor_names,
         total_owners=groups.total_owners,
