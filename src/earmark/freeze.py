@@ -47,8 +47,15 @@ def _version_numbers(version: str) -> tuple[int, int]:
 
 
 def features_to_bytes(features: SampleFeatures) -> bytes:
+    # Dataclasses become objects through ``default`` while tuples go to json's C encoder as
+    # they are (it writes tuples as arrays): the same text as converting the whole tree to
+    # dicts and lists first, which measured 2/3 of the encoding time.
     payload = json.dumps(
-        _to_plain(features), ensure_ascii=True, separators=(",", ":"), allow_nan=True
+        features,
+        default=_dataclass_fields,
+        ensure_ascii=True,
+        separators=(",", ":"),
+        allow_nan=True,
     ).encode("ascii")
     compressed = zlib.compress(payload, _COMPRESSION_LEVEL)
     major, minor = _version_numbers(FEATURES_FORMAT_VERSION)
@@ -106,14 +113,21 @@ def load_features(path: str | Path) -> SampleFeatures:
     return features_from_bytes(blob)
 
 
-def _to_plain(value: object) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            field.name: _to_plain(getattr(value, field.name)) for field in dataclasses.fields(value)
-        }
-    if isinstance(value, tuple):
-        return [_to_plain(item) for item in value]
-    return value
+# Field names per model type, listed once (``dataclasses.fields`` per object is the cost that
+# made the old tree conversion slow); the model has a dozen types, so this stays tiny.
+_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _dataclass_fields(value: object) -> dict[str, Any]:
+    """A model dataclass as the JSON object of its fields, in declaration order."""
+    kind = type(value)
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        if not dataclasses.is_dataclass(value) or isinstance(value, type):
+            raise TypeError(f"{kind.__name__} is not part of the features model")
+        names = tuple(field.name for field in dataclasses.fields(value))
+        _FIELD_NAMES[kind] = names
+    return {name: getattr(value, name) for name in names}
 
 
 # Builds the decoder of a type once (type hints resolved, fields listed, element checks chosen)
