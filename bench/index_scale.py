@@ -81,7 +81,7 @@ def build_index(rows: int, directory: Path, seed: int = 7) -> dict[str, float]:
         ]
     )
     builder = FunctionIndexBuilder(revision=rows)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for start in range(0, rows, CHUNK_ROWS):
         count = min(CHUNK_ROWS, rows - start)
         minhash = _random_signatures(rng, count)
@@ -106,14 +106,21 @@ def build_index(rows: int, directory: Path, seed: int = 7) -> dict[str, float]:
             )
         )
     index = builder.finish()
-    built = time.perf_counter() - started
+    built, built_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     samples = _synthetic_samples(rows, seed)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     index = index.with_rarity(samples)
     rarity_seconds = time.perf_counter() - started
+    rarity_cpu = time.process_time() - cpu_started
     index.save(directory)
     np.save(directory / "bench_planted_rows.npy", planted_rows)
-    return {"build_seconds": built, "rarity_seconds": rarity_seconds}
+    return {
+        "build_seconds": built,
+        "build_cpu_seconds": built_cpu,
+        "rarity_seconds": rarity_seconds,
+        "rarity_cpu_seconds": rarity_cpu,
+        "build_peak_rss_mb": psutil.Process().memory_info().rss / 2**20,
+    }
 
 
 def _synthetic_samples(rows: int, seed: int) -> dict[int, SampleRecord]:
@@ -151,11 +158,13 @@ def measure_index(rows: int, directory: Path, memory_map: bool, seed: int = 7) -
         instruction_count=np.full(QUERY_FUNCTIONS, 20, dtype=np.uint32),
     )
     latencies = []
+    cpu = []
     for _ in range(REPEATS):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         matches = index.query(batch, min_similarity=0.5, top_k=20)
         index.rarity.weights(matches.row)
         latencies.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
     after = process.memory_info().rss
     candidates = index.query(batch, min_similarity=0.0, top_k=1000)
     candidate_pairs = set(
@@ -172,17 +181,30 @@ def measure_index(rows: int, directory: Path, memory_map: bool, seed: int = 7) -
         recall[f"candidate_recall_at_{jaccard}"] = as_candidate / PLANTED_PER_LEVEL
         recall[f"theory_at_{jaccard}"] = candidate_probability(jaccard)
     unrelated = range(len(PLANTED_LEVELS) * PLANTED_PER_LEVEL, QUERY_FUNCTIONS - 100)
+    on_disk = sum(
+        path.stat().st_size for path in directory.iterdir() if path.name != "bench_planted_rows.npy"
+    )
     return {
         "memory_map_columns": memory_map,
         "rows": len(index),
-        "lookup_bytes_per_function": (index.signatures.nbytes + index.band_orders.nbytes)
-        / len(index),
+        "lookup_bytes_per_function": index.lookup_nbytes / len(index),
         "index_bytes_per_function": index.nbytes / len(index),
         "rarity_bytes_per_function": index.rarity.nbytes / len(index),
+        "whole_index_bytes_per_function": (index.nbytes + index.rarity.nbytes) / len(index),
+        "on_disk_bytes_per_function": on_disk / len(index),
+        "rarity_groups": len(index.rarity.owner_count),
+        "column_widths": {
+            "band_orders": index.band_orders.width,
+            "function_id": index.function_id.width,
+            "sample_position": index.sample_position.width,
+            "rarity_group": index.rarity.group.width,
+        },
+        "rss_bytes_per_function_after_load": (loaded - before) / len(index),
         "rss_delta_mb_after_load": (loaded - before) / 2**20,
         "rss_delta_mb_after_queries": (after - before) / 2**20,
         "p50_seconds": float(np.percentile(latencies, 50)),
         "p95_seconds": float(np.percentile(latencies, 95)),
+        "p50_cpu_seconds": float(np.percentile(cpu, 50)),
         "matches": len(matches),
         "unrelated_queries_matched": sum(1 for q in unrelated if q in set(matches.query.tolist())),
         "truncated_buckets": matches.truncated_buckets,
