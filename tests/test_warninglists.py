@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from earmark.errors import IntelError
+from earmark.intel.warninglist_tables import compile_warninglists, load_tables, save_tables
 from earmark.intel.warninglists import (
+    CACHE_DIR_ENV_VAR,
     BenignInfrastructure,
     WarninglistData,
     default_benign_infrastructure,
+    default_warninglist_tables,
     load_shared_services,
 )
 from earmark.model.intel import Indicator, IndicatorType
@@ -99,3 +104,46 @@ def test_lookups_are_fast(benign: BenignInfrastructure) -> None:
         benign.is_benign_value(IndicatorType.DOMAIN, name)
     per_lookup = (time.perf_counter() - started) / 10_000
     assert per_lookup < 100e-6  # measured ≈ 5 µs; the library's slow search is ~ms per value
+
+
+def test_compiled_tables_round_trip_through_the_cache(tmp_path: Path) -> None:
+    lists = [
+        WarninglistData("first", "string", ("dup.example", "one.example"), ("domain",)),
+        WarninglistData("second", "string", ("dup.example",), ("domain",)),
+        WarninglistData("nets", "cidr", ("198.51.100.0/24", "not-a-network"), ("ip-dst",)),
+    ]
+    compiled = compile_warninglists(lists)
+    save_tables(compiled, tmp_path / "tables", "source-1")
+    loaded = load_tables(tmp_path / "tables", "source-1")
+    assert loaded is not None
+    assert isinstance(loaded.keys, np.memmap)  # mapped, not read into the process
+    assert load_tables(tmp_path / "tables", "source-2") is None  # other lists: recompile
+    benign = BenignInfrastructure.from_tables(loaded)
+    check = benign.is_benign_value
+    assert check(IndicatorType.DOMAIN, "dup.example") == "first"  # the first list wins
+    assert check(IndicatorType.DOMAIN, "one.example") == "first"
+    assert check(IndicatorType.IPV4, "198.51.100.9") == "nets"
+    assert check(IndicatorType.DOMAIN, "other.example") is None
+
+
+def test_damaged_table_cache_raises_a_typed_error(tmp_path: Path) -> None:
+    compiled = compile_warninglists(
+        [WarninglistData("one", "string", ("a.example", "b.example"), ("domain",))]
+    )
+    save_tables(compiled, tmp_path / "tables", "source")
+    np.save(tmp_path / "tables" / "owners.npy", np.zeros(1, dtype=np.uint16))
+    with pytest.raises(IntelError):
+        load_tables(tmp_path / "tables", "source")
+
+
+def test_default_lists_are_compiled_once_into_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV_VAR, str(tmp_path))
+    first = default_warninglist_tables()
+    (cached,) = tmp_path.glob("warninglists-*")
+    again = default_warninglist_tables()
+    assert isinstance(again.keys, np.memmap)
+    assert again.names == first.names and len(again.keys) == len(first.keys)
+    assert "List of disposable email domains" not in again.names  # exclusions hold
+    assert (cached / "keys.npy").is_file()

@@ -49,8 +49,6 @@ from earmark.model.evidence import Evidence
 from earmark.model.intel import ActorProfile, Indicator, IndicatorType, IntelRelation, IntelReport
 from earmark.model.kb import Tlp
 from earmark.model.sample import SampleFeatures
-from earmark.report.misp_export import misp_event_for_report, render_misp
-from earmark.report.stix_export import build_stix_bundle
 from earmark.store.base import IntelWriteSummary, Store
 
 __all__ = [
@@ -557,9 +555,15 @@ def export_intel(
     if actor:
         wanted = resolver.resolve(actor)
         reports = [r for r in reports if wanted in r.actors]
+    # The exporters are imported here, not at module level: pymisp pulls in jsonschema's
+    # format checkers (~3 s and ~30 MB at import), which every attribution would pay.
     if format == "stix":
+        from earmark.report.stix_export import build_stix_bundle
+
         return json.dumps(build_stix_bundle(reports, include_red=include_red), indent=2)
     if format == "misp":
+        from earmark.report.misp_export import misp_event_for_report, render_misp
+
         events = [misp_event_for_report(report, include_red) for report in reports]
         documents = [json.loads(render_misp(event)) for event in events if event is not None]
         return json.dumps({"response": documents}, indent=2)

@@ -25,21 +25,57 @@ Matching follows each list's declared ``type``:
   disposable-mail list is skipped: a throw-away address is still one actor's address);
 * ``cidr``      the address lies in a listed network;
 * ``regex``     the list's regular expression matches (PCRE ``/…/flags`` form converted).
+
+The lists are compiled once per installation into a memory-mapped hash table
+(``warninglist_tables``; cached under ``$EARMARK_CACHE_DIR``), so a process pays neither the
+~3 s compile nor its ~300 MB of dicts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import ipaddress
+import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Literal
+from pathlib import Path
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from earmark.errors import IntelError
+from earmark.intel.warninglist_tables import (
+    WARNINGLIST_TABLES_VERSION,
+    WarninglistData,
+    WarninglistTables,
+    compile_warninglists,
+    load_tables,
+    network_key,
+    save_tables,
+    table_key,
+)
 from earmark.model.intel import Indicator, IndicatorType
+
+__all__ = [
+    "CACHE_DIR_ENV_VAR",
+    "EXCLUDED_WARNINGLISTS",
+    "SHARED_SERVICES_LIST_NAME",
+    "BenignInfrastructure",
+    "SharedService",
+    "WarninglistData",
+    "default_benign_infrastructure",
+    "default_warninglist_tables",
+    "load_shared_services",
+    "misp_warninglists",
+]
+
+# Where compiled warninglists are kept (one directory per set of lists and format version);
+# default ``$XDG_CACHE_HOME/earmark`` or ``~/.cache/earmark``. Unwritable: compiled per process.
+CACHE_DIR_ENV_VAR: Final = "EARMARK_CACHE_DIR"
 
 # Lists left out on purpose, with the reason.
 EXCLUDED_WARNINGLISTS: dict[str, str] = {
@@ -80,16 +116,6 @@ class SharedService:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class WarninglistData:
-    """One list in the shape MISP publishes it (also lets tests build small lists)."""
-
-    name: str
-    type: str  # "string", "substring", "hostname", "cidr", "regex"
-    entries: tuple[str, ...]
-    matching_attributes: tuple[str, ...]
-
-
 SHARED_SERVICES_LIST_NAME = "earmark shared public services"
 
 
@@ -110,10 +136,6 @@ def load_shared_services(text: str | None = None) -> list[SharedService]:
     return services
 
 
-def _is_dynamic_dns_list(name: str) -> bool:
-    return "dynamic dns" in name.lower()
-
-
 def _pcre_to_python(expression: str) -> re.Pattern[str]:
     flags = 0
     if expression.startswith("/") and expression.rfind("/") > 0:
@@ -124,85 +146,45 @@ def _pcre_to_python(expression: str) -> re.Pattern[str]:
     return re.compile(expression.replace("\\@", "@"), flags)
 
 
-class _NetworkTable:
-    """Networks grouped by prefix length: a lookup masks the address once per length."""
-
-    def __init__(self) -> None:
-        self._by_prefix: dict[int, dict[int, str]] = {}
-
-    def add(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, name: str) -> None:
-        self._by_prefix.setdefault(network.prefixlen, {}).setdefault(
-            int(network.network_address), name
-        )
-
-    def find(self, address: int, bits: int) -> str | None:
-        for prefix, networks in self._by_prefix.items():
-            mask = ((1 << prefix) - 1) << (bits - prefix) if prefix else 0
-            name = networks.get(address & mask)
-            if name is not None:
-                return name
-        return None
-
-
 class BenignInfrastructure:
     """Compiled warninglists + shared services; ``is_benign`` answers with the list's name."""
 
     def __init__(
         self, lists: Iterable[WarninglistData], shared_services: Iterable[SharedService] = ()
     ) -> None:
-        # attribute -> value -> list name
-        self._exact: dict[str, dict[str, str]] = {}
-        # attribute -> hostname suffix -> list name (value equal or under it)
-        self._hostnames: dict[str, dict[str, str]] = {}
-        self._substrings: dict[str, list[tuple[str, str]]] = {}
-        self._regexes: dict[str, list[tuple[re.Pattern[str], str]]] = {}
-        self._ipv4 = _NetworkTable()
-        self._ipv6 = _NetworkTable()
+        self._init(compile_warninglists(lists), shared_services)
+
+    @classmethod
+    def from_tables(
+        cls, tables: WarninglistTables, shared_services: Iterable[SharedService] = ()
+    ) -> BenignInfrastructure:
+        benign = cls.__new__(cls)
+        benign._init(tables, shared_services)
+        return benign
+
+    def _init(self, tables: WarninglistTables, shared_services: Iterable[SharedService]) -> None:
+        self._tables = tables
+        self._substrings = tables.substrings
+        self._regexes = {
+            attribute: tuple((_pcre_to_python(text), tables.names[owner]) for text, owner in pairs)
+            for attribute, pairs in tables.regexes.items()
+        }
+        # Shared services come after the lists: a list naming the same host wins.
         self._customer_suffixes: dict[str, str] = {}
         self._service_hosts: dict[str, str] = {}
-        for warninglist in lists:
-            self._add_list(warninglist)
         for service in shared_services:
             if service.kind == "service":
                 self._service_hosts.setdefault(service.host, SHARED_SERVICES_LIST_NAME)
             else:
                 self._customer_suffixes.setdefault(service.host, SHARED_SERVICES_LIST_NAME)
 
-    def _add_list(self, warninglist: WarninglistData) -> None:
-        name = warninglist.name
-        attributes = warninglist.matching_attributes
-        if warninglist.type == "cidr":
-            for entry in warninglist.entries:
-                try:
-                    network = ipaddress.ip_network(entry.strip(), strict=False)
-                except ValueError:
-                    continue  # a few lists mix in host names; cidr lists match addresses only
-                networks = self._ipv4 if network.version == 4 else self._ipv6
-                networks.add(network, name)
-        elif warninglist.type == "hostname" and _is_dynamic_dns_list(name):
-            for entry in warninglist.entries:
-                suffix = entry.strip().lower().strip(".")
-                self._customer_suffixes.setdefault(suffix, name)
-        elif warninglist.type == "hostname":
-            for attribute in attributes:
-                suffix_table = self._hostnames.setdefault(attribute, {})
-                for entry in warninglist.entries:
-                    suffix_table.setdefault(entry.strip().lower().strip("."), name)
-        elif warninglist.type == "string":
-            for attribute in attributes:
-                exact_table = self._exact.setdefault(attribute, {})
-                for entry in warninglist.entries:
-                    exact_table.setdefault(entry.strip().lower(), name)
-        elif warninglist.type == "substring":
-            for attribute in attributes:
-                self._substrings.setdefault(attribute, []).extend(
-                    (entry.lower(), name) for entry in warninglist.entries if entry
-                )
-        elif warninglist.type == "regex":
-            for attribute in attributes:
-                self._regexes.setdefault(attribute, []).extend(
-                    (_pcre_to_python(entry), name) for entry in warninglist.entries
-                )
+    def _customer_names(self, suffixes: list[str]) -> list[str | None]:
+        """The list making each name a shared customer suffix (lists first), or None."""
+        listed = self._tables.find([table_key("customer", "", suffix) for suffix in suffixes])
+        return [
+            name or self._customer_suffixes.get(suffix)
+            for suffix, name in zip(suffixes, listed, strict=True)
+        ]
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -229,8 +211,9 @@ class BenignInfrastructure:
         Names under such a suffix belong to different customers, so their "registered domain"
         is the name itself, not the provider's domain.
         """
-        for suffix in _suffixes(host.lower().strip(".")):
-            if suffix in self._customer_suffixes:
+        suffixes = list(_suffixes(host.lower().strip(".")))
+        for suffix, name in zip(suffixes, self._customer_names(suffixes), strict=True):
+            if name:
                 return suffix
         return None
 
@@ -239,27 +222,47 @@ class BenignInfrastructure:
             address = ipaddress.ip_address(value)
         except ValueError:
             return None
-        if address.version == 4:
-            return self._ipv4.find(int(address), 32)
-        return self._ipv6.find(int(address), 128)
+        bits, number = address.max_prefixlen, int(address)
+        prefixes = self._tables.prefixes.get(address.version, ())
+        keys = [
+            network_key(address.version, prefix, number & (((1 << prefix) - 1) << (bits - prefix)))
+            for prefix in prefixes
+        ]
+        # Prefix lengths in the order lists added them, as the first match decides the name.
+        return next((name for name in self._tables.find(keys) if name), None)
 
     def _match_host(self, host: str, attributes: frozenset[str]) -> str | None:
         host = host.strip(".")
-        found = self._match_plain(host, attributes)
+        ordered = tuple(attributes)
+        suffixes = list(_suffixes(host))
+        # One binary search for every probe (exact value, customer suffixes, listed
+        # suffixes), read below in the order the rules apply.
+        keys = [table_key("exact", a, host) for a in ordered]
+        keys += [table_key("customer", "", suffix) for suffix in suffixes]
+        keys += [table_key("host", a, suffix) for suffix in suffixes for a in ordered]
+        names = self._tables.find(keys)
+        exact, listed_customers = names[: len(ordered)], names[len(ordered) :][: len(suffixes)]
+        listed = iter(names[len(ordered) + len(suffixes) :])
+        found = next((name for name in exact if name), None) or self._match_fragments(
+            host, ordered
+        )
         if found:
             return found
-        exact_suffix_list = self._customer_suffixes.get(host)
-        if exact_suffix_list:
-            return exact_suffix_list  # the provider's own suffix; names under it are not benign
-        for suffix in _suffixes(host):
-            if suffix != host and suffix in self._customer_suffixes:
+        customers = [
+            name or self._customer_suffixes.get(suffix)
+            for suffix, name in zip(suffixes, listed_customers, strict=True)
+        ]
+        if customers[0]:
+            return customers[0]  # the provider's own suffix; names under it are not benign
+        for suffix, customer in zip(suffixes, customers, strict=True):
+            if suffix != host and customer:
                 # Under a free-hosting / dynamic-DNS suffix every name is a different
                 # customer: a top-sites entry for the provider says nothing about them.
                 break
             if suffix in self._service_hosts:
                 return self._service_hosts[suffix]
-            for attribute in attributes:
-                name = self._hostnames.get(attribute, {}).get(suffix)
+            for _ in ordered:
+                name = next(listed)
                 if name:
                     return name
         return None
@@ -276,14 +279,17 @@ class BenignInfrastructure:
         return None
 
     def _match_plain(self, value: str, attributes: frozenset[str]) -> str | None:
-        for attribute in attributes:
-            name = self._exact.get(attribute, {}).get(value)
-            if name:
-                return name
-        for attribute in attributes:
-            for fragment, name in self._substrings.get(attribute, ()):
+        ordered = tuple(attributes)
+        listed = self._tables.find([table_key("exact", a, value) for a in ordered])
+        return next((name for name in listed if name), None) or self._match_fragments(
+            value, ordered
+        )
+
+    def _match_fragments(self, value: str, ordered: tuple[str, ...]) -> str | None:
+        for attribute in ordered:
+            for fragment, owner in self._substrings.get(attribute, ()):
                 if fragment in value:
-                    return name
+                    return self._tables.names[owner]
             for pattern, name in self._regexes.get(attribute, ()):
                 if pattern.search(value):
                     return name
@@ -306,27 +312,96 @@ def _url_host(url: str) -> str | None:
         return None
 
 
+def _misp_list_files() -> list[Path]:
+    """The ``list.json`` files ``pymispwarninglists`` ships, in a stable order."""
+    # Located, not imported: importing it loads jsonschema's format checkers (~0.9 s), and only
+    # its data folder is used.
+    spec = importlib.util.find_spec("pymispwarninglists")
+    if spec is None or not spec.submodule_search_locations:
+        raise IntelError("pymispwarninglists is not installed: pip install pymispwarninglists")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    return sorted((package / "data" / "misp-warninglists" / "lists").glob("*/list.json"))
+
+
+def _named_excluded(path: Path) -> bool:
+    """Whether the file's last bytes name an excluded list. MISP writes ``name`` after the
+    (up to 25 MB) ``list``; skipping those files unparsed keeps compiling light. A file laid out
+    otherwise is parsed, and its name checked after parsing."""
+    with path.open("rb") as handle:
+        handle.seek(max(path.stat().st_size - 4096, 0))
+        tail = handle.read().decode("utf-8", "replace")
+    return any(f'"name": {json.dumps(name)}' in tail for name in EXCLUDED_WARNINGLISTS)
+
+
+def iter_misp_warninglists() -> Iterator[WarninglistData]:
+    """The MISP warninglists minus :data:`EXCLUDED_WARNINGLISTS`, one parsed file at a time."""
+    for path in _misp_list_files():
+        if _named_excluded(path):
+            continue
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            name = str(raw["name"])
+            if name in EXCLUDED_WARNINGLISTS:
+                continue
+            yield WarninglistData(
+                name=name,
+                type=str(raw["type"]),
+                entries=tuple(str(entry) for entry in raw["list"]),
+                matching_attributes=tuple(str(a) for a in raw.get("matching_attributes", ())),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise IntelError(f"cannot read the MISP warninglist {path}: {error}") from error
+
+
 def misp_warninglists() -> list[WarninglistData]:
     """All MISP warninglists from ``pymispwarninglists`` minus :data:`EXCLUDED_WARNINGLISTS`."""
-    from pymispwarninglists.api import WarningLists  # heavy (0.6 s): imported only when needed
+    return list(iter_misp_warninglists())
 
-    loaded = WarningLists(slow_search=False)
-    result: list[WarninglistData] = []
-    for warninglist in loaded.warninglists.values():
-        if warninglist.name in EXCLUDED_WARNINGLISTS:
-            continue
-        result.append(
-            WarninglistData(
-                name=str(warninglist.name),
-                type=str(warninglist.type),
-                entries=tuple(str(entry) for entry in warninglist.list),
-                matching_attributes=tuple(str(a) for a in warninglist.matching_attributes),
-            )
-        )
-    return result
+
+def cache_dir() -> Path:
+    """Where earmark keeps per-installation caches (see :data:`CACHE_DIR_ENV_VAR`)."""
+    configured = os.environ.get(CACHE_DIR_ENV_VAR)
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "earmark"
+
+
+def _lists_source() -> str:
+    """Identifies the lists a compiled table holds: each file's path, size and mtime, the
+    exclusions and the table format. Reinstalling or updating the lists changes it."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(f"{WARNINGLIST_TABLES_VERSION}\x00".encode())
+    for name in sorted(EXCLUDED_WARNINGLISTS):
+        digest.update(f"exclude\x00{name}\x00".encode())
+    for path in _misp_list_files():
+        status = path.stat()
+        digest.update(f"{path}\x00{status.st_size}\x00{status.st_mtime_ns}\x00".encode())
+    return digest.hexdigest()
+
+
+def default_warninglist_tables() -> WarninglistTables:
+    """The MISP lists compiled, loaded memory-mapped from the cache (compiled and saved on
+    first use: ~5 s once per installation)."""
+    source = _lists_source()
+    path = cache_dir() / f"warninglists-{source}"
+    try:
+        tables = load_tables(path, source)
+    except IntelError:
+        tables = None  # damaged: compiled again below, never trusted
+    if tables is not None:
+        return tables
+    compiled = compile_warninglists(iter_misp_warninglists())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tables(compiled, path, source)
+        # Mapped from the file: the pages are shared and dropped under memory pressure.
+        return load_tables(path, source) or compiled
+    except (OSError, IntelError):
+        return compiled  # no writable cache: this process keeps its own copy
 
 
 @cache
 def default_benign_infrastructure() -> BenignInfrastructure:
-    """The MISP lists plus earmark's shared services, built once per process (~2 s)."""
-    return BenignInfrastructure(misp_warninglists(), load_shared_services())
+    """The MISP lists plus earmark's shared services, loaded once per process."""
+    return BenignInfrastructure.from_tables(default_warninglist_tables(), load_shared_services())

@@ -1,0 +1,276 @@
+"""Warninglists compiled into one sorted hash table, kept on disk and memory-mapped.
+
+Built as Python dicts, the MISP lists take ~300 MB and ~3 s per process (1.7 M entries, most of
+them file hashes); every attribution with indicators paid both. Compiled here once per
+installation into:
+
+* ``keys``: sorted 64-bit keys, one per (kind, attribute, value) entry: blake2b of the entry
+  ("exact" values, "host" suffixes, dynamic-DNS "customer" suffixes, "net" networks as
+  ``version/prefix/network address``), and ``names``: the index of the list that holds it;
+  where several lists hold an entry the first list wins, as the dict version's ``setdefault``;
+* the few substring and regex entries and the order of network prefix lengths, in JSON.
+
+A lookup is a hash and a binary search in the memory-mapped arrays: only the pages touched are
+read, so a process pays a few pages instead of the whole table. Two different entries share a
+64-bit key with probability ~1e-7 over the whole table, a value is wrongly found with
+probability ~1e-13 per lookup: far below the lists' own error.
+
+Nothing is unpickled (``allow_pickle=False``); a damaged cache raises ``IntelError`` and the
+caller recompiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from earmark.errors import IntelError
+
+WARNINGLIST_TABLES_FORMAT: Final = "earmark-warninglists"
+# Bump whenever the keys or the matching rules compiled into them change.
+WARNINGLIST_TABLES_VERSION: Final = 1
+_MANIFEST: Final = "manifest.json"
+# Lists per table: list indexes are stored as uint16 (MISP ships ~120 lists).
+MAX_WARNINGLISTS: Final = 65_535
+
+
+@dataclass(frozen=True, slots=True)
+class WarninglistData:
+    """One list in the shape MISP publishes it (also lets tests build small lists)."""
+
+    name: str
+    type: str  # "string", "substring", "hostname", "cidr", "regex"
+    entries: tuple[str, ...]
+    matching_attributes: tuple[str, ...]
+
+
+def is_dynamic_dns_list(name: str) -> bool:
+    return "dynamic dns" in name.lower()
+
+
+def table_key(kind: str, attribute: str, value: str) -> int:
+    """The 64-bit key of one entry (and of the probe that looks it up)."""
+    # surrogatepass: values from samples may hold lone surrogates; they must hash, not raise.
+    data = f"{kind}\x00{attribute}\x00{value}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def network_key(version: int, prefix: int, network: int) -> int:
+    return table_key("net", str(version), f"{prefix}/{network}")
+
+
+@dataclass(frozen=True)
+class WarninglistTables:
+    """The compiled lists; arrays may be memory-mapped."""
+
+    names: tuple[str, ...]
+    keys: npt.NDArray[np.uint64]  # sorted, unique
+    owners: npt.NDArray[np.uint16]  # list index per key
+    # attribute -> (fragment, list index), in list order
+    substrings: dict[str, tuple[tuple[str, int], ...]]
+    # attribute -> (PCRE expression as published, list index), in list order
+    regexes: dict[str, tuple[tuple[str, int], ...]]
+    # IP version -> prefix lengths in the order their first network was added
+    prefixes: dict[int, tuple[int, ...]]
+
+    def find(self, keys: Sequence[int]) -> list[str | None]:
+        """The list name holding each key, or None; one binary search for all of them."""
+        if not keys or len(self.keys) == 0:
+            return [None] * len(keys)
+        probes = np.array(keys, dtype=np.uint64)
+        positions = np.searchsorted(self.keys, probes)
+        np.minimum(positions, len(self.keys) - 1, out=positions)
+        found = self.keys[positions] == probes
+        owners = self.owners[positions]
+        names: list[str | None] = []
+        for hit, owner in zip(found.tolist(), owners.tolist(), strict=True):
+            if hit and owner >= len(self.names):
+                raise IntelError("the warninglist table names an unknown list (damaged cache)")
+            names.append(self.names[owner] if hit else None)
+        return names
+
+
+class _TableBuilder:
+    """Keys in ``array`` buffers (8 + 2 bytes per entry), so compiling peaks near the size of
+    the result rather than at Python dicts of 1.7 M strings."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.keys = array("Q")
+        self.owners = array("H")
+        self.substrings: dict[str, list[tuple[str, int]]] = {}
+        self.regexes: dict[str, list[tuple[str, int]]] = {}
+        self.prefixes: dict[int, list[int]] = {4: [], 6: []}
+
+    def _add_keys(self, keys: Iterable[int], owner: int) -> None:
+        before = len(self.keys)
+        self.keys.extend(keys)
+        self.owners.extend([owner] * (len(self.keys) - before))
+
+    def add(self, warninglist: WarninglistData) -> None:
+        if len(self.names) >= MAX_WARNINGLISTS:
+            raise IntelError(f"more than {MAX_WARNINGLISTS} warninglists")
+        owner = len(self.names)
+        self.names.append(warninglist.name)
+        kind, entries = warninglist.type, warninglist.entries
+        if kind == "cidr":
+            self._add_keys(self._network_keys(entries), owner)
+        elif kind == "hostname" and is_dynamic_dns_list(warninglist.name):
+            self._add_keys(
+                (table_key("customer", "", e.strip().lower().strip(".")) for e in entries), owner
+            )
+        elif kind == "hostname":
+            for attribute in warninglist.matching_attributes:
+                self._add_keys(
+                    (table_key("host", attribute, e.strip().lower().strip(".")) for e in entries),
+                    owner,
+                )
+        elif kind == "string":
+            for attribute in warninglist.matching_attributes:
+                self._add_keys(
+                    (table_key("exact", attribute, e.strip().lower()) for e in entries), owner
+                )
+        elif kind == "substring":
+            for attribute in warninglist.matching_attributes:
+                self.substrings.setdefault(attribute, []).extend(
+                    (entry.lower(), owner) for entry in entries if entry
+                )
+        elif kind == "regex":
+            for attribute in warninglist.matching_attributes:
+                self.regexes.setdefault(attribute, []).extend((e, owner) for e in entries)
+
+    def _network_keys(self, entries: Iterable[str]) -> Iterable[int]:
+        for entry in entries:
+            try:
+                network = ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                continue  # a few lists mix in host names; cidr lists match addresses only
+            order = self.prefixes[network.version]
+            if network.prefixlen not in order:
+                order.append(network.prefixlen)
+            yield network_key(
+                network.version, network.prefixlen, int(network.network_address)
+            )
+
+    def finish(self) -> WarninglistTables:
+        keys = np.frombuffer(self.keys, dtype=np.uint64) if self.keys else np.zeros(0, np.uint64)
+        owners = (
+            np.frombuffer(self.owners, dtype=np.uint16) if self.owners else np.zeros(0, np.uint16)
+        )
+        # Stable sort, first of each run of equal keys: the first list that added an entry
+        # keeps it, as ``dict.setdefault`` in list order did.
+        order = np.argsort(keys, kind="stable")
+        keys, owners = keys[order], owners[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        return WarninglistTables(
+            names=tuple(self.names),
+            keys=keys[first],
+            owners=owners[first],
+            substrings={a: tuple(v) for a, v in self.substrings.items()},
+            regexes={a: tuple(v) for a, v in self.regexes.items()},
+            prefixes={v: tuple(p) for v, p in self.prefixes.items()},
+        )
+
+
+def compile_warninglists(lists: Iterable[WarninglistData]) -> WarninglistTables:
+    """Compile ``lists`` in order (consumed one list at a time)."""
+    builder = _TableBuilder()
+    for warninglist in lists:
+        builder.add(warninglist)
+    return builder.finish()
+
+
+def save_tables(tables: WarninglistTables, path: Path, source: str) -> None:
+    """Write ``tables`` to the directory ``path`` (staged and renamed: readers never see half
+    a table). ``source`` identifies the lists compiled, checked by ``load_tables``."""
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    np.save(staging / "keys.npy", tables.keys, allow_pickle=False)
+    np.save(staging / "owners.npy", tables.owners, allow_pickle=False)
+    manifest = {
+        "format": WARNINGLIST_TABLES_FORMAT,
+        "version": WARNINGLIST_TABLES_VERSION,
+        "source": source,
+        "entries": len(tables.keys),
+        "names": list(tables.names),
+        "substrings": {a: list(map(list, v)) for a, v in tables.substrings.items()},
+        "regexes": {a: list(map(list, v)) for a, v in tables.regexes.items()},
+        "prefixes": {str(v): list(p) for v, p in tables.prefixes.items()},
+    }
+    (staging / _MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    try:
+        staging.rename(path)
+    except OSError:
+        # Another process saved the same tables first: keep theirs.
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_tables(path: Path, source: str) -> WarninglistTables | None:
+    """The tables saved at ``path`` for ``source``, memory-mapped; None when absent or
+    compiled from other lists. Raises ``IntelError`` when the directory is damaged."""
+    manifest_path = path / _MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if (
+            manifest.get("format") != WARNINGLIST_TABLES_FORMAT
+            or manifest.get("version") != WARNINGLIST_TABLES_VERSION
+            or manifest.get("source") != source
+        ):
+            return None
+        keys = np.load(path / "keys.npy", mmap_mode="r", allow_pickle=False)
+        owners = np.load(path / "owners.npy", mmap_mode="r", allow_pickle=False)
+        names = tuple(str(name) for name in manifest["names"])
+        tables = WarninglistTables(
+            names=names,
+            keys=keys,
+            owners=owners,
+            substrings=_pairs(manifest["substrings"], len(names)),
+            regexes=_pairs(manifest["regexes"], len(names)),
+            prefixes={int(v): tuple(int(p) for p in ps) for v, ps in manifest["prefixes"].items()},
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise IntelError(f"cannot read the warninglist cache at {path}: {error}") from error
+    _check_tables(tables, path, manifest.get("entries"))
+    return tables
+
+
+_Pairs = dict[str, tuple[tuple[str, int], ...]]
+
+
+def _pairs(raw: dict[str, list[list[object]]], names: int) -> _Pairs:
+    result: _Pairs = {}
+    for attribute, pairs in raw.items():
+        checked = []
+        for text, owner in pairs:
+            if not isinstance(text, str) or not isinstance(owner, int) or not 0 <= owner < names:
+                raise ValueError(f"bad entry for {attribute}")
+            checked.append((text, owner))
+        result[str(attribute)] = tuple(checked)
+    return result
+
+
+def _check_tables(tables: WarninglistTables, path: Path, entries: object) -> None:
+    """Shape checks only: scanning the arrays (sortedness, owner range) would read every page
+    of them into memory, which is what mapping them avoids. An owner out of range is caught
+    at lookup (``find``); the tables are written by ``save_tables`` alone, staged and renamed."""
+    keys, owners = tables.keys, tables.owners
+    if keys.dtype != np.uint64 or keys.ndim != 1 or owners.dtype != np.uint16:
+        raise IntelError(f"{path}: warninglist arrays have the wrong type")
+    if owners.shape != keys.shape or entries != len(keys):
+        raise IntelError(f"{path}: warninglist arrays have the wrong length")
