@@ -2,6 +2,7 @@
 
     python bench/index_scale.py scale --rows 1000000 10000000   # latency, memory, bytes/function
     python bench/index_scale.py min-size                        # what counts as a noise function
+    python bench/index_scale.py kb --db earmark.db              # bytes/function of a real KB
 
 ``scale`` fills the index with synthetic signatures (random MinHash rows, 1 % "library"
 functions copied many times, planted near-duplicates of the query functions at Jaccard
@@ -13,6 +14,10 @@ from disk in a fresh process, so the RSS delta is the index alone, and queried w
 built by gcc and clang at five -O levels; see ../shared/corpus/README.md), normalises them and
 reports, per instruction count, how often a function body also occurs in an unrelated library:
 the noise that MIN_INSTRUCTIONS cuts away.
+
+``kb`` builds the index of an existing knowledge base and reports its bytes per function by
+column: real KBs share code between samples (versions of one project, statically linked
+libraries), so they have more multi-sample rarity groups than the synthetic one.
 """
 
 from __future__ import annotations
@@ -229,6 +234,44 @@ def run_scale(sizes: list[int]) -> None:
                 print(json.dumps(result, indent=1), flush=True)
 
 
+def run_kb(database: str) -> None:
+    from earmark.store import open_store
+
+    with open_store(database) as store:
+        samples = dict(store.sample_labels())
+        table = store.load_function_table()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        index = FunctionIndex.build(table, store.revision(), samples)
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    assert index.rarity is not None
+    rows = max(len(index), 1)
+    columns = {
+        "signatures": index.signatures.nbytes,
+        "band_orders": index.band_orders.nbytes,
+        "exact_hash": index.exact_hash.nbytes,
+        "function_id": index.function_id.nbytes,
+        "sample_position": index.sample_position.nbytes,
+        "sample_ids": index.sample_ids.nbytes,
+        **{name: array.nbytes for name, array in index.rarity.arrays().items()},
+    }
+    with tempfile.TemporaryDirectory(prefix="earmark-index-") as temporary:
+        index.save(Path(temporary) / "index")
+        on_disk = sum(path.stat().st_size for path in (Path(temporary) / "index").iterdir())
+    result = {
+        "samples": len(index.sample_ids),
+        "stored_functions": len(table),
+        "indexed_functions": len(index),
+        "rarity_groups": len(index.rarity.owner_count),
+        "multi_sample_groups": len(index.rarity.owner_count) - len(index.sample_ids),
+        "build_seconds": seconds,
+        "build_cpu_seconds": cpu_seconds,
+        "bytes_per_function": {name: size / rows for name, size in columns.items()},
+        "whole_index_bytes_per_function": (index.nbytes + index.rarity.nbytes) / rows,
+        "on_disk_bytes_per_function": on_disk / rows,
+    }
+    print(json.dumps(result, indent=1))
+
+
 # --- min-size: noise functions on the xcomp corpus -------------------------------------------
 
 _NUMBER = re.compile(r"0x[0-9a-f]+|\b\d+\b")
@@ -289,6 +332,8 @@ def main() -> None:
     scale = commands.add_parser("scale")
     scale.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     commands.add_parser("min-size")
+    kb = commands.add_parser("kb")
+    kb.add_argument("--db", required=True, help="knowledge base path or URL")
     hidden = commands.add_parser("_measure")
     hidden.add_argument("rows", type=int)
     hidden.add_argument("directory", type=Path)
@@ -298,6 +343,8 @@ def main() -> None:
         run_scale(arguments.rows)
     elif arguments.command == "min-size":
         run_min_size()
+    elif arguments.command == "kb":
+        run_kb(arguments.db)
     else:
         memory_map = arguments.mode == "memory-mapped"
         print(json.dumps(measure_index(arguments.rows, arguments.directory, memory_map)))
