@@ -35,6 +35,7 @@ from earmark.index.feature_cache import load_feature_candidates, save_feature_ca
 from earmark.index.feature_candidates import FeatureCandidateIndex
 from earmark.index.similarity import compare_functions
 from earmark.ingest import IngestSummary, LabelTemplate, ingest_paths
+from earmark.intel import indicators_from_strings
 from earmark.model.evidence import Evidence
 from earmark.model.intel import Indicator
 from earmark.model.kb import SampleRecord
@@ -193,9 +194,9 @@ def _infrastructure_evidence(
 
 
 def _sample_indicators(features: SampleFeatures) -> list[Indicator]:
-    from earmark.intel_ops import indicators_for_sample
-
-    return indicators_for_sample(features)
+    # ``intel_ops.indicators_for_sample`` without importing intel_ops: a query without
+    # indicators never loads the intel importers.
+    return indicators_from_strings(features.strings)
 
 
 def read_ioc_file(path: Path) -> tuple[list[Indicator], date | None]:

@@ -25,24 +25,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from earmark.config import DEFAULT_TAXONOMY, TAXONOMY_ENV_VAR
 from earmark.correlate.infrastructure import InfrastructureIndex, Observation
 from earmark.errors import IntelError, UsageError
 from earmark.intel import AliasResolver, Taxonomy, classify_value, indicators_from_strings
 from earmark.intel.eset import parse_eset_readme
-from earmark.intel.importers import (
-    ColumnMapping,
-    ImportResult,
-    import_attack_bundle,
-    import_csv,
-    import_file,
-    import_misp_events,
-    import_report_text,
-    import_stix_bundle,
-    import_txt,
-)
-from earmark.intel.importers.common import load_json, read_text, strictest_tlp
 from earmark.intel.maltrail import actor_name_from_file, parse_aliases, parse_maltrail_blocks
 from earmark.intel.warninglists import default_benign_infrastructure
 from earmark.model.evidence import Evidence
@@ -50,6 +39,11 @@ from earmark.model.intel import ActorProfile, Indicator, IndicatorType, IntelRel
 from earmark.model.kb import Tlp
 from earmark.model.sample import SampleFeatures
 from earmark.store.base import IntelWriteSummary, Store
+
+if TYPE_CHECKING:
+    # The importers are imported where they run: they load stix2 (~0.3 s), which attributing a
+    # sample (indicators and infrastructure evidence only) never needs.
+    from earmark.intel.importers import ColumnMapping, ImportResult
 
 __all__ = [
     "INTEL_FORMATS",
@@ -138,6 +132,7 @@ def actor_resolver(store: Store, taxonomy: str | Taxonomy | None = None) -> Alia
 
 def parse_column_mapping(text: str | None) -> ColumnMapping | None:
     """``value=ioc,type=kind,actor=group,date=seen`` → ``ColumnMapping`` (None for None)."""
+    from earmark.intel.importers import ColumnMapping
     if not text:
         return None
     fields: dict[str, str] = {}
@@ -155,6 +150,7 @@ def parse_column_mapping(text: str | None) -> ColumnMapping | None:
 
 
 def _tightened(result: ImportResult, tlp: Tlp | None, source: str | None) -> ImportResult:
+    from earmark.intel.importers.common import strictest_tlp
     """Parsers with fixed provenance (ESET, maltrail): the caller may tighten TLP, rename."""
     reports = tuple(
         dataclasses.replace(r, tlp=strictest_tlp([r.tlp, tlp]) or r.tlp,
@@ -220,6 +216,18 @@ def _import_one_file(
     path: Path, root: Path, requested: str, source: str | None, tlp: Tlp | None,
     mapping: ColumnMapping | None, published: date | None, resolver: AliasResolver,
 ) -> tuple[str, ImportResult]:
+    from earmark.intel.importers import (
+        ImportResult,
+        import_attack_bundle,
+        import_csv,
+        import_file,
+        import_misp_events,
+        import_report_text,
+        import_stix_bundle,
+        import_txt,
+    )
+    from earmark.intel.importers.common import load_json, read_text
+
     text = read_text(path)
     if not text.strip():
         raise IntelError(f"{path}: the file is empty")
