@@ -14,6 +14,8 @@ struct sizes, characters) and never depend on the load address.
 from __future__ import annotations
 
 import bisect
+import ctypes
+from types import ModuleType
 from typing import Final, NamedTuple
 
 import capstone
@@ -98,6 +100,38 @@ def _register_classes() -> dict[str, str]:
 
 
 REGISTER_CLASSES: Final = _register_classes()
+
+
+def _load_accelerator() -> ModuleType | None:
+    """The compiled decode loop (``_decode.c``), configured for the loaded capstone, or None.
+
+    The extension is optional: ``pip install -e .`` builds it where a C compiler exists, and
+    without it the Python loop in ``InstructionDecoder._decode_window`` gives the same
+    instructions (tests compare the two), only slower.
+    """
+    try:
+        import earmark.extract._decode as _decode
+    except ImportError:
+        return None
+    library = capstone._cs
+    layout = capstone._cs_insn
+    _decode.configure(
+        ctypes.cast(library.cs_disasm, ctypes.c_void_p).value,
+        ctypes.cast(library.cs_free, ctypes.c_void_p).value,
+        ctypes.cast(library.cs_errno, ctypes.c_void_p).value,
+        ctypes.sizeof(layout),
+        layout.address.offset,
+        layout.size.offset,
+        layout.mnemonic.offset,
+        layout.mnemonic.size,
+        layout.op_str.offset,
+        layout.op_str.size,
+    )
+    return _decode
+
+
+# Set to None to decode with the pure-Python loop (the tests compare both paths).
+ACCELERATOR: ModuleType | None = _load_accelerator()
 
 
 class Instruction(NamedTuple):
@@ -209,6 +243,7 @@ class InstructionDecoder:
         # so a new instruction text is mostly assembled from cached operand answers.
         self._operands: dict[tuple[str, bool], tuple[str, int, int]] = {}
         self._mnemonics: dict[str, tuple[str, int]] = {}
+        self._accelerator = ACCELERATOR
 
     # --- address space -------------------------------------------------------------------
 
@@ -259,6 +294,19 @@ class InstructionDecoder:
         if segment is None or not segment.executable:
             return
         offset = address - segment.virtual_address
+        if self._accelerator is not None:
+            self._accelerator.decode_window(
+                self._capstone.csh.value,
+                segment.data,
+                offset,
+                DECODE_WINDOW_BYTES,
+                address,
+                self.decoded,
+                self._analysis,
+                self._analyse,
+                Instruction,
+            )
+            return
         window = segment.data[offset : offset + DECODE_WINDOW_BYTES]
         decoded = self.decoded
         analyses = self._analysis

@@ -1,0 +1,29 @@
+# Types of the compiled decode loop (_decode.c); see earmark.extract.disasm.
+from collections.abc import Callable
+from typing import Any
+
+def configure(
+    cs_disasm: int | None,
+    cs_free: int | None,
+    cs_errno: int | None,
+    insn_size: int,
+    address_offset: int,
+    size_offset: int,
+    mnemonic_offset: int,
+    mnemonic_size: int,
+    op_str_offset: int,
+    op_str_size: int,
+    /,
+) -> None: ...
+def decode_window(
+    handle: int,
+    data: bytes,
+    offset: int,
+    length: int,
+    address: int,
+    decoded: dict[int, Any],
+    analyses: dict[tuple[str, str], Any],
+    analyse: Callable[[str, str], Any],
+    kind: type[tuple[Any, ...]],
+    /,
+) -> None: ...
