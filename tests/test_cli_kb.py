@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from earmark.attribution import open_knowledge_base
 from earmark.cli import cli
 from earmark.demo_build import DemoCorpus, build_demo_corpus
 
@@ -37,6 +38,17 @@ def database(corpus: DemoCorpus, tmp_path_factory: pytest.TempPathFactory) -> st
     assert result.exit_code == 0, result.output
     assert "ingested 1, skipped 0" in result.output
     return path
+
+
+def test_ingest_builds_what_queries_read(database: str) -> None:
+    # Index building belongs to ingest: both caches exist, for the KB's current revision,
+    # before any query runs (and the first query does not rebuild them).
+    folder = Path(database).parent
+    features = json.loads((folder / "kb.db.features" / "manifest.json").read_text())
+    index_files = sorted(path.name for path in (folder / "kb.db.index").iterdir())
+    assert index_files and features["rows"] > 0
+    with open_knowledge_base(database) as kb:
+        assert features["revision"] == kb.store.revision()
 
 
 def test_reingest_skips_and_keeps_one_copy(corpus: DemoCorpus, database: str) -> None:

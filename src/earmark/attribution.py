@@ -118,6 +118,14 @@ class KnowledgeBase:
         self.index()
         return self._samples
 
+    def prepare(self) -> None:
+        """Build (and cache beside a SQLite KB) every index a query reads: the function index
+        and the feature candidate stage. ``earmark ingest`` calls it after writing, so the
+        first query after an ingest does not pay the build (seconds: it decodes every stored
+        sample's features)."""
+        self.index()
+        self.feature_candidates()
+
     def feature_candidates(self) -> FeatureCandidateIndex | None:
         """The optimisation-robust candidate stage (None past its sample limit)."""
         index = self.index()

@@ -106,6 +106,10 @@ def ingest(
                 )
 
         summary = ingest_paths(kb.store, paths, template, jobs=jobs, on_progress=report)
+        if summary.ingested or summary.skipped:
+            # Index building belongs to ingest: the next ``attribute`` finds it on disk.
+            progress.update(task, description="indexing")
+            kb.prepare()
     click.echo(
         f"ingested {summary.ingested}, skipped {summary.skipped} (already known: labels added), "
         f"failed {summary.failed}"
