@@ -63,7 +63,7 @@ def store(store_url: str) -> Iterator[SqlStore]:
 
 def test_public_api_is_exactly_all() -> None:
     public = {name for name in vars(earmark.store) if not name.startswith("_")}
-    modules = {"base", "intel_sql", "migrations", "schema", "sql"}
+    modules = {"base", "intel_sql", "migrations", "rows", "schema", "sql"}
     assert public - modules == set(earmark.store.__all__)
 
 

@@ -44,6 +44,7 @@ from earmark.model.intel import Indicator
 from earmark.model.kb import Provenance, SampleLabel, Tlp
 from earmark.model.sample import SampleFeatures
 from earmark.store.base import FeaturesCodec, Store
+from earmark.store.rows import PreparedSample, prepare_sample
 
 # Password the malware-sharing community puts on sample archives (VirusTotal, MalwareBazaar, ...).
 COMMUNITY_ARCHIVE_PASSWORD = b"infected"
@@ -186,20 +187,10 @@ class _Batch:
         self.report(IngestOutcome(name, IngestStatus.SKIPPED, sha256))
         return True
 
-    def write(
-        self,
-        name: str,
-        features: SampleFeatures,
-        frozen: bytes | None = None,
-        indicators: Sequence[Indicator] | None = None,
-    ) -> None:
-        if indicators is None:  # not found by a worker (frozen features files): find them here
-            indicators = indicators_from_strings(features.strings)
-        is_new = self.store.add_sample(
-            features, self.label, self.provenance, frozen, indicators=indicators
-        )
+    def write(self, name: str, sample: PreparedSample, indicators: Sequence[Indicator]) -> None:
+        is_new = self.store.add_prepared(sample, self.label, self.provenance, indicators)
         status = IngestStatus.INGESTED if is_new else IngestStatus.SKIPPED
-        self.report(IngestOutcome(name, status, features.sha256))
+        self.report(IngestOutcome(name, status, sample.sha256))
 
 
 def _walk(path: Path) -> Iterator[Path]:
@@ -271,7 +262,7 @@ def _file_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
             batch.report(_failure(shown, error))
             return
         if not batch.known(shown, features.sha256):
-            batch.write(shown, features)
+            _write_features(shown, features, batch)
         return
     data: bytes | None = None  # stays None for a zip archive: its members are the samples
     limit = batch.limits.max_file_bytes
@@ -310,30 +301,43 @@ def _jobs(paths: Iterable[str | Path], batch: _Batch) -> Iterator[_Job]:
             batch.report(_failure(_printable(str(path)), InputError("no such file or directory")))
 
 
-_Analysis = tuple[SampleFeatures, bytes, list[Indicator]] | InputError
+_Prepared = tuple[PreparedSample, list[Indicator]]
+_Analysis = _Prepared | InputError
+
+
+def _prepare(features: SampleFeatures, codec: FeaturesCodec) -> _Prepared:
+    """The rows to insert and the indicators in the sample's strings."""
+    sample = prepare_sample(features, codec.to_bytes(features))
+    return sample, indicators_from_strings(features.strings)
+
+
+def _write_features(name: str, features: SampleFeatures, batch: _Batch) -> None:
+    """A sample read from a frozen features file (no analysis): prepared here."""
+    batch.write(name, *_prepare(features, batch.store.codec))
 
 
 def _analyze(analyzer: Analyzer, codec: FeaturesCodec, data: bytes, limits: Limits) -> _Analysis:
-    """Runs in a worker: features, their frozen bytes and the indicators in their strings
-    (encoding and indicator search cost more than writing, so they are done here in parallel,
-    not in the writing parent); typed input errors come back as values, bugs propagate."""
+    """Runs in a worker: analysis, then everything the writing parent would otherwise compute
+    (frozen bytes, rows, indicators); only the rows travel back, not the features (the
+    parent's unpickling and row building measured more than its inserts). Typed input errors
+    come back as values, bugs propagate."""
     try:
         features = analyzer(data, limits)
     except InputError as error:
         return error
-    return features, codec.to_bytes(features), indicators_from_strings(features.strings)
+    return _prepare(features, codec)
 
 
 def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
     if isinstance(result, InputError):
         batch.report(_failure(job.name, result, job.sha256))
         return
-    features, frozen, indicators = result
-    if features.sha256.lower() != job.sha256:
-        error = InputError(f"analysis reported sha256 {features.sha256}, the bytes hash otherwise")
+    sample, indicators = result
+    if sample.sha256 != job.sha256:
+        error = InputError(f"analysis reported sha256 {sample.sha256}, the bytes hash otherwise")
         batch.report(_failure(job.name, error, job.sha256))
     else:
-        batch.write(job.name, features, frozen, indicators)
+        batch.write(job.name, sample, indicators)
 
 
 def _run_in_pool(

@@ -13,6 +13,7 @@ from earmark.store.base import (
     StoreStats,
 )
 from earmark.store.migrations import MIGRATIONS, schema_version
+from earmark.store.rows import PreparedSample, prepare_sample
 from earmark.store.sql import (
     DATABASE_ENV_VAR,
     DEFAULT_DATABASE_PATH,
@@ -30,11 +31,13 @@ __all__ = [
     "FreezeCodec",
     "IntelStats",
     "IntelWriteSummary",
+    "PreparedSample",
     "SampleIndicators",
     "SqlStore",
     "Store",
     "StoreStats",
     "open_store",
+    "prepare_sample",
     "resolve_database_url",
     "schema_version",
 ]

@@ -16,6 +16,7 @@ from typing import Protocol, Self
 from earmark.model.intel import ActorProfile, Indicator, IntelRelation, IntelReport
 from earmark.model.kb import FunctionTable, Provenance, SampleLabel, SampleRecord
 from earmark.model.sample import SampleFeatures
+from earmark.store.rows import PreparedSample
 
 
 class FeaturesCodec(Protocol):
@@ -106,6 +107,17 @@ class Store(Protocol):
         ``frozen`` is ``codec.to_bytes(features)`` when the caller already has it (encoding is
         most of the cost of a write, so ingest workers do it in parallel).
         """
+        ...
+
+    def add_prepared(
+        self,
+        sample: PreparedSample,
+        label: SampleLabel | None,
+        provenance: Provenance | None = None,
+        indicators: Sequence[Indicator] = (),
+    ) -> bool:
+        """``add_sample`` for rows already computed by ``earmark.store.rows.prepare_sample``
+        (ingest workers prepare them in parallel; the writer only inserts)."""
         ...
 
     def add_label(self, sha256: str, label: SampleLabel) -> bool:
