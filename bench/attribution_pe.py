@@ -224,7 +224,9 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
             with Stopwatch() as analysis_watch:
                 features = analyze_file(Path(entry["path"]))
             with Stopwatch() as match_watch:
-                case = attribute_sample(kb, features, top=EARMARK_TOP_HYPOTHESES)
+                case = attribute_sample(
+                    kb, features, top=EARMARK_TOP_HYPOTHESES, artefacts=phase["artefacts"]
+                )
             _progress("earmark", entry, analysis_watch.wall + match_watch.wall)
             families = [h for h in case.hypotheses if h.family is not None]
             queries.append(
@@ -239,6 +241,9 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
                     "detail": {
                         "verdict": case.verdict.summary,
                         "verdict_actor": case.verdict.actor,
+                        "shared_library": any(
+                            e.pivot == "shared-library" for e in case.evidence
+                        ),
                         "looked_up": case.query.looked_up_functions,
                         "library": case.query.library_functions,
                         "distinctive": case.query.distinctive_functions,
@@ -250,6 +255,7 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
                                 "coverage": h.coverage,
                                 "rare": h.rare_function_count,
                                 "evidence": h.evidence_count,
+                                "artefacts": h.artefact_count,
                             }
                             for h in families[:3]
                         ],
@@ -326,6 +332,8 @@ def run_child(engine: str, plan_path: Path, out_path: Path) -> None:
 
             with open_knowledge_base(str(Path(temporary) / "kb.db")) as kb:
                 for phase in group["phases"]:
+                    # Code-only runs (--code-only) leave the artefact pillar out.
+                    phase = {**phase, "artefacts": group.get("artefacts", True)}
                     phases_out.append({"setting": phase["setting"], **_earmark_phase(kb, phase)})
         else:
             from bench.peers.mcrit_peer import McritInProcess
@@ -662,7 +670,7 @@ def explain_failures(summaries: Sequence[dict[str, Any]]) -> list[str]:
             top = (
                 ", ".join(
                     f"{h['family']} {h['score']:.2f} ({h['relation']}, coverage {h['coverage']}, "
-                    f"{h['rare']} rare fn)"
+                    f"{h['rare']} rare fn, {h.get('artefacts', 0)} artefacts)"
                     for h in detail.get("top", [])
                 )
                 or "no hypothesis"
@@ -703,6 +711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-file-mb", type=float, help="leave out files larger than this")
     parser.add_argument("--skip-mcrit", action="store_true")
     parser.add_argument(
+        "--code-only", action="store_true", help="earmark without its artefact pillar"
+    )
+    parser.add_argument(
         "--goodware-third-party",
         action="store_true",
         help="earmark-only variant: ingest KB releases' third-party files as goodware",
@@ -734,6 +745,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups, raw, command = saved["groups"], saved["raw"], saved["command"]
     else:
         groups = build_groups(files, args)
+        for group in groups:
+            group["artefacts"] = not args.code_only
         engines = ["earmark"] if args.skip_mcrit else list(ENGINES)
         raw = []
         with tempfile.TemporaryDirectory(prefix="bench-attribution-pe-") as temporary:

@@ -21,6 +21,7 @@ from datetime import date
 from pathlib import Path
 from typing import Final
 
+from earmark.correlate.artefacts import artefact_stats_for, find_artefact_evidence
 from earmark.correlate.code import (
     MAX_FEATURE_STAGE_SAMPLES,
     build_feature_candidates,
@@ -31,6 +32,7 @@ from earmark.errors import UsageError
 from earmark.extract import analyze_file
 from earmark.freeze import load_features
 from earmark.index import DEFAULT_TOP_K, FunctionIndex, IndexCacheError
+from earmark.index.artefacts import ArtefactStats
 from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
 from earmark.index.feature_candidates import FeatureCandidateIndex
 from earmark.index.similarity import compare_functions
@@ -43,6 +45,7 @@ from earmark.model.sample import SampleFeatures
 from earmark.reason.hypotheses import (
     code_neighbours,
     decide_verdict,
+    is_shared_library,
     likelihood_words,
     rank_hypotheses,
 )
@@ -95,6 +98,14 @@ class KnowledgeBase:
     # The second candidate stage, built once per store revision and process: building it reads
     # every stored sample's features, so a batch of queries must not pay it per query.
     _feature_candidates: tuple[int, FeatureCandidateIndex | None] | None = None
+    _artefacts: ArtefactStats | None = None  # artefact pillar statistics, cached as <db>.artefacts
+
+    def artefact_stats(self) -> ArtefactStats:
+        index = self.index()
+        if self._artefacts is None or self._artefacts.revision != index.revision:
+            cache = None if self.index_path is None else self.index_path.with_suffix(".artefacts")
+            self._artefacts = artefact_stats_for(self.store, self._samples, index.revision, cache)
+        return self._artefacts
 
     def index(self) -> FunctionIndex:
         revision = self.store.revision()
@@ -119,12 +130,13 @@ class KnowledgeBase:
         return self._samples
 
     def prepare(self) -> None:
-        """Build (and cache beside a SQLite KB) every index a query reads: the function index
-        and the feature candidate stage. ``earmark ingest`` calls it after writing, so the
-        first query after an ingest does not pay the build (seconds: it decodes every stored
-        sample's features)."""
+        """Build (and cache beside a SQLite KB) every index a query reads: the function index,
+        the feature candidate stage and the artefact statistics. ``earmark ingest`` calls it
+        after writing, so the first query after an ingest does not pay the build (seconds: it
+        decodes every stored sample's features)."""
         self.index()
         self.feature_candidates()
+        self.artefact_stats()
 
     def feature_candidates(self) -> FeatureCandidateIndex | None:
         """The optimisation-robust candidate stage (None past its sample limit)."""
@@ -234,12 +246,15 @@ def _build_case(
     distinctive: int | None,
     top: int,
 ) -> CaseReport:
-    # Code items are already strongest first; other kinds join by contribution, stable.
-    evidence = sorted(evidence, key=lambda item: -(item.similarity * item.weight))
+    # Code items are already strongest first; other kinds join by contribution, stable. A
+    # shared-library item (weight 0, it names nobody) leads: it explains every capped score.
+    evidence = sorted(
+        evidence, key=lambda item: (not is_shared_library(item), -(item.similarity * item.weight))
+    )
     # Hypotheses are ranked on all evidence (coverage needs every matched function); only the
     # document's list is cut, keeping every item a shown hypothesis names.
     hypotheses = rank_hypotheses(evidence, code_neighbours(neighbours), distinctive)
-    verdict = decide_verdict(hypotheses)
+    verdict = decide_verdict(hypotheses, next(filter(is_shared_library, evidence), None))
     hypotheses = hypotheses[:top]
     kept = sorted(
         set(range(min(len(evidence), MAX_EVIDENCE_ITEMS)))
@@ -270,8 +285,10 @@ def attribute_sample(
     name: str | None = None,
     extra_indicators: Sequence[Indicator] = (),
     at: date | None = None,
+    artefacts: bool = True,
 ) -> CaseReport:
-    """Code (and, when intel is available, infrastructure) evidence fused into a case."""
+    """Code, artefact (``artefacts=False``: left out) and, when intel is available,
+    infrastructure evidence fused into a case."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, not {top}")
     code = find_code_evidence(
@@ -285,6 +302,9 @@ def attribute_sample(
     indicators = [*_sample_indicators(features), *extra_indicators]
     infrastructure = _infrastructure_evidence(kb, indicators, at, features.sha256)
     evidence = [*code.evidence, *infrastructure]
+    if artefacts:
+        found = find_artefact_evidence(kb.artefact_stats(), kb.samples(), features)
+        evidence += [*found.evidence, *filter(None, [found.shared_library])]
     query = QueryInfo(
         name=name or features.sha256,
         format=features.format,

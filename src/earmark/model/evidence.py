@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Literal
 
-EvidenceKind = Literal["code", "infrastructure", "toolchain"]
+# "artefact": rare strings, export names, imphash, PDB path, Rich header, signer and version info
+# shared with the KB (earmark.correlate.artefacts); "toolchain" is reserved for consistency checks.
+EvidenceKind = Literal["code", "infrastructure", "toolchain", "artefact"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,3 +31,12 @@ class Evidence:
     matched_value: str | None = None  # the known value it links to
     report_id: str | None = None
     observed_at: date | None = None
+    # artefact evidence (pivot = artefact kind: "string", "export", "imphash", "pdb", ...; value =
+    # the artefact as found in the query, control characters escaped)
+    query_offset: int | None = None  # file offset of a string in the query
+    # Query functions that reference the artefact (strings): an artefact a counted shared
+    # function already references adds nothing to that function's code evidence.
+    related_addresses: tuple[int, ...] = ()
+    # Largest share of one KB sample's rare strings (of this item's actor/family) found in the
+    # query: near 1 for a new release of that sample, small for a file sharing one library.
+    match_share: float | None = None

@@ -24,6 +24,25 @@ Scoring (docs/attribution.md, "Scoring"):
   authorship (the WannaCry/Lazarus pattern): ``relation`` says which.
 - when no authored actor hypothesis reaches ``KNOWN_ACTOR_THRESHOLD`` the verdict is "no known
   actor".
+
+Artefact evidence (rare strings, export names, imphash, PDB path, Rich header, signer, version
+info; ``correlate.artefacts``) is a second pillar fused after the code/infrastructure score:
+- an artefact string that a query function references is dropped for a hypothesis whose counted
+  code evidence already includes that function (the code match already says it);
+- artefact groups (one per artefact, whatever the number of KB samples holding it) contribute
+  ``min(weight, MAX_ARTEFACT_CONTRIBUTION)`` each, noisy-OR into the *artefact link*, strings
+  and identity artefacts (exports, PDB path, imphash, Rich header, signer, version info) apart;
+- strings come in bulk with whatever code they travel with (a statically linked runtime brings
+  hundreds), so the string link is scaled by ``min(1, share / ARTEFACT_SHARE)``, where share is
+  the largest part of one KB sample's rare strings that the query holds (``match_share``);
+- the artefact part of the score is ``min(1 - (1 - identity)(1 - scaled strings),
+  MAX_ARTEFACT_SCORE)`` and joins the code part by noisy-OR: ``score = 1 - (1 - code part)(1 -
+  artefact part)``. A new release whose code drifted but which keeps its project's rare strings
+  and exports ranks that project first; artefacts alone never reach the certainty code can;
+- artefacts never turn a link into authorship: a hypothesis with artefacts only is
+  ``shares-artefacts`` (a lead), and ``relation`` otherwise follows the code rules above;
+- a ``shared-library`` item (the query is a library that samples of many groups import) caps
+  every hypothesis at ``SHARED_LIBRARY_CAP`` with relation ``shared-library``.
 """
 
 from __future__ import annotations
@@ -65,7 +84,26 @@ MIN_RARE_FOR_AUTHORSHIP: Final = 2
 # Strongest evidence items named per hypothesis.
 STRONGEST_SHOWN: Final = 3
 
-Relation = Literal["authored", "shares-code"]
+# Largest contribution of one artefact (a string, an export name, a PDB path): three artefacts
+# unique to one group give a link of 1 - 0.7^3 = 0.66. Lower than code's 0.6 because one string
+# is cheap to copy and often travels with a shared library.
+MAX_ARTEFACT_CONTRIBUTION: Final = 0.3
+# Ceiling of the artefact part of a score: without shared code, artefacts (copyable, forgeable:
+# a stolen certificate, a borrowed string table) support at most "roughly even chance"; with
+# code they add to it. Chosen with the PE benchmark in view (docs/benchmarks.md, "Artefact
+# pillar": 0.6 let two MSVC C++ runtime DLLs reach 0.7 through a project that links that
+# runtime statically).
+MAX_ARTEFACT_SCORE: Final = 0.5
+# Share of one KB sample's rare strings the query must hold for its string artefacts to count
+# in full. New releases of the PE corpus projects hold 0.29-0.97 of their oldest release's rare
+# strings (median ~0.65); files of other projects at most 0.23, an MSVC runtime DLL 0.21-0.39 of
+# a project that links that runtime statically. 0.5 mirrors AUTHORSHIP_COVERAGE for code.
+ARTEFACT_SHARE: Final = 0.5
+# Score ceiling when the query is a library imported by many groups: "unlikely" at most, below
+# the verdict threshold, whatever code it shares with a group that links it statically.
+SHARED_LIBRARY_CAP: Final = 0.3
+
+Relation = Literal["authored", "shares-code", "shares-artefacts", "shared-library"]
 EvidenceKey = tuple[str, str]  # (kind, what the item observes about the query)
 
 
@@ -80,6 +118,8 @@ class Hypothesis:
     shared_bytes: int  # bytes of the query functions counted
     coverage: float | None  # counted code groups / distinctive query functions (None: no code)
     relation: Relation
+    artefact_count: int  # distinct artefacts counted (after dropping those code already covers)
+    artefact_link: float  # 0..1 noisy-OR of the counted artefacts' contributions
     strongest: tuple[int, ...]  # positions in the evidence sequence, strongest first
 
 
@@ -109,7 +149,23 @@ def code_neighbours(
 
 
 def _contribution(item: Evidence) -> float:
-    return min(max(item.similarity, 0.0) * max(item.weight, 0.0), MAX_ITEM_CONTRIBUTION)
+    cap = MAX_ARTEFACT_CONTRIBUTION if item.kind == "artefact" else MAX_ITEM_CONTRIBUTION
+    return min(max(item.similarity, 0.0) * max(item.weight, 0.0), cap)
+
+
+def is_shared_library(item: Evidence) -> bool:
+    return item.kind == "artefact" and item.pivot == "shared-library"
+
+
+def _independent_artefacts(
+    positions: Sequence[int], evidence: Sequence[Evidence], counted_code: set[int]
+) -> list[int]:
+    """Artefact items not referenced by a query function whose code match is already counted."""
+    return [
+        position
+        for position in positions
+        if not counted_code.intersection(evidence[position].related_addresses)
+    ]
 
 
 def _score_group(
@@ -162,9 +218,27 @@ def rank_hypotheses(
         # A family claimed by several actors (conflicting labels) keeps no single actor name.
         actors = family_actors[family]
         groups.append((next(iter(actors)) if len(actors) == 1 else None, family, positions))
+    shared_library = any(is_shared_library(item) for item in evidence)
     for group_actor, group_family, positions in groups:
-        link_score, counted = _score_group(positions, evidence, neighbours)
+        artefact_positions = [p for p in positions if evidence[p].kind == "artefact"]
+        other_positions = [p for p in positions if evidence[p].kind != "artefact"]
+        link_score, counted = _score_group(other_positions, evidence, neighbours)
         code_counted = [entry for entry in counted if entry[0][0] == "code"]
+        counted_code = {
+            address
+            for _, index, _ in code_counted
+            if (address := evidence[index].query_address) is not None
+        }
+        independent = _independent_artefacts(artefact_positions, evidence, counted_code)
+        strings = [p for p in independent if evidence[p].pivot == "string"]
+        string_link, strings_counted = _score_group(strings, evidence, {})
+        identity_link, identity_counted = _score_group(
+            [p for p in independent if evidence[p].pivot != "string"], evidence, {}
+        )
+        share = max((evidence[p].match_share or 0.0 for p in strings), default=0.0)
+        string_part = string_link * min(1.0, share / ARTEFACT_SHARE)
+        artefact_link = 1.0 - (1.0 - string_link) * (1.0 - identity_link)
+        artefacts_counted = [*strings_counted, *identity_counted]
         rare_functions = sum(
             1 for _, index, _ in code_counted if evidence[index].weight >= RARE_WEIGHT
         )
@@ -173,7 +247,9 @@ def rank_hypotheses(
             coverage = min(len(code_counted) / distinctive_code_units, 1.0)
         only_code = len(code_counted) == len(counted)
         relation: Relation = "authored"
-        if coverage is not None and (
+        if not counted:
+            relation = "shares-artefacts"
+        elif coverage is not None and (
             coverage < AUTHORSHIP_COVERAGE
             or (only_code and rare_functions < MIN_RARE_FOR_AUTHORSHIP)
         ):
@@ -183,18 +259,26 @@ def rank_hypotheses(
             # Code alone with fewer than MIN_RARE_FOR_AUTHORSHIP rare functions: the link rests
             # on common code (runtime start-up, small helpers), so it cannot score high.
             explained *= min(1.0, rare_functions / MIN_RARE_FOR_AUTHORSHIP)
+        artefact_part = min(1.0 - (1.0 - string_part) * (1.0 - identity_link), MAX_ARTEFACT_SCORE)
+        score = 1.0 - (1.0 - link_score * explained) * (1.0 - artefact_part)
+        if shared_library:
+            score = min(score, SHARED_LIBRARY_CAP)
+            relation = "shared-library"
+        strongest = sorted([*counted, *artefacts_counted], key=lambda entry: -entry[2])
         hypotheses.append(
             Hypothesis(
                 actor=group_actor,
                 family=group_family,
-                score=round(link_score * explained, 4),
-                link_score=round(link_score, 4),
-                evidence_count=len(counted),
+                score=round(score, 4),
+                link_score=round(1.0 - (1.0 - link_score) * (1.0 - artefact_link), 4),
+                evidence_count=len(counted) + len(artefacts_counted),
                 rare_function_count=rare_functions,
                 shared_bytes=sum(evidence[index].query_size or 0 for _, index, _ in code_counted),
                 coverage=None if coverage is None else round(coverage, 4),
                 relation=relation,
-                strongest=tuple(position for _, position, _ in counted[:STRONGEST_SHOWN]),
+                artefact_count=len(artefacts_counted),
+                artefact_link=round(artefact_link, 4),
+                strongest=tuple(position for _, position, _ in strongest[:STRONGEST_SHOWN]),
             )
         )
     hypotheses.sort(
@@ -210,8 +294,12 @@ def rank_hypotheses(
     return hypotheses
 
 
-def decide_verdict(hypotheses: Sequence[Hypothesis]) -> Verdict:
-    """The best authored actor (or actor-less family) above the threshold, else no known actor."""
+def decide_verdict(
+    hypotheses: Sequence[Hypothesis], shared_library: Evidence | None = None
+) -> Verdict:
+    """The best authored actor (or actor-less family) above the threshold, else no known actor.
+
+    ``shared_library``: the item saying the query is a library many groups import."""
     for hypothesis in hypotheses:
         if hypothesis.relation != "authored" or hypothesis.score < KNOWN_ACTOR_THRESHOLD:
             continue
@@ -225,20 +313,35 @@ def decide_verdict(hypotheses: Sequence[Hypothesis]) -> Verdict:
             score=hypothesis.score,
             summary=f"{name} ({likelihood_words(hypothesis.score)}, score {hypothesis.score:.2f})",
         )
+    summary = "no known actor"
+    if shared_library is not None:
+        summary += f"; {shared_library.reason}"
     links = sorted(
         (h for h in hypotheses if h.actor and h.family is None and h.link_score > 0),
         key=lambda h: -h.link_score,
     )
-    summary = "no known actor"
     if links:
         best = links[0]
-        summary += (
-            f"; linked to {best.actor} by shared rare code ({best.rare_function_count} rare "
-            f"functions, link score {best.link_score:.2f}): not enough of the sample for "
-            "authorship, enough for a lead (code reuse or a shared developer); weigh tooling "
-            "and infrastructure evidence"
+        summary += f"; linked to {best.actor} by {_link_words(best)}: " + (
+            "a lead (a project or developer in common, or a copied string table), not "
+            "authorship; weigh tooling and infrastructure evidence"
+            if best.relation == "shares-artefacts"
+            else "not enough of the sample for authorship, enough for a lead (code reuse or a "
+            "shared developer); weigh tooling and infrastructure evidence"
         )
     return Verdict(actor=None, family=None, score=0.0, summary=summary)
+
+
+def _link_words(hypothesis: Hypothesis) -> str:
+    parts = []
+    if hypothesis.relation != "shares-artefacts":
+        parts.append(f"shared rare code ({hypothesis.rare_function_count} rare functions)")
+    if hypothesis.artefact_count:
+        parts.append(
+            f"rare artefacts ({hypothesis.artefact_count} strings/exports/metadata, "
+            f"artefact link {hypothesis.artefact_link:.2f})"
+        )
+    return " and ".join(parts) + f", link score {hypothesis.link_score:.2f}"
 
 
 def _best_family_of(hypotheses: Sequence[Hypothesis], actor: str | None) -> str | None:

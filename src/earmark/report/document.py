@@ -23,7 +23,7 @@ class _Frozen(BaseModel):
 
 
 class EvidenceItem(_Frozen):
-    kind: Literal["code", "infrastructure", "toolchain"]
+    kind: Literal["code", "infrastructure", "toolchain", "artefact"]
     actor: str | None
     family: str | None
     similarity: float = Field(ge=0.0, le=1.0)
@@ -40,6 +40,20 @@ class EvidenceItem(_Frozen):
     matched_value: str | None = None
     report_id: str | None = None
     observed_at: date | None = None
+    query_offset: int | None = Field(
+        default=None, description="artefact evidence: file offset of the string in the query"
+    )
+    related_addresses: list[int] = Field(
+        default_factory=list,
+        description="artefact evidence: query functions that reference the string",
+    )
+    match_share: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="artefact evidence: largest share of one KB sample's rare strings (of this "
+        "actor/family) found in the query",
+    )
 
     @classmethod
     def from_evidence(cls, item: Evidence) -> EvidenceItem:
@@ -61,6 +75,9 @@ class EvidenceItem(_Frozen):
             matched_value=item.matched_value,
             report_id=item.report_id,
             observed_at=item.observed_at,
+            query_offset=item.query_offset,
+            related_addresses=list(item.related_addresses),
+            match_share=item.match_share,
         )
 
     def to_evidence(self) -> Evidence:
@@ -81,6 +98,9 @@ class EvidenceItem(_Frozen):
             matched_value=self.matched_value,
             report_id=self.report_id,
             observed_at=self.observed_at,
+            query_offset=self.query_offset,
+            related_addresses=tuple(self.related_addresses),
+            match_share=self.match_share,
         )
 
 
@@ -93,7 +113,9 @@ class HypothesisItem(_Frozen):
         description="link score scaled by the share of the query explained (docs/attribution.md)",
     )
     link_score: float = Field(
-        ge=0.0, le=1.0, description="strength of the shared code/infrastructure link alone"
+        ge=0.0,
+        le=1.0,
+        description="strength of the shared code/infrastructure/artefact link alone",
     )
     likelihood: str = Field(description="ICD-203 words for the score")
     evidence_count: int = Field(ge=0)
@@ -102,7 +124,16 @@ class HypothesisItem(_Frozen):
     coverage: float | None = Field(
         default=None, description="share of the query's distinctive functions explained"
     )
-    relation: Literal["authored", "shares-code"]
+    relation: Literal["authored", "shares-code", "shares-artefacts", "shared-library"] = Field(
+        description="authored; shares-code / shares-artefacts: a link, not authorship; "
+        "shared-library: the query is a library many groups import (score capped)"
+    )
+    artefact_count: int = Field(
+        default=0, ge=0, description="distinct rare artefacts counted (strings, exports, ...)"
+    )
+    artefact_link: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="noisy-OR of the counted artefacts alone"
+    )
     strongest_evidence: list[int] = Field(description="positions in `evidence`, strongest first")
 
     @classmethod
@@ -118,6 +149,8 @@ class HypothesisItem(_Frozen):
             shared_bytes=hypothesis.shared_bytes,
             coverage=hypothesis.coverage,
             relation=hypothesis.relation,
+            artefact_count=hypothesis.artefact_count,
+            artefact_link=hypothesis.artefact_link,
             strongest_evidence=list(hypothesis.strongest),
         )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import date
-from typing import Any
+from typing import Any, Final
 
 from pymisp import MISPEvent
 
@@ -111,6 +111,11 @@ def misp_event_for_case(
         if hypothesis.actor not in withheld - shown:  # named only by TLP:RED evidence: leak
             event.add_tag(_actor_tag(hypothesis.actor))
     for item in evidence:
+        if item.kind == "artefact" and item.value and item.pivot in _ARTEFACT_ATTRIBUTES:
+            attribute_type, category = _ARTEFACT_ATTRIBUTES[item.pivot]
+            event.add_attribute(attribute_type, item.value, category=category, to_ids=False,
+                                comment=f"links to {item.actor or item.family}: {item.reason}")
+            continue
         if item.kind != "infrastructure" or not item.value or not item.pivot:
             continue
         if item.report_id in red_report_ids and not include_red:
@@ -122,6 +127,11 @@ def misp_event_for_case(
         event.add_attribute(attribute_type, item.value, category=category, to_ids=False,
                             comment=f"links to {item.actor or item.family}: {item.reason}")
     return event
+
+
+# Artefact evidence with a MISP attribute type of its own (strings and exports stay in the case).
+_ARTEFACT_ATTRIBUTES: Final = {"imphash": ("imphash", "Payload delivery"),
+                               "pdb": ("pdb", "Artifacts dropped")}
 
 
 def _indicator_type_of_pivot(pivot: str) -> IndicatorType | None:

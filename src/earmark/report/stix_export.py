@@ -218,9 +218,12 @@ def _add_evidence(builder: _BundleBuilder, item: Evidence, marking: Any) -> None
                 builder.relationship(indicator_id, "indicates", target, marking,
                                      description=f"weight {item.weight:.2f}: {item.reason}")
                 return
+    content = f"weight {item.weight:.2f}: {item.reason}"
+    if item.kind == "artefact":  # which artefact: the reason alone is the same for many
+        content = f"{item.pivot} {item.value!r} in {item.match_sha256}; {content}"
     builder.add(stix2.Note(
-        id=_stix_id("note", item.kind, item.reason, target), abstract=f"{item.kind} evidence",
-        content=f"weight {item.weight:.2f}: {item.reason}", object_refs=[target],
+        id=_stix_id("note", item.kind, content, target), abstract=f"{item.kind} evidence",
+        content=content, object_refs=[target],
         created=builder.created, modified=builder.created, object_marking_refs=[marking],
     ))
 

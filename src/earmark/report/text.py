@@ -38,6 +38,13 @@ def describe_evidence(item: EvidenceItem) -> str:
             f"{_address(item.query_address)} ({item.query_size or 0} B) = "
             f"{(item.match_sha256 or '-')[:12]}…:{_address(item.match_address)}"
         )
+    elif item.kind == "artefact":
+        place = "" if item.query_offset is None else f" @file+0x{item.query_offset:x}"
+        if item.query_address is not None:
+            place += f" @{_address(item.query_address)}"
+        where = f"{printable(item.pivot)} {printable(repr(item.value))}{place}"
+        if item.match_sha256:
+            where += f" = {item.match_sha256[:12]}…"
     else:
         where = f"{printable(item.pivot)} {printable(item.value)} ~ {printable(item.matched_value)}"
         if item.report_id:
@@ -80,6 +87,12 @@ def render_case_text(case: CaseReport) -> str:
             f"{hypothesis.relation}, {hypothesis.evidence_count} evidence, "
             f"{hypothesis.rare_function_count} rare functions, {hypothesis.shared_bytes} bytes"
             f"{coverage}"
+            + (
+                f", {hypothesis.artefact_count} rare artefacts "
+                f"(link {hypothesis.artefact_link:.2f})"
+                if hypothesis.artefact_count
+                else ""
+            )
         )
         for position in hypothesis.strongest_evidence:
             lines.append("       " + describe_evidence(case.evidence[position]))

@@ -1,0 +1,462 @@
+"""Artefacts of a sample (rare strings, export names, imphash, PDB path, Rich header, signer,
+version info) and how many groups of the knowledge base hold each one.
+
+An artefact is a ``(kind, value)`` pair keyed by a 64-bit BLAKE2b hash. ``ArtefactStats`` holds,
+per key seen in the KB, the number of distinct owners (actors, else families, else the sample
+itself, as for code rarity in ``index.rarity``) and of goodware samples, plus up to
+``MAX_LISTED_OWNERS`` owners with one example sample each; the weight is code rarity's
+``rarity_weight``, so a string every family has weighs 0 and a string of one family weighs 1.
+It also records which libraries KB samples import, and which names they import from each, for
+shared-dependency detection (``earmark.correlate.artefacts``).
+
+The statistics are built from stored features once per store revision and cached beside the KB
+as ``<db>.artefacts/`` (``.npy`` arrays, no pickles, plus a JSON manifest); see
+docs/attribution.md, "Artefact pillar".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from earmark.errors import IndexCacheError
+from earmark.index.rarity import rarity_weight
+from earmark.model.kb import SampleRecord
+from earmark.model.sample import SampleFeatures
+
+ArtefactKind = Literal[
+    "string", "export", "imphash", "pdb", "rich-header", "signer", "version-info"
+]
+
+# String filter, measured on the PE corpus (docs/attribution.md, "Artefact pillar": every project
+# file <= 1 MB, strings as extracted): min length 6, >= 80 % letters/digits/space/_.-:%/\\, and a
+# run of 3 letters keeps 3,268 of a project's own strings found in both its oldest and newest
+# release (raw `strings -n 5`: 4,054) while strings shared by 2-3 projects, mostly chance byte
+# runs such as "n:2C[", drop from 1,833 to 704. Length 8 lost another 10 % of own strings for
+# 14 % fewer cross-project ones.
+MIN_ARTEFACT_STRING_LENGTH: Final = 6
+MIN_STRING_WORD_SHARE: Final = 0.8
+_WORD: Final = re.compile(r"[A-Za-z]{3}")
+_WORD_CHARACTERS: Final = frozenset(" _.-:%/\\,")
+# Strings taken per sample (first by file offset). The largest corpus modules keep ~6k after the
+# filter; a padded or junk-filled file must not grow the KB statistics without bound.
+MAX_ARTEFACT_STRINGS: Final = 20_000
+# Characters of one artefact value used as its key; longer runs are blobs, their start is enough.
+MAX_ARTEFACT_VALUE_LENGTH: Final = 256
+# Owners listed per key. A key held by more groups weighs at most idf/9 < 0.11
+# (``rarity_weight``): evidence of nothing, so no evidence item names them.
+MAX_LISTED_OWNERS: Final = 8
+# Samples listed per key (every sample of the listed owners, up to this many): the share of a KB
+# sample's rare strings found in a query needs them. A family with more copies of one string
+# than this is represented by its first 64 samples (by owner, then sample id).
+MAX_LISTED_SAMPLES: Final = 64
+# Rarity weight from which an artefact is evidence (and counts as one of a sample's rare
+# strings): in a KB of 13 groups a string held by 4 of them weighs idf/4 = 0.11, by 3 weighs
+# 0.19 (``rarity_weight``). 0.15 keeps what at most three groups share; runtime and Python
+# C-API strings, held by most, weigh ~0 and stay out.
+RARE_ARTEFACT_WEIGHT: Final = 0.15
+# Version-info fields that change with every release carry no identity of the author.
+_VERSION_NUMBER_KEYS: Final = frozenset({"FileVersion", "ProductVersion", "PrivateBuild"})
+
+ARTEFACT_STATS_FORMAT: Final = "earmark-artefact-stats"
+# Bump whenever sample_artefacts or the key hash changes: old caches are then rebuilt.
+ARTEFACT_STATS_FORMAT_VERSION: Final = 2
+_MANIFEST: Final = "manifest.json"
+
+UInt64Array = npt.NDArray[np.uint64]
+
+
+@dataclass(frozen=True, slots=True)
+class SampleArtefact:
+    kind: ArtefactKind
+    value: str  # as found (shown escaped); the key uses the normalised form
+    key: int  # artefact_key(kind, normalised value)
+    offset: int | None = None  # file offset (strings)
+    address: int | None = None  # virtual address (exports)
+
+
+def artefact_key(kind: str, value: str) -> int:
+    """64-bit key of one artefact: BLAKE2b, so keys do not collide in a KB of millions."""
+    digest = hashlib.blake2b(f"{kind}\0{value}".encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def is_distinctive_string(text: str) -> bool:
+    """The string filter above: long enough, word-like, not a byte run that happens to print."""
+    if len(text) < MIN_ARTEFACT_STRING_LENGTH:
+        return False
+    good = sum(1 for ch in text if ch.isalnum() or ch in _WORD_CHARACTERS)
+    return good >= MIN_STRING_WORD_SHARE * len(text) and _WORD.search(text) is not None
+
+
+def _table_names(features: SampleFeatures) -> frozenset[str]:
+    """Import/export/section names: their strings are the tables, counted by imphash/exports."""
+    names = {item.name for item in features.imports} | {item.library for item in features.imports}
+    names |= {item.name for item in features.exports} | {s.name for s in features.sections}
+    return frozenset(names)
+
+
+def _code_ranges(features: SampleFeatures) -> list[tuple[int, int]]:
+    """File ranges of executable sections: printable runs there are instruction bytes
+    ("AWAVAUATI" is push r15; push r14; ...), equal in any two x86-64 programs by chance."""
+    return [
+        (section.raw_offset, section.raw_offset + section.raw_size)
+        for section in features.sections
+        if "execute" in section.flags or "code" in section.flags
+    ]
+
+
+def _inside(offset: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(start <= offset < end for start, end in ranges)
+
+
+def _make(kind: ArtefactKind, value: str, **where: int | None) -> SampleArtefact | None:
+    normalised = value.strip()[:MAX_ARTEFACT_VALUE_LENGTH]
+    if not normalised:
+        return None
+    if kind in ("pdb", "imphash", "signer"):
+        normalised = normalised.lower().replace("\\", "/")
+    return SampleArtefact(kind, value, artefact_key(kind, normalised), **where)
+
+
+def _pe_artefacts(features: SampleFeatures) -> list[SampleArtefact | None]:
+    pe = features.pe
+    if pe is None:
+        return []
+    found: list[SampleArtefact | None] = []
+    if pe.imphash:
+        found.append(_make("imphash", pe.imphash))
+    if pe.pdb_path:
+        path = pe.pdb_path.replace("\\", "/")
+        found.append(_make("pdb", path))
+        # The file name survives a moved build folder; the folder survives a renamed target.
+        found.append(_make("pdb", path.rsplit("/", 1)[-1]))
+        if "/" in path:
+            found.append(_make("pdb", path.rsplit("/", 1)[0] + "/"))
+    if pe.rich_header is not None and pe.rich_header.entries:
+        # The set of (product, build) pairs is the build environment; counts follow the code.
+        tools = sorted({(e.product_id, e.build) for e in pe.rich_header.entries})
+        found.append(_make("rich-header", ";".join(f"{p}.{b}" for p, b in tools)))
+    for signer in pe.signers:
+        found.append(_make("signer", signer.sha1))
+    for key, value in pe.version_info:
+        if key not in _VERSION_NUMBER_KEYS and len(value.strip()) >= 3:
+            found.append(_make("version-info", f"{key}={value}"))
+    return found
+
+
+def sample_artefacts(features: SampleFeatures) -> tuple[SampleArtefact, ...]:
+    """Every artefact of one sample, first occurrence of each key only."""
+    found: list[SampleArtefact | None] = [
+        _make("export", export.name, address=export.address)
+        for export in features.exports
+        if export.name and not export.name.startswith("#")
+    ]
+    found += _pe_artefacts(features)
+    tables = _table_names(features)
+    code = _code_ranges(features)
+    strings = 0
+    for string in features.strings:
+        text = string.value.strip()
+        if text in tables or not is_distinctive_string(text) or _inside(string.offset, code):
+            continue
+        found.append(_make("string", string.value, offset=string.offset))
+        strings += 1
+        if strings >= MAX_ARTEFACT_STRINGS:
+            break
+    unique: dict[int, SampleArtefact] = {}
+    for artefact in found:
+        if artefact is not None and artefact.key not in unique:
+            unique[artefact.key] = artefact
+    return tuple(unique.values())
+
+
+def imported_libraries(features: SampleFeatures) -> dict[str, set[str]]:
+    """Library (lower case) -> names imported from it (ordinals left out)."""
+    libraries: dict[str, set[str]] = defaultdict(set)
+    for item in features.imports:
+        if item.library and item.library != "unknown":
+            names = libraries[item.library.lower()]
+            if item.name and not item.name.startswith("#"):
+                names.add(item.name)
+    return libraries
+
+
+@dataclass(frozen=True, slots=True)
+class LibraryUsage:
+    """Who in the KB imports one library, and what it imports from it."""
+
+    importers: int  # distinct owners plus goodware samples importing it
+    examples: tuple[str, ...]  # up to MAX_LISTED_OWNERS owner names
+    names: frozenset[str]  # every name imported from it by any KB sample
+
+
+@dataclass(frozen=True, slots=True)
+class ArtefactMatch:
+    """One query artefact found in the KB."""
+
+    weight: float
+    owner_count: int
+    goodware_count: int
+    owners: tuple[str, ...]  # distinct listed owner names (empty past MAX_LISTED_OWNERS)
+    samples: tuple[int, ...]  # KB sample ids holding it (listed owners only)
+
+
+@dataclass(frozen=True)
+class ArtefactStats:
+    """Document frequency of every artefact in the KB, keyed by ``artefact_key``."""
+
+    revision: int
+    keys: UInt64Array  # sorted
+    owner_count: npt.NDArray[np.uint32]
+    goodware_count: npt.NDArray[np.uint32]
+    weight: npt.NDArray[np.float32]
+    listed_offsets: npt.NDArray[np.int64]  # (keys + 1,) into listed_owner / listed_sample
+    listed_owner: npt.NDArray[np.int32]
+    listed_sample: npt.NDArray[np.int64]
+    # Per KB sample (sorted ids): how many of its strings are rare (RARE_ARTEFACT_WEIGHT).
+    sample_ids: npt.NDArray[np.int64]
+    rare_strings: npt.NDArray[np.int64]
+    owner_names: tuple[str, ...]
+    total_owners: int
+    libraries: Mapping[str, LibraryUsage]
+
+    def lookup(self, keys: Iterable[int]) -> dict[int, ArtefactMatch]:
+        """The KB statistics of each key present (vectorised search)."""
+        wanted = np.fromiter(keys, dtype=np.uint64)
+        if len(wanted) == 0 or len(self.keys) == 0:
+            return {}
+        places = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        found: dict[int, ArtefactMatch] = {}
+        for key, place in zip(wanted.tolist(), places.tolist(), strict=True):
+            if int(self.keys[place]) != key:
+                continue
+            start, end = int(self.listed_offsets[place]), int(self.listed_offsets[place + 1])
+            owners = dict.fromkeys(self.listed_owner[start:end].tolist())
+            found[key] = ArtefactMatch(
+                weight=float(self.weight[place]),
+                owner_count=int(self.owner_count[place]),
+                goodware_count=int(self.goodware_count[place]),
+                owners=tuple(self.owner_names[o] for o in owners),
+                samples=tuple(self.listed_sample[start:end].tolist()),
+            )
+        return found
+
+    def rare_string_count(self, sample_id: int) -> int:
+        """How many of a KB sample's strings are rare (0 for an unknown sample)."""
+        place = int(np.searchsorted(self.sample_ids, sample_id))
+        if place < len(self.sample_ids) and int(self.sample_ids[place]) == sample_id:
+            return int(self.rare_strings[place])
+        return 0
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (
+            self.keys,
+            self.owner_count,
+            self.goodware_count,
+            self.weight,
+            self.listed_offsets,
+            self.listed_owner,
+            self.listed_sample,
+            self.sample_ids,
+            self.rare_strings,
+        )
+        return sum(int(array.nbytes) for array in arrays)
+
+
+def _owner_keys(record: SampleRecord) -> list[str]:
+    """Attribution groups of a sample, as in code rarity (index.rarity._sample_groups)."""
+    if record.actors:
+        return [f"actor:{a}" for a in sorted(record.actors)]
+    if record.families:
+        return [f"family:{f}" for f in sorted(record.families)]
+    return [f"sample:{record.sample_id}"]
+
+
+def build_artefact_stats(
+    samples: Iterable[tuple[SampleRecord, SampleFeatures]], revision: int
+) -> ArtefactStats:
+    """KB statistics from every stored sample (one decoded sample alive at a time)."""
+    owners_of: dict[int, dict[int, list[int]]] = defaultdict(dict)  # key -> owner -> samples
+    goodware_of: dict[int, int] = defaultdict(int)
+    strings_of: dict[int, list[int]] = {}  # sample id -> its string keys
+    owner_codes: dict[str, int] = {}
+    library_importers: dict[str, set[str]] = defaultdict(set)
+    library_names: dict[str, set[str]] = defaultdict(set)
+    for record, features in samples:
+        artefacts = sample_artefacts(features)
+        keys = {artefact.key for artefact in artefacts}
+        strings_of[record.sample_id] = [a.key for a in artefacts if a.kind == "string"]
+        if record.goodware:
+            for key in keys:
+                goodware_of[key] += 1
+            importer = [f"goodware:{record.sample_id}"]
+        else:
+            codes = [owner_codes.setdefault(o, len(owner_codes)) for o in _owner_keys(record)]
+            for key in keys:
+                listed = owners_of[key]
+                for code in codes:
+                    listed.setdefault(code, []).append(record.sample_id)
+            importer = _owner_keys(record)
+        for library, names in imported_libraries(features).items():
+            library_importers[library].update(importer)
+            library_names[library] |= names
+    all_keys = sorted(set(owners_of) | set(goodware_of))
+    owner_count = np.array([len(owners_of.get(k, ())) for k in all_keys], dtype=np.uint32)
+    goodware_count = np.array([goodware_of.get(k, 0) for k in all_keys], dtype=np.uint32)
+    listed_owner: list[int] = []
+    listed_sample: list[int] = []
+    offsets = [0]
+    for key in all_keys:
+        listed = owners_of.get(key, {})
+        if len(listed) <= MAX_LISTED_OWNERS:
+            pairs = sorted((code, sample) for code, ids in listed.items() for sample in ids)
+            for code, sample_id in pairs[:MAX_LISTED_SAMPLES]:
+                listed_owner.append(code)
+                listed_sample.append(sample_id)
+        offsets.append(len(listed_owner))
+    weight = rarity_weight(owner_count, goodware_count, len(owner_codes))
+    rare_keys = {
+        key
+        for key, value in zip(all_keys, weight.tolist(), strict=True)
+        if value >= RARE_ARTEFACT_WEIGHT
+    }
+    sample_ids = sorted(strings_of)
+    owner_names = tuple(name.split(":", 1)[1] for name in owner_codes)
+    libraries = {
+        library: LibraryUsage(
+            importers=len(importers),
+            examples=tuple(
+                sorted(i.split(":", 1)[1] for i in importers if not i.startswith("goodware:"))[
+                    :MAX_LISTED_OWNERS
+                ]
+            ),
+            names=frozenset(library_names[library]),
+        )
+        for library, importers in sorted(library_importers.items())
+    }
+    return ArtefactStats(
+        revision=revision,
+        keys=np.array(all_keys, dtype=np.uint64),
+        owner_count=owner_count,
+        goodware_count=goodware_count,
+        weight=weight,
+        listed_offsets=np.array(offsets, dtype=np.int64),
+        listed_owner=np.array(listed_owner, dtype=np.int32),
+        listed_sample=np.array(listed_sample, dtype=np.int64),
+        sample_ids=np.array(sample_ids, dtype=np.int64),
+        rare_strings=np.array(
+            [sum(1 for key in strings_of[s] if key in rare_keys) for s in sample_ids],
+            dtype=np.int64,
+        ),
+        owner_names=owner_names,
+        total_owners=len(owner_codes),
+        libraries=libraries,
+    )
+
+
+_ARRAYS: Final = {
+    "keys": np.uint64,
+    "owner_count": np.uint32,
+    "goodware_count": np.uint32,
+    "weight": np.float32,
+    "listed_offsets": np.int64,
+    "listed_owner": np.int32,
+    "listed_sample": np.int64,
+    "sample_ids": np.int64,
+    "rare_strings": np.int64,
+}
+
+
+def save_artefact_stats(stats: ArtefactStats, directory: Path) -> None:
+    """Write the cache atomically: a sibling temporary directory renamed over the old one."""
+    temporary = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for name in _ARRAYS:
+        np.save(temporary / f"{name}.npy", getattr(stats, name), allow_pickle=False)
+    manifest: dict[str, Any] = {
+        "format": ARTEFACT_STATS_FORMAT,
+        "version": ARTEFACT_STATS_FORMAT_VERSION,
+        "revision": stats.revision,
+        "owner_names": list(stats.owner_names),
+        "total_owners": stats.total_owners,
+        "libraries": {
+            library: [usage.importers, list(usage.examples), sorted(usage.names)]
+            for library, usage in stats.libraries.items()
+        },
+    }
+    (temporary / _MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    shutil.rmtree(directory, ignore_errors=True)
+    temporary.rename(directory)
+
+
+def load_artefact_stats(directory: Path, revision: int) -> ArtefactStats:
+    """The cached statistics of ``revision``; IndexCacheError when missing, stale or damaged."""
+    try:
+        manifest = json.loads((directory / _MANIFEST).read_text(encoding="utf-8"))
+        if (
+            manifest.get("format") != ARTEFACT_STATS_FORMAT
+            or manifest.get("version") != ARTEFACT_STATS_FORMAT_VERSION
+            or manifest.get("revision") != revision
+        ):
+            raise IndexCacheError(f"{directory}: artefact statistics of another revision")
+        arrays = {}
+        for name, dtype in _ARRAYS.items():
+            array = np.load(directory / f"{name}.npy", allow_pickle=False)
+            if array.dtype != dtype or array.ndim != 1:
+                raise IndexCacheError(f"{directory}: {name} has the wrong type")
+            arrays[name] = array
+        libraries = {
+            str(library): LibraryUsage(
+                int(entry[0]), tuple(map(str, entry[1])), frozenset(map(str, entry[2]))
+            )
+            for library, entry in manifest["libraries"].items()
+        }
+        owner_names = tuple(str(name) for name in manifest["owner_names"])
+        total_owners = int(manifest["total_owners"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise IndexCacheError(f"{directory}: unreadable artefact statistics ({error})") from error
+    size = len(arrays["keys"])
+    offsets = arrays["listed_offsets"]
+    if (
+        any(len(arrays[n]) != size for n in ("owner_count", "goodware_count", "weight"))
+        or len(offsets) != size + 1
+        or (
+            size
+            and (
+                int(offsets[-1]) != len(arrays["listed_owner"])
+                or len(arrays["listed_sample"]) != len(arrays["listed_owner"])
+            )
+        )
+        or (len(arrays["listed_owner"]) and int(arrays["listed_owner"].max()) >= len(owner_names))
+        or len(arrays["sample_ids"]) != len(arrays["rare_strings"])
+    ):
+        raise IndexCacheError(f"{directory}: artefact statistics arrays disagree")
+    return ArtefactStats(
+        revision=revision,
+        keys=arrays["keys"],
+        owner_count=arrays["owner_count"],
+        goodware_count=arrays["goodware_count"],
+        weight=arrays["weight"],
+        listed_offsets=offsets,
+        listed_owner=arrays["listed_owner"],
+        listed_sample=arrays["listed_sample"],
+        sample_ids=arrays["sample_ids"],
+        rare_strings=arrays["rare_strings"],
+        owner_names=owner_names,
+        total_owners=total_owners,
+        libraries=libraries,
+    )
