@@ -116,7 +116,7 @@ def test_compiled_tables_round_trip_through_the_cache(tmp_path: Path) -> None:
     save_tables(compiled, tmp_path / "tables", "source-1")
     loaded = load_tables(tmp_path / "tables", "source-1")
     assert loaded is not None
-    assert isinstance(loaded.keys, np.memmap)  # mapped, not read into the process
+    assert isinstance(loaded.keys.base, np.memmap)  # mapped, not read into the process
     assert load_tables(tmp_path / "tables", "source-2") is None  # other lists: recompile
     benign = BenignInfrastructure.from_tables(loaded)
     check = benign.is_benign_value
@@ -143,7 +143,7 @@ def test_default_lists_are_compiled_once_into_the_cache(
     first = default_warninglist_tables()
     (cached,) = tmp_path.glob("warninglists-*")
     again = default_warninglist_tables()
-    assert isinstance(again.keys, np.memmap)
+    assert isinstance(again.keys.base, np.memmap)
     assert again.names == first.names and len(again.keys) == len(first.keys)
     assert "List of disposable email domains" not in again.names  # exclusions hold
     assert (cached / "keys.npy").is_file()

@@ -233,8 +233,9 @@ def load_tables(path: Path, source: str) -> WarninglistTables | None:
             or manifest.get("source") != source
         ):
             return None
-        keys = np.load(path / "keys.npy", mmap_mode="r", allow_pickle=False)
-        owners = np.load(path / "owners.npy", mmap_mode="r", allow_pickle=False)
+        # Plain ndarray views of the maps (``np.memmap`` indexing runs Python subclass hooks).
+        keys = np.load(path / "keys.npy", mmap_mode="r", allow_pickle=False).view(np.ndarray)
+        owners = np.load(path / "owners.npy", mmap_mode="r", allow_pickle=False).view(np.ndarray)
         names = tuple(str(name) for name in manifest["names"])
         tables = WarninglistTables(
             names=names,

@@ -1,0 +1,398 @@
+"""Knowledge-base functions in numpy columns: what re-ranking and the feature stage read.
+
+``CompactFunctions`` keeps, per KB function, the numbers, both MinHash rows and the references
+(calls, called imports, strings, constants, immediates) -- no instruction tokens. References
+are flattened into value arrays with per-function offsets (text as one UTF-8 blob), and a
+``FunctionFeatures`` is rebuilt only for the rows a query touches. So the whole object is a
+set of arrays that ``index.feature_cache`` saves as ``.npy`` files and maps back without
+unpickling or rebuilding Python objects: a process pays for the pages a query reads, not
+for the ~40 k reference tuples per 40 k functions it held before (~50 MB on the PE bench KB).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from itertools import pairwise
+from typing import Final, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from earmark.index.lsh import reduce_signatures
+from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
+
+__all__ = [
+    "INT_REFERENCES",
+    "NUMERIC_COLUMNS",
+    "SIGNATURE_COLUMNS",
+    "TEXT_REFERENCES",
+    "CompactBuilder",
+    "CompactFunctions",
+    "IntColumn",
+    "TextColumn",
+    "locate_function",
+    "sample_ranges",
+]
+
+_UINT64_END: Final = 1 << 64
+_UINT32_END: Final = 1 << 32
+_INT64_END: Final = 1 << 63
+# Reference integers are stored as value mod 2**64 plus a sign flag: calls are addresses,
+# constants and immediates may be negative; both ends fit (as the features file allows).
+_INT_LOW: Final = -(1 << 64) + 1
+_UINT64_MASK: Final = (1 << 64) - 1
+
+NUMERIC_COLUMNS: Final = {
+    "sample_id": np.int64,
+    "function_id": np.int64,
+    "address": np.uint64,
+    "size": np.int64,
+    "block_count": np.int64,
+    "edge_count": np.int64,
+    "instruction_count": np.int64,
+    "exact_hash": np.uint64,
+    "minhash_length": np.int64,
+    "robust_length": np.int64,
+}
+SIGNATURE_COLUMNS: Final = ("minhash", "robust_minhash")
+INT_REFERENCES: Final = ("calls", "constants", "immediates")
+TEXT_REFERENCES: Final = ("called_imports", "strings")
+
+_Column = TypeVar("_Column", bound=np.generic)
+
+
+def _column(values: array[int], dtype: type[_Column]) -> npt.NDArray[_Column]:
+    """An owned numpy copy of an ``array.array`` (its C item size varies by platform)."""
+    kind = "i" if values.typecode.islower() else "u"
+    raw = np.frombuffer(values, dtype=f"{kind}{values.itemsize}") if len(values) else None
+    if raw is None:
+        return np.zeros(0, dtype=dtype)
+    return raw.astype(dtype)
+
+
+@dataclass(frozen=True)
+class IntColumn:
+    """Per-row integer tuples: row i is ``values[offsets[i]:offsets[i+1]]`` (minus 2**64
+    where ``negative``)."""
+
+    values: npt.NDArray[np.uint64]
+    negative: npt.NDArray[np.bool_]
+    offsets: npt.NDArray[np.int64]  # rows + 1
+
+    def row(self, position: int) -> tuple[int, ...]:
+        start, stop = int(self.offsets[position]), int(self.offsets[position + 1])
+        if start == stop:
+            return ()
+        values = self.values[start:stop].tolist()
+        signs = self.negative[start:stop]
+        if not signs.any():
+            return tuple(values)
+        return tuple(
+            value - _UINT64_END if sign else value
+            for value, sign in zip(values, signs.tolist(), strict=True)
+        )
+
+
+@dataclass(frozen=True)
+class TextColumn:
+    """Per-row string tuples: text j is ``blob[starts[j]:starts[j+1]]`` (UTF-8 with lone
+    surrogates passed through), row i holds texts ``offsets[i]..offsets[i+1]``."""
+
+    blob: npt.NDArray[np.uint8]
+    starts: npt.NDArray[np.int64]  # texts + 1
+    offsets: npt.NDArray[np.int64]  # rows + 1
+
+    def row(self, position: int) -> tuple[str, ...]:
+        first, last = int(self.offsets[position]), int(self.offsets[position + 1])
+        if first == last:
+            return ()
+        bounds = self.starts[first : last + 1].tolist()
+        data = self.blob[bounds[0] : bounds[-1]].tobytes()
+        base = bounds[0]
+        return tuple(
+            data[start - base : stop - base].decode("utf-8", "surrogatepass")
+            for start, stop in pairwise(bounds)
+        )
+
+
+class _IntBuilder:
+    def __init__(self) -> None:
+        self.values = array("Q")
+        self.negative = array("B")
+        self.offsets = array("q", [0])
+
+    def add(self, values: tuple[int, ...]) -> None:
+        self.values.extend(value & _UINT64_MASK for value in values)
+        self.negative.extend(value < 0 for value in values)
+        self.offsets.append(len(self.values))
+
+    def finish(self) -> IntColumn:
+        return IntColumn(
+            _column(self.values, np.uint64),
+            _column(self.negative, np.uint8).astype(np.bool_),
+            _column(self.offsets, np.int64),
+        )
+
+
+class _TextBuilder:
+    def __init__(self) -> None:
+        self.blob = bytearray()
+        self.starts = array("q", [0])
+        self.offsets = array("q", [0])
+
+    def add(self, texts: tuple[str, ...]) -> None:
+        for text in texts:
+            self.blob += text.encode("utf-8", "surrogatepass")
+            self.starts.append(len(self.blob))
+        self.offsets.append(len(self.starts) - 1)
+
+    def finish(self) -> TextColumn:
+        return TextColumn(
+            np.frombuffer(bytes(self.blob), dtype=np.uint8).copy(),
+            _column(self.starts, np.int64),
+            _column(self.offsets, np.int64),
+        )
+
+
+def _fits_arrays(function: FunctionFeatures) -> bool:
+    """Whether every numeric field fits its column (always true for extracted features; a
+    hand-made file with odd values is kept as the object itself, so results never change)."""
+    return (
+        0 <= function.address < _UINT64_END
+        and 0 <= function.exact_hash < _UINT64_END
+        and all(
+            0 <= value < _INT64_END
+            for value in (
+                function.size,
+                function.block_count,
+                function.edge_count,
+                function.instruction_count,
+            )
+        )
+        and len(function.minhash) in (0, MINHASH_PERMUTATIONS)
+        and len(function.robust_minhash) in (0, MINHASH_PERMUTATIONS)
+        and all(0 <= value < _UINT32_END for value in function.minhash)
+        and all(0 <= value < _UINT32_END for value in function.robust_minhash)
+        and all(
+            _INT_LOW <= value < _UINT64_END
+            for values in (function.calls, function.constants, function.immediates)
+            for value in values
+        )
+    )
+
+
+_EMPTY_NUMBERS: Final = (0,) * 6
+_EMPTY_ROW: Final = (0,) * MINHASH_PERMUTATIONS
+
+
+class CompactBuilder:
+    """Accumulates rows in ``array.array`` buffers (1-8 bytes per value) rather than lists of
+    Python objects, so building over a large KB peaks near the size of the result."""
+
+    def __init__(self) -> None:
+        self.sample_id = array("q")
+        self.function_id = array("q")
+        self.numbers = array("Q")  # address, size, blocks, edges, instructions, exact hash
+        self.minhash = array("I")
+        self.robust = array("I")
+        self.signature_length = array("q")  # minhash length, robust minhash length
+        self.ints = {name: _IntBuilder() for name in INT_REFERENCES}
+        self.texts = {name: _TextBuilder() for name in TEXT_REFERENCES}
+        self.source_codes = array("q")
+        self.source_names: dict[str, int] = {}
+        self.irregular: dict[int, FunctionFeatures] = {}
+
+    def add(self, sample_id: int, function_id: int, function: FunctionFeatures) -> int:
+        position = len(self.sample_id)
+        self.sample_id.append(sample_id)
+        self.function_id.append(function_id)
+        regular = _fits_arrays(function)
+        if regular:
+            self.numbers.extend(
+                (
+                    function.address,
+                    function.size,
+                    function.block_count,
+                    function.edge_count,
+                    function.instruction_count,
+                    function.exact_hash,
+                )
+            )
+        else:
+            self.irregular[position] = replace(function, normalized=(), name=None)
+            self.numbers.extend(_EMPTY_NUMBERS)
+        self.minhash.extend(function.minhash if regular and function.minhash else _EMPTY_ROW)
+        self.robust.extend(
+            function.robust_minhash if regular and function.robust_minhash else _EMPTY_ROW
+        )
+        self.signature_length.extend((len(function.minhash), len(function.robust_minhash)))
+        for name, ints in self.ints.items():
+            ints.add(getattr(function, name) if regular else ())
+        for name, texts in self.texts.items():
+            texts.add(getattr(function, name) if regular else ())
+        code = self.source_names.setdefault(function.source, len(self.source_names))
+        self.source_codes.append(code)
+        return position
+
+    def finish(self) -> CompactFunctions:
+        numbers = _column(self.numbers, np.uint64).reshape(-1, 6)
+        lengths = _column(self.signature_length, np.int64).reshape(-1, 2)
+        sample_ids = _column(self.sample_id, np.int64)
+        return CompactFunctions(
+            sample_id=sample_ids,
+            function_id=_column(self.function_id, np.int64),
+            address=numbers[:, 0].copy(),
+            size=numbers[:, 1].astype(np.int64),
+            block_count=numbers[:, 2].astype(np.int64),
+            edge_count=numbers[:, 3].astype(np.int64),
+            instruction_count=numbers[:, 4].astype(np.int64),
+            exact_hash=numbers[:, 5].copy(),
+            minhash=_column(self.minhash, np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
+            minhash_length=lengths[:, 0].copy(),
+            robust_minhash=_column(self.robust, np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
+            robust_length=lengths[:, 1].copy(),
+            int_references={name: ints.finish() for name, ints in self.ints.items()},
+            text_references={name: texts.finish() for name, texts in self.texts.items()},
+            source_codes=_column(self.source_codes, np.int64),
+            source_names=tuple(self.source_names),
+            irregular=dict(self.irregular),
+            sample_ranges=sample_ranges(sample_ids),
+        )
+
+
+def sample_ranges(sample_ids: npt.NDArray[np.int64]) -> dict[int, tuple[int, int]]:
+    """Each sample's (first position, last position + 1). Functions are added sample by
+    sample, so each sample is one contiguous range."""
+    if len(sample_ids) == 0:
+        return {}
+    change = np.flatnonzero(sample_ids[1:] != sample_ids[:-1]) + 1
+    starts = np.r_[0, change].tolist()
+    stops = np.r_[change, len(sample_ids)].tolist()
+    ranges: dict[int, tuple[int, int]] = {}
+    for start, stop in zip(starts, stops, strict=True):
+        sample_id = int(sample_ids[start])
+        first, _ = ranges.get(sample_id, (start, start))
+        ranges[sample_id] = (first, stop)
+    return ranges
+
+
+@dataclass(frozen=True)
+class CompactFunctions:
+    """KB functions without their instruction tokens: what ``function_similarity``, the
+    re-ranking and evidence need, ~0.7 KB per function instead of ~10 KB decoded."""
+
+    sample_id: npt.NDArray[np.int64]
+    function_id: npt.NDArray[np.int64]  # store function id; -1 when unknown
+    address: npt.NDArray[np.uint64]
+    size: npt.NDArray[np.int64]
+    block_count: npt.NDArray[np.int64]
+    edge_count: npt.NDArray[np.int64]
+    instruction_count: npt.NDArray[np.int64]
+    exact_hash: npt.NDArray[np.uint64]
+    minhash: npt.NDArray[np.uint32]  # (N, 64); zeros where minhash_length is 0
+    minhash_length: npt.NDArray[np.int64]
+    robust_minhash: npt.NDArray[np.uint32]
+    robust_length: npt.NDArray[np.int64]
+    int_references: Mapping[str, IntColumn]  # INT_REFERENCES
+    text_references: Mapping[str, TextColumn]  # TEXT_REFERENCES
+    source_codes: npt.NDArray[np.int64]  # index into source_names
+    source_names: tuple[str, ...]
+    irregular: Mapping[int, FunctionFeatures]  # rows whose values do not fit the columns
+    sample_ranges: Mapping[int, tuple[int, int]]
+
+    def __len__(self) -> int:
+        return int(self.sample_id.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the numpy columns, references included."""
+        columns = [getattr(self, name) for name in (*NUMERIC_COLUMNS, *SIGNATURE_COLUMNS)]
+        columns += [self.source_codes]
+        for ints in self.int_references.values():
+            columns += [ints.values, ints.negative, ints.offsets]
+        for texts in self.text_references.values():
+            columns += [texts.blob, texts.starts, texts.offsets]
+        return sum(int(column.nbytes) for column in columns)
+
+    def function(self, position: int) -> FunctionFeatures:
+        """The function at ``position``, with ``normalized`` empty and ``name`` None."""
+        kept = self.irregular.get(position)
+        if kept is not None:
+            return kept
+        ints, texts = self.int_references, self.text_references
+        minhash_length = int(self.minhash_length[position])
+        robust_length = int(self.robust_length[position])
+        return FunctionFeatures(
+            address=int(self.address[position]),
+            size=int(self.size[position]),
+            block_count=int(self.block_count[position]),
+            edge_count=int(self.edge_count[position]),
+            instruction_count=int(self.instruction_count[position]),
+            exact_hash=int(self.exact_hash[position]),
+            minhash=tuple(self.minhash[position].tolist()) if minhash_length else (),
+            normalized=(),
+            calls=ints["calls"].row(position),
+            called_imports=texts["called_imports"].row(position),
+            strings=texts["strings"].row(position),
+            constants=ints["constants"].row(position),
+            name=None,
+            source=self.source_names[int(self.source_codes[position])],
+            robust_minhash=tuple(self.robust_minhash[position].tolist()) if robust_length else (),
+            immediates=ints["immediates"].row(position),
+        )
+
+    def locate(
+        self, sample_id: int, exact_hash: int, signature: npt.NDArray[np.uint8]
+    ) -> FunctionFeatures | None:
+        """The sample's function with this exact hash and b-bit signature (the lowest address
+        when several agree; any with the hash when none agrees); None when the sample has no
+        such function. The same rule as reading the sample's features and searching them."""
+        start, stop = self.sample_ranges.get(sample_id, (0, 0))
+        if start == stop:
+            return None
+        if self.irregular and any(position in self.irregular for position in range(start, stop)):
+            return _locate_in(
+                [self.function(position) for position in range(start, stop)],
+                exact_hash,
+                signature,
+            )
+        if not 0 <= exact_hash < _UINT64_END:
+            return None
+        same_hash = start + np.flatnonzero(
+            (self.exact_hash[start:stop] == np.uint64(exact_hash))
+            & (self.minhash_length[start:stop] > 0)
+        )
+        if len(same_hash) == 0:
+            return None
+        signatures = reduce_signatures(self.minhash[same_hash])
+        equal = same_hash[(signatures == signature).all(axis=1)]
+        chosen = equal if len(equal) else same_hash
+        # Lowest address; the first such row on ties, as ``min`` over the sample's order does.
+        best = int(chosen[int(np.argmin(self.address[chosen]))])
+        return self.function(best)
+
+
+def _locate_in(
+    functions: Sequence[FunctionFeatures], exact_hash: int, signature: npt.NDArray[np.uint8]
+) -> FunctionFeatures | None:
+    """``CompactFunctions.locate`` over function objects (also used on decoded samples)."""
+    same_hash = [f for f in functions if f.exact_hash == exact_hash and len(f.minhash) > 0]
+    if not same_hash:
+        return None
+    regular = [f for f in same_hash if len(f.minhash) == MINHASH_PERMUTATIONS]
+    if len(regular) != len(same_hash):
+        chosen = same_hash  # odd signature lengths cannot be compared; any with the hash
+    else:
+        signatures = reduce_signatures(np.array([f.minhash for f in regular], dtype=np.uint32))
+        equal = np.flatnonzero((signatures == signature).all(axis=1))
+        chosen = [regular[int(i)] for i in equal] or regular
+    return min(chosen, key=lambda function: function.address)
+
+
+def locate_function(
+    functions: Sequence[FunctionFeatures], exact_hash: int, signature: npt.NDArray[np.uint8]
+) -> FunctionFeatures | None:
+    """The function of a decoded sample behind an index row (see ``CompactFunctions.locate``)."""
+    return _locate_in(functions, exact_hash, signature)
