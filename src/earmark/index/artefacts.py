@@ -49,6 +49,9 @@ MIN_ARTEFACT_STRING_LENGTH: Final = 6
 MIN_STRING_WORD_SHARE: Final = 0.8
 _WORD: Final = re.compile(r"[A-Za-z]{3}")
 _WORD_CHARACTERS: Final = frozenset(" _.-:%/\\,")
+# Names of COFF grouped sections (".text$mn", ".CRT$XCA", ".data$r") that MSVC's linker records
+# in the POGO debug data: toolchain metadata (the Rich header speaks for it), not author text.
+_SECTION_GROUP: Final = re.compile(r"^\.[A-Za-z0-9_.]*\$[A-Za-z0-9_$]*$")
 # Strings taken per sample (first by file offset). The largest corpus modules keep ~6k after the
 # filter; a padded or junk-filled file must not grow the KB statistics without bound.
 MAX_ARTEFACT_STRINGS: Final = 20_000
@@ -71,7 +74,7 @@ _VERSION_NUMBER_KEYS: Final = frozenset({"FileVersion", "ProductVersion", "Priva
 
 ARTEFACT_STATS_FORMAT: Final = "earmark-artefact-stats"
 # Bump whenever sample_artefacts or the key hash changes: old caches are then rebuilt.
-ARTEFACT_STATS_FORMAT_VERSION: Final = 2
+ARTEFACT_STATS_FORMAT_VERSION: Final = 3
 _MANIFEST: Final = "manifest.json"
 
 UInt64Array = npt.NDArray[np.uint64]
@@ -101,10 +104,12 @@ def is_distinctive_string(text: str) -> bool:
 
 
 def _table_names(features: SampleFeatures) -> frozenset[str]:
-    """Import/export/section names: their strings are the tables, counted by imphash/exports."""
+    """Import/export/section names (lower case): their strings are the tables, counted by
+    imphash/exports. Library names are compared without case: the import directory of a PE
+    may say "msvcp140.dll" where its string table says "MSVCP140.dll"."""
     names = {item.name for item in features.imports} | {item.library for item in features.imports}
     names |= {item.name for item in features.exports} | {s.name for s in features.sections}
-    return frozenset(names)
+    return frozenset(name.lower() for name in names)
 
 
 def _code_ranges(features: SampleFeatures) -> list[tuple[int, int]]:
@@ -169,7 +174,12 @@ def sample_artefacts(features: SampleFeatures) -> tuple[SampleArtefact, ...]:
     strings = 0
     for string in features.strings:
         text = string.value.strip()
-        if text in tables or not is_distinctive_string(text) or _inside(string.offset, code):
+        if (
+            text.lower() in tables
+            or not is_distinctive_string(text)
+            or _SECTION_GROUP.match(text)
+            or _inside(string.offset, code)
+        ):
             continue
         found.append(_make("string", string.value, offset=string.offset))
         strings += 1

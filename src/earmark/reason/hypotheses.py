@@ -318,7 +318,8 @@ def decide_verdict(
         summary += f"; {shared_library.reason}"
     links = sorted(
         (h for h in hypotheses if h.actor and h.family is None and h.link_score > 0),
-        key=lambda h: -h.link_score,
+        # Score first: a strong link resting on common code (scaled to ~0) is not the lead.
+        key=lambda h: (-h.score, -h.link_score),
     )
     if links:
         best = links[0]
