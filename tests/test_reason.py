@@ -7,10 +7,14 @@ from hypothesis import strategies as st
 
 from earmark.model.evidence import Evidence
 from earmark.reason.hypotheses import (
+    ARTEFACT_SHARE,
     AUTHORSHIP_COVERAGE,
     DEPENDENT_DISCOUNT,
     KNOWN_ACTOR_THRESHOLD,
+    MAX_ARTEFACT_CONTRIBUTION,
+    MAX_ARTEFACT_SCORE,
     MAX_ITEM_CONTRIBUTION,
+    SHARED_LIBRARY_CAP,
     Hypothesis,
     decide_verdict,
     likelihood_words,
@@ -127,3 +131,73 @@ def test_ranking_does_not_depend_on_evidence_order(order: list[int]) -> None:
     assert [(h.actor, h.family, h.score, h.evidence_count) for h in shuffled] == [
         (h.actor, h.family, h.score, h.evidence_count) for h in baseline
     ]
+
+
+def artefact(value: str, pivot: str = "string", actor: str = "Group A", family: str = "alpha",
+             weight: float = 1.0, share: float | None = 1.0,
+             referenced_by: tuple[int, ...] = ()) -> Evidence:
+    return Evidence(kind="artefact", actor=actor, family=family, similarity=1.0, weight=weight,
+                    reason="test", match_sha256="b" * 64, pivot=pivot, value=value,
+                    matched_value=value, related_addresses=referenced_by,
+                    match_share=share if pivot == "string" else None)
+
+
+def shared_library() -> Evidence:
+    return Evidence(kind="artefact", actor=None, family=None, similarity=1.0, weight=0.0,
+                    reason="shared library used by 5 groups", pivot="shared-library",
+                    value="libcrc.dll", matched_value="libcrc.dll")
+
+
+def test_artefacts_alone_are_a_lead_capped_below_code_certainty() -> None:
+    evidence = [artefact(f"string {n}") for n in range(20)] + [artefact("Init", "export")]
+    hypotheses = rank_hypotheses(evidence)
+    best = next(h for h in hypotheses if h.family is None)
+    assert best.relation == "shares-artefacts"
+    assert best.score == MAX_ARTEFACT_SCORE
+    assert best.artefact_count == 21 and best.artefact_link > 0.99
+    verdict = decide_verdict(hypotheses)
+    assert verdict.actor is None and "Group A by rare artefacts" in verdict.summary
+
+
+def test_one_artefact_contributes_at_most_its_cap() -> None:
+    hypotheses = rank_hypotheses([artefact("Global\\mutex-7f3a")])
+    assert actor_score(hypotheses, "Group A") == MAX_ARTEFACT_CONTRIBUTION
+
+
+def test_a_string_a_counted_shared_function_references_is_not_counted_again() -> None:
+    with_string = rank_hypotheses([code(0x10), artefact("beacon %s", referenced_by=(0x10,))])
+    alone = rank_hypotheses([code(0x10)])
+    assert actor_score(with_string, "Group A") == actor_score(alone, "Group A")
+    # Referenced by a function the code evidence did not count: independent, it adds.
+    other = rank_hypotheses([code(0x10), artefact("beacon %s", referenced_by=(0x20,))])
+    assert actor_score(other, "Group A") > actor_score(alone, "Group A")
+
+
+def test_strings_count_by_the_share_of_a_known_sample_they_cover() -> None:
+    strings = [artefact(f"string {n}", share=ARTEFACT_SHARE / 4) for n in range(10)]
+    partial = actor_score(rank_hypotheses(strings), "Group A")
+    link = 1 - (1 - MAX_ARTEFACT_CONTRIBUTION) ** 10
+    assert abs(partial - link / 4) < 1e-3  # the string link scaled by share / ARTEFACT_SHARE
+    # Identity artefacts (exports, PDB path, ...) are not scaled by the share.
+    export = actor_score(rank_hypotheses([artefact("PyInit_x", "export")]), "Group A")
+    assert export == MAX_ARTEFACT_CONTRIBUTION
+
+
+def test_artefacts_add_to_code_without_reaching_past_one() -> None:
+    evidence = [code(a) for a in (0x10, 0x20, 0x30)] + [artefact(f"s{n}") for n in range(5)]
+    hypotheses = rank_hypotheses(evidence, distinctive_code_units=4)
+    best = next(h for h in hypotheses if h.family is None)
+    code_only = next(h for h in rank_hypotheses(evidence[:3], distinctive_code_units=4)
+                     if h.family is None)
+    assert code_only.score < best.score <= 1.0
+    assert best.relation == "authored" and best.artefact_count == 5
+
+
+def test_shared_library_caps_every_hypothesis_and_says_why() -> None:
+    evidence = [code(a) for a in (0x10, 0x20, 0x30)] + [shared_library()]
+    hypotheses = rank_hypotheses(evidence, distinctive_code_units=3)
+    assert all(h.score <= SHARED_LIBRARY_CAP for h in hypotheses)
+    assert all(h.relation == "shared-library" for h in hypotheses)
+    verdict = decide_verdict(hypotheses, shared_library())
+    assert verdict.actor is None
+    assert "shared library used by 5 groups" in verdict.summary
