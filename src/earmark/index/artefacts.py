@@ -39,12 +39,16 @@ ArtefactKind = Literal[
     "string", "export", "imphash", "pdb", "rich-header", "signer", "version-info"
 ]
 
-# String filter, measured on the PE corpus (docs/attribution.md, "Artefact pillar": every project
-# file <= 1 MB, strings as extracted): min length 6, >= 80 % letters/digits/space/_.-:%/\\, and a
-# run of 3 letters keeps 3,268 of a project's own strings found in both its oldest and newest
-# release (raw `strings -n 5`: 4,054) while strings shared by 2-3 projects, mostly chance byte
-# runs such as "n:2C[", drop from 1,833 to 704. Length 8 lost another 10 % of own strings for
-# 14 % fewer cross-project ones.
+# String filter, measured on the PE corpus (every project file <= 1 MB; "own" = strings of one
+# project present in both its oldest and newest release and in no other project; "cross" =
+# strings held by 2-3 projects, mostly chance byte runs such as "n:2C[" or instruction bytes):
+#   raw `strings -n 5`                                   own 4,045  cross 1,829
+#   length >= 6, >= 80 % word characters, 3 letters in a row  own 3,264  cross   705
+#   ... and not inside an executable section, not a linker section-group name
+#                                                        own 3,175  cross   482
+# Length 8 instead of 6 lost another 10 % of own strings for 14 % fewer cross ones. The first
+# filter was chosen before any attribution result was seen; the last two were added after
+# attribution runs showed their false matches (docs/attribution.md, "Artefact pillar").
 MIN_ARTEFACT_STRING_LENGTH: Final = 6
 MIN_STRING_WORD_SHARE: Final = 0.8
 _WORD: Final = re.compile(r"[A-Za-z]{3}")
@@ -52,8 +56,9 @@ _WORD_CHARACTERS: Final = frozenset(" _.-:%/\\,")
 # Names of COFF grouped sections (".text$mn", ".CRT$XCA", ".data$r") that MSVC's linker records
 # in the POGO debug data: toolchain metadata (the Rich header speaks for it), not author text.
 _SECTION_GROUP: Final = re.compile(r"^\.[A-Za-z0-9_.]*\$[A-Za-z0-9_$]*$")
-# Strings taken per sample (first by file offset). The largest corpus modules keep ~6k after the
-# filter; a padded or junk-filled file must not grow the KB statistics without bound.
+# Strings taken per sample (first by file offset). Corpus files (<= 1 MB) keep at most 1,568
+# after the filter (median 211); a padded or junk-filled file must not grow the KB statistics
+# without bound.
 MAX_ARTEFACT_STRINGS: Final = 20_000
 # Characters of one artefact value used as its key; longer runs are blobs, their start is enough.
 MAX_ARTEFACT_VALUE_LENGTH: Final = 256
