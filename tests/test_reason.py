@@ -201,3 +201,12 @@ def test_shared_library_caps_every_hypothesis_and_says_why() -> None:
     verdict = decide_verdict(hypotheses, shared_library())
     assert verdict.actor is None
     assert "shared library used by 5 groups" in verdict.summary
+
+
+def test_build_environment_alone_makes_no_link() -> None:
+    toolchain = [artefact("1.0;147.30729;257.33811", "rich-header"), artefact("ab12", "imphash")]
+    assert rank_hypotheses(toolchain) == []
+    # With other evidence it corroborates.
+    with_export = rank_hypotheses([*toolchain, artefact("PyInit_x", "export")])
+    alone = rank_hypotheses([artefact("PyInit_x", "export")])
+    assert actor_score(with_export, "Group A") > actor_score(alone, "Group A")

@@ -29,6 +29,8 @@ Artefact evidence (rare strings, export names, imphash, PDB path, Rich header, s
 info; ``correlate.artefacts``) is a second pillar fused after the code/infrastructure score:
 - an artefact string that a query function references is dropped for a hypothesis whose counted
   code evidence already includes that function (the code match already says it);
+- the Rich header tool set and imphash (``TOOLCHAIN_ARTEFACTS``) count only for a hypothesis
+  that has other evidence: a shared build environment links unrelated builds of one CI image;
 - artefact groups (one per artefact, whatever the number of KB samples holding it) contribute
   ``min(weight, MAX_ARTEFACT_CONTRIBUTION)`` each, noisy-OR into the *artefact link*, strings
   and identity artefacts (exports, PDB path, imphash, Rich header, signer, version info) apart;
@@ -102,6 +104,12 @@ ARTEFACT_SHARE: Final = 0.5
 # Score ceiling when the query is a library imported by many groups: "unlikely" at most, below
 # the verdict threshold, whatever code it shares with a group that links it statically.
 SHARED_LIBRARY_CAP: Final = 0.3
+
+# Artefacts of the build environment rather than of the author: the Rich header tool set and
+# the imphash. Every project built on one CI image with one SDK shares them (PE corpus: lz4,
+# markupsafe and mmh3 releases of 2024 have one Rich set), so they corroborate a link made by
+# other evidence and never make one alone.
+TOOLCHAIN_ARTEFACTS: Final = frozenset({"rich-header", "imphash"})
 
 Relation = Literal["authored", "shares-code", "shares-artefacts", "shared-library"]
 EvidenceKey = tuple[str, str]  # (kind, what the item observes about the query)
@@ -232,11 +240,14 @@ def rank_hypotheses(
         independent = _independent_artefacts(artefact_positions, evidence, counted_code)
         strings = [p for p in independent if evidence[p].pivot == "string"]
         string_link, strings_counted = _score_group(strings, evidence, {})
-        identity_link, identity_counted = _score_group(
-            [p for p in independent if evidence[p].pivot != "string"], evidence, {}
-        )
         share = max((evidence[p].match_share or 0.0 for p in strings), default=0.0)
         string_part = string_link * min(1.0, share / ARTEFACT_SHARE)
+        identity = [p for p in independent if evidence[p].pivot != "string"]
+        if not (counted or string_part > 0.0) and all(
+            evidence[p].pivot in TOOLCHAIN_ARTEFACTS for p in identity
+        ):
+            identity = []  # a shared build environment alone links unrelated builds
+        identity_link, identity_counted = _score_group(identity, evidence, {})
         artefact_link = 1.0 - (1.0 - string_link) * (1.0 - identity_link)
         artefacts_counted = [*strings_counted, *identity_counted]
         rare_functions = sum(
@@ -264,6 +275,8 @@ def rank_hypotheses(
         if shared_library:
             score = min(score, SHARED_LIBRARY_CAP)
             relation = "shared-library"
+        if not counted and not artefacts_counted:
+            continue  # only build-environment artefacts: no hypothesis at all
         strongest = sorted([*counted, *artefacts_counted], key=lambda entry: -entry[2])
         hypotheses.append(
             Hypothesis(
