@@ -146,3 +146,24 @@ def test_undecodable_bytes_give_none() -> None:
     decoder = InstructionDecoder(image)
     assert decoder.decode(0x401002) is None
     assert decoder.decode(0x402000) is None  # not code
+
+
+def test_image_dependent_analyses_are_not_shared_between_samples() -> None:
+    """Instruction texts are analysed once per process, except where the answer depends on the
+    image: the same ``mov eax, 0x402004`` is an address in one image and a constant in another."""
+    code = bytes.fromhex("b804204000c3")  # mov eax, 0x402004; ret
+    first = InstructionDecoder(_image(code, 0x400000, 32, b"data" * 4)).decode(0x401000)
+    second = InstructionDecoder(_image(code, 0x400000, 32)).decode(0x401000)
+    third = InstructionDecoder(_image(code, 0x400000, 32, b"data" * 4)).decode(0x401000)
+    assert first is not None and second is not None and third is not None
+    assert (first.token, first.address_immediates, first.large_immediates) == (
+        "mov r32,addr",
+        (0x402004,),
+        (),
+    )
+    assert (second.token, second.address_immediates, second.large_immediates) == (
+        "mov r32,imm",
+        (),
+        (0x402004,),
+    )
+    assert third == first

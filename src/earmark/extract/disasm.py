@@ -170,6 +170,25 @@ class _OperandAnalysis(NamedTuple):
     large_immediates: tuple[int, ...]
 
 
+# Instruction-text analyses kept between samples of one process (an ingest worker analyses many
+# samples: 38 % of the per-sample cache misses on the corpus KB repeat an earlier sample's
+# text). Only analyses that do not depend on the image are shared (see _analyse). At ~300 bytes
+# an entry this bounds the cache near 30 MB; it is emptied when a new sample finds it fuller.
+SHARED_ANALYSES_LIMIT: Final = 100_000
+_SHARED_ANALYSES: dict[int, dict[tuple[str, str], _OperandAnalysis]] = {32: {}, 64: {}}
+# Capstone mnemonic text -> (mnemonic, "mnemonic addr" token, kind) of every branch, call and
+# end mnemonic met so far: the compiled loop builds direct branches ("call 0x401000", a
+# different text per target) from it without a cache entry. Bounded by the x86 vocabulary.
+_BRANCH_MNEMONICS: dict[str, tuple[str, str, int]] = {}
+
+
+def _shared_analyses(bits: int) -> dict[tuple[str, str], _OperandAnalysis]:
+    shared = _SHARED_ANALYSES.setdefault(bits, {})
+    if len(shared) > SHARED_ANALYSES_LIMIT:
+        shared.clear()
+    return shared
+
+
 _HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
 
 # What an operand's number is, in _classify_operand's answer.
@@ -237,8 +256,10 @@ class InstructionDecoder:
         # the descent loop can look up hits without a method call.
         self.decoded: dict[int, Instruction | None] = {}
         # Analysis by instruction text: most text repeats (register moves, stack accesses,
-        # calls to the same callee), so each distinct text is parsed once per sample.
+        # calls to the same callee), so each distinct text is parsed once per sample, or once
+        # per process when the answer does not depend on the image (``_shared``).
         self._analysis: dict[tuple[str, str], _OperandAnalysis] = {}
+        self._shared = _shared_analyses(image.bits)
         # Operand texts repeat far more than whole instructions ("qword ptr [rsp + 0x40]"),
         # so a new instruction text is mostly assembled from cached operand answers.
         self._operands: dict[tuple[str, bool], tuple[str, int, int]] = {}
@@ -302,22 +323,25 @@ class InstructionDecoder:
                 DECODE_WINDOW_BYTES,
                 address,
                 self.decoded,
+                self._shared,
                 self._analysis,
                 self._analyse,
+                _BRANCH_MNEMONICS,
+                self._address_mask,
                 Instruction,
             )
             return
         window = segment.data[offset : offset + DECODE_WINDOW_BYTES]
         decoded = self.decoded
+        shared = self._shared
         analyses = self._analysis
         new_instruction = tuple.__new__  # Instruction's generated __new__ is a Python call
         for insn_address, size, mnemonic, op_str in self._capstone.disasm_lite(window, address):
             if insn_address in decoded and insn_address != address:
                 break
-            analysis = analyses.get((mnemonic, op_str))
+            analysis = shared.get((mnemonic, op_str)) or analyses.get((mnemonic, op_str))
             if analysis is None:
                 analysis = self._analyse(mnemonic, op_str)
-                analyses[(mnemonic, op_str)] = analysis
             # One unpack instead of eight NamedTuple attribute lookups (measured 1-4 % of
             # recovery; this runs once per decoded instruction).
             (
@@ -349,19 +373,33 @@ class InstructionDecoder:
             )
 
     def _analyse(self, text_mnemonic: str, op_str: str) -> _OperandAnalysis:
+        """The analysis of one instruction text, stored in the cache it belongs to."""
+        key = (text_mnemonic, op_str)
+        analysis = self._analysis.get(key)
+        if analysis is None:
+            analysis, image_dependent = self._analyse_text(text_mnemonic, op_str)
+            (self._analysis if image_dependent else self._shared)[key] = analysis
+        return analysis
+
+    def _analyse_text(self, text_mnemonic: str, op_str: str) -> tuple[_OperandAnalysis, bool]:
+        """(analysis, whether it depends on the image: immediates classified by is_mapped)."""
         mnemonic_info = self._mnemonics.get(text_mnemonic)
         if mnemonic_info is None:
             mnemonic_info = _classify_mnemonic(text_mnemonic)
             self._mnemonics[text_mnemonic] = mnemonic_info
+            if mnemonic_info[1] != KIND_PLAIN:
+                clean = mnemonic_info[0]
+                _BRANCH_MNEMONICS[text_mnemonic] = (clean, clean + " addr", mnemonic_info[1])
         mnemonic, kind = mnemonic_info
         if kind == KIND_PLAIN and op_str == "0x29" and mnemonic == "int":
             kind = KIND_END  # __fastfail never returns
         if kind != KIND_PLAIN and op_str.startswith("0x") and "," not in op_str:
             # Direct branch or call: the common case of a cache miss, parsed without the loop.
             direct = int(op_str, 16) & self._address_mask
-            return _OperandAnalysis(mnemonic, mnemonic + " addr", kind, direct, None, None, (), ())
+            token = mnemonic + " addr"
+            return _OperandAnalysis(mnemonic, token, kind, direct, None, None, (), ()), False
         if not op_str:
-            return _OperandAnalysis(mnemonic, mnemonic, kind, None, None, None, (), ())
+            return _OperandAnalysis(mnemonic, mnemonic, kind, None, None, None, (), ()), False
         target: int | None = None
         absolute_memory: int | None = None
         rip_displacement: int | None = None
@@ -389,7 +427,7 @@ class InstructionDecoder:
                 address_immediates.append(value)
             else:
                 large_immediates.append(value)
-        return _OperandAnalysis(
+        analysis = _OperandAnalysis(
             mnemonic,
             mnemonic + " " + ",".join(classes),
             kind,
@@ -399,6 +437,7 @@ class InstructionDecoder:
             tuple(address_immediates),
             tuple(large_immediates),
         )
+        return analysis, bool(address_immediates or large_immediates)
 
     def _classify_operand(self, operand: str, branch: bool) -> tuple[str, int, int]:
         """(token class, _ROLE_*, value) of one operand; cached by its text."""
