@@ -22,8 +22,11 @@ def decode_window(
     length: int,
     address: int,
     decoded: dict[int, Any],
-    analyses: dict[tuple[str, str], Any],
+    shared: dict[tuple[str, str], Any],
+    local: dict[tuple[str, str], Any],
     analyse: Callable[[str, str], Any],
+    branches: dict[str, tuple[str, str, int]],
+    address_mask: int,
     kind: type[tuple[Any, ...]],
     /,
 ) -> None: ...
