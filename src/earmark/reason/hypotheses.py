@@ -29,8 +29,9 @@ Artefact evidence (rare strings, export names, imphash, PDB path, Rich header, s
 info; ``correlate.artefacts``) is a second pillar fused after the code/infrastructure score:
 - an artefact string that a query function references is dropped for a hypothesis whose counted
   code evidence already includes that function (the code match already says it);
-- the Rich header tool set and imphash (``TOOLCHAIN_ARTEFACTS``) count only for a hypothesis
-  that has other evidence: a shared build environment links unrelated builds of one CI image;
+- the Rich header tool set and imphash (``TOOLCHAIN_ARTEFACTS``) corroborate: they add at most
+  what the code and author artefacts already say (a shared build environment alone links
+  unrelated builds of one CI image);
 - artefact groups (one per artefact, whatever the number of KB samples holding it) contribute
   ``min(weight, MAX_ARTEFACT_CONTRIBUTION)`` each, noisy-OR into the *artefact link*, strings
   and identity artefacts (exports, PDB path, imphash, Rich header, signer, version info) apart;
@@ -108,7 +109,7 @@ SHARED_LIBRARY_CAP: Final = 0.3
 # Artefacts of the build environment rather than of the author: the Rich header tool set and
 # the imphash. Every project built on one CI image with one SDK shares them (PE corpus: lz4,
 # markupsafe and mmh3 releases of 2024 have one Rich set), so they corroborate a link made by
-# other evidence and never make one alone.
+# other evidence (adding at most as much as it says) and never make one alone.
 TOOLCHAIN_ARTEFACTS: Final = frozenset({"rich-header", "imphash"})
 
 Relation = Literal["authored", "shares-code", "shares-artefacts", "shared-library"]
@@ -242,14 +243,16 @@ def rank_hypotheses(
         string_link, strings_counted = _score_group(strings, evidence, {})
         share = max((evidence[p].match_share or 0.0 for p in strings), default=0.0)
         string_part = string_link * min(1.0, share / ARTEFACT_SHARE)
-        identity = [p for p in independent if evidence[p].pivot != "string"]
-        if not (counted or string_part > 0.0) and all(
-            evidence[p].pivot in TOOLCHAIN_ARTEFACTS for p in identity
-        ):
-            identity = []  # a shared build environment alone links unrelated builds
-        identity_link, identity_counted = _score_group(identity, evidence, {})
-        artefact_link = 1.0 - (1.0 - string_link) * (1.0 - identity_link)
-        artefacts_counted = [*strings_counted, *identity_counted]
+        identity_link, identity_counted = _score_group(
+            [p for p in independent if evidence[p].pivot not in ("string", *TOOLCHAIN_ARTEFACTS)],
+            evidence,
+            {},
+        )
+        toolchain_link, toolchain_counted = _score_group(
+            [p for p in independent if evidence[p].pivot in TOOLCHAIN_ARTEFACTS], evidence, {}
+        )
+        artefact_link = 1.0 - (1.0 - string_link) * (1.0 - identity_link) * (1.0 - toolchain_link)
+        artefacts_counted = [*strings_counted, *identity_counted, *toolchain_counted]
         rare_functions = sum(
             1 for _, index, _ in code_counted if evidence[index].weight >= RARE_WEIGHT
         )
@@ -270,12 +273,17 @@ def rank_hypotheses(
             # Code alone with fewer than MIN_RARE_FOR_AUTHORSHIP rare functions: the link rests
             # on common code (runtime start-up, small helpers), so it cannot score high.
             explained *= min(1.0, rare_functions / MIN_RARE_FOR_AUTHORSHIP)
-        artefact_part = min(1.0 - (1.0 - string_part) * (1.0 - identity_link), MAX_ARTEFACT_SCORE)
+        author_part = 1.0 - (1.0 - string_part) * (1.0 - identity_link)
+        # Corroboration cannot outweigh what it corroborates: the build environment adds at
+        # most as much as the code and author artefacts already say.
+        other = 1.0 - (1.0 - link_score * explained) * (1.0 - author_part)
+        toolchain_part = min(toolchain_link, other)
+        artefact_part = min(1.0 - (1.0 - author_part) * (1.0 - toolchain_part), MAX_ARTEFACT_SCORE)
         score = 1.0 - (1.0 - link_score * explained) * (1.0 - artefact_part)
         if shared_library:
             score = min(score, SHARED_LIBRARY_CAP)
             relation = "shared-library"
-        if not counted and not artefacts_counted:
+        if not counted and not strings_counted and not identity_counted:
             continue  # only build-environment artefacts: no hypothesis at all
         strongest = sorted([*counted, *artefacts_counted], key=lambda entry: -entry[2])
         hypotheses.append(
