@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from itertools import pairwise
+from dataclasses import dataclass, field, replace
 from typing import Final, TypeVar
 
 import numpy as np
@@ -64,12 +63,13 @@ _Column = TypeVar("_Column", bound=np.generic)
 
 
 def _column(values: array[int], dtype: type[_Column]) -> npt.NDArray[_Column]:
-    """An owned numpy copy of an ``array.array`` (its C item size varies by platform)."""
+    """A numpy column over an ``array.array`` (its C item size varies by platform)."""
     kind = "i" if values.typecode.islower() else "u"
     raw = np.frombuffer(values, dtype=f"{kind}{values.itemsize}") if len(values) else None
     if raw is None:
         return np.zeros(0, dtype=dtype)
-    return raw.astype(dtype)
+    # No copy when the type already fits: the numpy column then shares the buffer's memory.
+    return raw.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
@@ -80,41 +80,62 @@ class IntColumn:
     values: npt.NDArray[np.uint64]
     negative: npt.NDArray[np.bool_]
     offsets: npt.NDArray[np.int64]  # rows + 1
+    # Rows holding a negative value (few: most references are addresses and small constants),
+    # so the common row is one slice and one ``tolist``.
+    negative_rows: frozenset[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        flagged = np.flatnonzero(self.negative)
+        rows = np.searchsorted(self.offsets, flagged, side="right") - 1
+        object.__setattr__(self, "negative_rows", frozenset(rows.tolist()))
 
     def row(self, position: int) -> tuple[int, ...]:
-        start, stop = int(self.offsets[position]), int(self.offsets[position + 1])
+        start, stop = self.offsets[position : position + 2].tolist()
+        return self.between(position, start, stop)
+
+    def between(self, position: int, start: int, stop: int) -> tuple[int, ...]:
+        """Row ``position``, whose values are ``start:stop`` (from ``offsets``)."""
         if start == stop:
             return ()
         values = self.values[start:stop].tolist()
-        signs = self.negative[start:stop]
-        if not signs.any():
+        if position not in self.negative_rows:
             return tuple(values)
         return tuple(
             value - _UINT64_END if sign else value
-            for value, sign in zip(values, signs.tolist(), strict=True)
+            for value, sign in zip(values, self.negative[start:stop].tolist(), strict=True)
         )
 
 
 @dataclass(frozen=True)
 class TextColumn:
-    """Per-row string tuples: text j is ``blob[starts[j]:starts[j+1]]`` (UTF-8 with lone
-    surrogates passed through), row i holds texts ``offsets[i]..offsets[i+1]``."""
+    """Per-row string tuples over a vocabulary of distinct texts: distinct text k is
+    ``blob[starts[k]:starts[k+1]]`` (UTF-8, lone surrogates passed through), row i holds the
+    texts ``ids[offsets[i]:offsets[i+1]]``. Import names and strings repeat across functions
+    and versions, so each distinct text is decoded once per process, on first use."""
 
     blob: npt.NDArray[np.uint8]
-    starts: npt.NDArray[np.int64]  # texts + 1
+    starts: npt.NDArray[np.int64]  # distinct texts + 1
+    ids: npt.NDArray[np.int64]  # one per text occurrence
     offsets: npt.NDArray[np.int64]  # rows + 1
+    decoded: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     def row(self, position: int) -> tuple[str, ...]:
-        first, last = int(self.offsets[position]), int(self.offsets[position + 1])
+        first, last = self.offsets[position : position + 2].tolist()
+        return self.between(first, last)
+
+    def between(self, first: int, last: int) -> tuple[str, ...]:
+        """The texts ``first:last`` (a row's range, from ``offsets``)."""
         if first == last:
             return ()
-        bounds = self.starts[first : last + 1].tolist()
-        data = self.blob[bounds[0] : bounds[-1]].tobytes()
-        base = bounds[0]
-        return tuple(
-            data[start - base : stop - base].decode("utf-8", "surrogatepass")
-            for start, stop in pairwise(bounds)
-        )
+        return tuple(self.text(k) for k in self.ids[first:last].tolist())
+
+    def text(self, k: int) -> str:
+        found = self.decoded.get(k)
+        if found is None:
+            start, stop = self.starts[k : k + 2].tolist()
+            found = self.blob[start:stop].tobytes().decode("utf-8", "surrogatepass")
+            self.decoded[k] = found
+        return found
 
 
 class _IntBuilder:
@@ -140,18 +161,25 @@ class _TextBuilder:
     def __init__(self) -> None:
         self.blob = bytearray()
         self.starts = array("q", [0])
+        self.known: dict[str, int] = {}
+        self.ids = array("q")
         self.offsets = array("q", [0])
 
     def add(self, texts: tuple[str, ...]) -> None:
         for text in texts:
-            self.blob += text.encode("utf-8", "surrogatepass")
-            self.starts.append(len(self.blob))
-        self.offsets.append(len(self.starts) - 1)
+            k = self.known.get(text)
+            if k is None:
+                k = self.known[text] = len(self.known)
+                self.blob += text.encode("utf-8", "surrogatepass")
+                self.starts.append(len(self.blob))
+            self.ids.append(k)
+        self.offsets.append(len(self.ids))
 
     def finish(self) -> TextColumn:
         return TextColumn(
             np.frombuffer(bytes(self.blob), dtype=np.uint8).copy(),
             _column(self.starts, np.int64),
+            _column(self.ids, np.int64),
             _column(self.offsets, np.int64),
         )
 
@@ -301,6 +329,14 @@ class CompactFunctions:
     source_names: tuple[str, ...]
     irregular: Mapping[int, FunctionFeatures]  # rows whose values do not fit the columns
     sample_ranges: Mapping[int, tuple[int, int]]
+    # (rows + 1, 5): offsets of calls, constants, immediates, called imports, strings (1.6 MB
+    # per 40k functions), so a row's ten bounds are one slice.
+    _reference_bounds: npt.NDArray[np.int64] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        columns = [self.int_references[name].offsets for name in INT_REFERENCES]
+        columns += [self.text_references[name].offsets for name in TEXT_REFERENCES]
+        object.__setattr__(self, "_reference_bounds", np.stack(columns, axis=1))
 
     def __len__(self) -> int:
         return int(self.sample_id.shape[0])
@@ -313,7 +349,7 @@ class CompactFunctions:
         for ints in self.int_references.values():
             columns += [ints.values, ints.negative, ints.offsets]
         for texts in self.text_references.values():
-            columns += [texts.blob, texts.starts, texts.offsets]
+            columns += [texts.blob, texts.starts, texts.ids, texts.offsets]
         return sum(int(column.nbytes) for column in columns)
 
     def function(self, position: int) -> FunctionFeatures:
@@ -321,26 +357,31 @@ class CompactFunctions:
         kept = self.irregular.get(position)
         if kept is not None:
             return kept
+        # Plain ints via ``item`` and all reference bounds in one slice: this runs for every
+        # re-ranked candidate (thousands per query), and numpy scalars cost ~3x more.
+        low, high = self._reference_bounds[position : position + 2].tolist()
         ints, texts = self.int_references, self.text_references
-        minhash_length = int(self.minhash_length[position])
-        robust_length = int(self.robust_length[position])
         return FunctionFeatures(
-            address=int(self.address[position]),
-            size=int(self.size[position]),
-            block_count=int(self.block_count[position]),
-            edge_count=int(self.edge_count[position]),
-            instruction_count=int(self.instruction_count[position]),
-            exact_hash=int(self.exact_hash[position]),
-            minhash=tuple(self.minhash[position].tolist()) if minhash_length else (),
+            address=self.address.item(position),
+            size=self.size.item(position),
+            block_count=self.block_count.item(position),
+            edge_count=self.edge_count.item(position),
+            instruction_count=self.instruction_count.item(position),
+            exact_hash=self.exact_hash.item(position),
+            minhash=tuple(self.minhash[position].tolist())
+            if self.minhash_length.item(position)
+            else (),
             normalized=(),
-            calls=ints["calls"].row(position),
-            called_imports=texts["called_imports"].row(position),
-            strings=texts["strings"].row(position),
-            constants=ints["constants"].row(position),
+            calls=ints["calls"].between(position, low[0], high[0]),
+            called_imports=texts["called_imports"].between(low[3], high[3]),
+            strings=texts["strings"].between(low[4], high[4]),
+            constants=ints["constants"].between(position, low[1], high[1]),
             name=None,
-            source=self.source_names[int(self.source_codes[position])],
-            robust_minhash=tuple(self.robust_minhash[position].tolist()) if robust_length else (),
-            immediates=ints["immediates"].row(position),
+            source=self.source_names[self.source_codes.item(position)],
+            robust_minhash=tuple(self.robust_minhash[position].tolist())
+            if self.robust_length.item(position)
+            else (),
+            immediates=ints["immediates"].between(position, low[2], high[2]),
         )
 
     def locate(

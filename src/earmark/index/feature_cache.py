@@ -41,8 +41,8 @@ from earmark.model.sample import MINHASH_PERMUTATIONS
 
 FEATURE_CACHE_FORMAT: Final = "earmark-feature-candidates"
 # Bump whenever the keys (feature_keys) or the stored columns change meaning.
-# 2: reference starts per text instead of lengths; arrays memory-mapped.
-FEATURE_CACHE_FORMAT_VERSION: Final = 2
+# 3: texts as ids into a vocabulary of distinct texts; arrays memory-mapped.
+FEATURE_CACHE_FORMAT_VERSION: Final = 3
 _MANIFEST: Final = "manifest.json"
 
 
@@ -70,7 +70,7 @@ def _arrays(index: FeatureCandidateIndex) -> dict[str, npt.NDArray[Any]]:
         texts = stored.text_references[name]
         arrays.update(
             {f"{name}_blob": texts.blob, f"{name}_starts": texts.starts,
-             f"{name}_offsets": texts.offsets}
+             f"{name}_ids": texts.ids, f"{name}_offsets": texts.offsets}
         )  # fmt: skip
     arrays["source_codes"] = stored.source_codes
     return arrays
@@ -143,9 +143,7 @@ def _check(condition: bool, path: Path, what: str) -> None:
         raise IndexCacheError(f"{path}: {what}")
 
 
-def _check_offsets(
-    offsets: npt.NDArray[Any], rows: int, total: int, path: Path, name: str
-) -> None:
+def _check_offsets(offsets: npt.NDArray[Any], rows: int, total: int, path: Path, name: str) -> None:
     """Dtype, length and both ends (reading every offset would page the array in)."""
     _check(offsets.dtype == np.int64 and offsets.shape == (rows + 1,), path, f"{name} offsets")
     _check(int(offsets[0]) == 0 and int(offsets[-1]) == total, path, f"{name} offsets bounds")
@@ -163,13 +161,20 @@ def _int_column(arrays: dict[str, npt.NDArray[Any]], name: str, rows: int, path:
 def _text_column(
     arrays: dict[str, npt.NDArray[Any]], name: str, rows: int, path: Path
 ) -> TextColumn:
-    blob, starts = arrays[f"{name}_blob"], arrays[f"{name}_starts"]
+    blob, starts, ids = arrays[f"{name}_blob"], arrays[f"{name}_starts"], arrays[f"{name}_ids"]
     _check(blob.dtype == np.uint8 and blob.ndim == 1, path, f"{name} blob")
     _check(starts.dtype == np.int64 and starts.ndim == 1 and len(starts) >= 1, path, f"{name}")
     _check(int(starts[0]) == 0 and int(starts[-1]) == len(blob), path, f"{name} size")
+    _check(ids.dtype == np.int64 and ids.ndim == 1, path, f"{name} ids")
+    # Ids index the vocabulary: checked in full (8 bytes per text occurrence, small).
+    _check(
+        len(ids) == 0 or (int(ids.min()) >= 0 and int(ids.max()) < len(starts) - 1),
+        path,
+        f"{name} ids point outside the texts",
+    )
     offsets = arrays[f"{name}_offsets"]
-    _check_offsets(offsets, rows, len(starts) - 1, path, name)
-    return TextColumn(blob, starts, offsets)
+    _check_offsets(offsets, rows, len(ids), path, name)
+    return TextColumn(blob, starts, ids, offsets)
 
 
 def _assemble(
@@ -202,9 +207,7 @@ def _assemble(
     stored = CompactFunctions(
         **{name: arrays[name] for name in (*NUMERIC_COLUMNS, *SIGNATURE_COLUMNS)},
         int_references={name: _int_column(arrays, name, rows, path) for name in INT_REFERENCES},
-        text_references={
-            name: _text_column(arrays, name, rows, path) for name in TEXT_REFERENCES
-        },
+        text_references={name: _text_column(arrays, name, rows, path) for name in TEXT_REFERENCES},
         source_codes=codes,
         source_names=tuple(str(name) for name in sources),
         irregular={},

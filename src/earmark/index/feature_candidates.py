@@ -160,13 +160,18 @@ class FeatureCandidateIndex:
         key_array = np.frombuffer(keys, dtype=np.uint64) if keys else np.zeros(0, np.uint64)
         # "Q"/"q" are C long long: 8 bytes on every platform numpy supports.
         owner_array = np.frombuffer(owners, dtype=np.int64) if owners else np.zeros(0, np.int64)
-        del keys, owners
+        stored = builder.finish()
+        del builder
         order = np.argsort(key_array, kind="stable")
-        key_array, owner_array = key_array[order], owner_array[order]
-        # Drop keys too common to single out a function (see MAX_POSTINGS_PER_KEY).
-        _, counts = np.unique(key_array, return_counts=True)
+        key_array = key_array[order]
+        owner_array = owner_array[order]
+        del order, keys, owners
+        # Drop keys too common to single out a function (see MAX_POSTINGS_PER_KEY). Runs of
+        # equal keys in the sorted array, rather than ``np.unique``: no second sorted copy.
+        run_starts = np.flatnonzero(np.r_[True, key_array[1:] != key_array[:-1]])
+        counts = np.diff(np.r_[run_starts, len(key_array)])
         keep = np.repeat(counts <= MAX_POSTINGS_PER_KEY, counts)
-        return cls(keys=key_array[keep], postings=owner_array[keep], stored=builder.finish())
+        return cls(keys=key_array[keep], postings=owner_array[keep], stored=stored)
 
     def __len__(self) -> int:
         return len(self.stored)
