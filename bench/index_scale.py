@@ -17,7 +17,7 @@ the noise that MIN_INSTRUCTIONS cuts away.
 
 ``kb`` builds the index of an existing knowledge base and reports its bytes per function by
 column: real KBs share code between samples (versions of one project, statically linked
-libraries), so they have more multi-sample rarity groups than the synthetic one.
+libraries), so more of their clusters span several samples than in the synthetic one.
 """
 
 from __future__ import annotations
@@ -197,12 +197,12 @@ def measure_index(rows: int, directory: Path, memory_map: bool, seed: int = 7) -
         "rarity_bytes_per_function": index.rarity.nbytes / len(index),
         "whole_index_bytes_per_function": (index.nbytes + index.rarity.nbytes) / len(index),
         "on_disk_bytes_per_function": on_disk / len(index),
-        "rarity_groups": len(index.rarity.owner_count),
+        "rarity_profiles": len(index.rarity.owner_count),
         "column_widths": {
             "band_orders": index.band_orders.width,
             "function_id": index.function_id.width,
             "sample_position": index.sample_position.width,
-            "rarity_group": index.rarity.group.width,
+            "rarity_profile": index.rarity.profile.width,
         },
         "rss_bytes_per_function_after_load": (loaded - before) / len(index),
         "rss_delta_mb_after_load": (loaded - before) / 2**20,
@@ -261,8 +261,7 @@ def run_kb(database: str) -> None:
         "samples": len(index.sample_ids),
         "stored_functions": len(table),
         "indexed_functions": len(index),
-        "rarity_groups": len(index.rarity.owner_count),
-        "multi_sample_groups": len(index.rarity.owner_count) - len(index.sample_ids),
+        "rarity_profiles": len(index.rarity.owner_count),
         "build_seconds": seconds,
         "build_cpu_seconds": cpu_seconds,
         "bytes_per_function": {name: size / rows for name, size in columns.items()},

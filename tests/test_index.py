@@ -276,7 +276,7 @@ def test_persistence_round_trip(tmp_path: Path) -> None:
         assert loaded is not None and loaded.rarity is not None and index.rarity is not None
         np.testing.assert_array_equal(loaded.signatures, index.signatures)
         np.testing.assert_array_equal(loaded.band_orders.data, index.band_orders.data)
-        np.testing.assert_array_equal(loaded.rarity.group.data, index.rarity.group.data)
+        np.testing.assert_array_equal(loaded.rarity.profile.data, index.rarity.profile.data)
         np.testing.assert_array_equal(loaded.rarity.weight, index.rarity.weight)
         expected, got = index.query(query), loaded.query(query)
         np.testing.assert_array_equal(got.function_id, expected.function_id)

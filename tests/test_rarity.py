@@ -183,9 +183,9 @@ def test_connected_components_follow_chains() -> None:
     assert labels.tolist() == [0, 0, 2, 3, 3, 3, 3]
 
 
-def test_counts_stored_per_group_equal_counts_per_cluster() -> None:
-    """Rows whose cluster stays within one sample read their sample's group; the counts and
-    weights must be what counting the cluster's own samples gives."""
+def test_stored_profiles_equal_counts_per_cluster() -> None:
+    """Clusters within one sample are counted per sample and equal profiles stored once; the
+    counts, names and weights must still be what counting each cluster's own samples gives."""
     rng = np.random.default_rng(23)
     labels = [("alpha", "Actor A"), ("beta", "Actor A"), ("gamma", None), (None, None)]
     samples = {
@@ -205,8 +205,10 @@ def test_counts_stored_per_group_equal_counts_per_cluster() -> None:
     assert index.rarity is not None
     clusters = cluster_near_identical(index.signatures, index.band_orders, index.exact_hash)
     row_samples = index.sample_id(np.arange(len(index)))
-    assert len(index.rarity.owner_count) < int(clusters.max()) + 1  # fewer groups than clusters
+    spanning = {c for c in clusters.tolist() if len(set(row_samples[clusters == c])) > 1}
+    assert len(index.rarity.owner_count) < 12 + len(spanning)  # samples + shared clusters
     total_owners = index.rarity.total_owners
+    described = set()
     for row in range(len(index)):
         members = {int(s) for s in row_samples[clusters == clusters[row]]}
         records = [samples[s] for s in members]
@@ -223,7 +225,20 @@ def test_counts_stored_per_group_equal_counts_per_cluster() -> None:
         }
         goodware = sum(1 for r in records if r.goodware)
         explained = index.rarity.explain(row)
+        described.add(
+            (
+                explained.family_count,
+                explained.actor_count,
+                explained.owner_count,
+                explained.goodware_count,
+                explained.families,
+                explained.actors,
+            )
+        )
+        assert set(explained.families) <= families and set(explained.actors) <= actors
+        assert len(explained.families) == min(len(families), 3)
         assert (explained.family_count, explained.actor_count) == (len(families), len(actors))
         assert (explained.owner_count, explained.goodware_count) == (len(owners), goodware)
         expected = rarity_weight(np.array([len(owners)]), np.array([goodware]), total_owners)
         assert explained.weight == pytest.approx(float(expected[0]))
+    assert len(described) == len(set(index.rarity.profile.tolist()))  # one profile per content

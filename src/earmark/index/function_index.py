@@ -40,7 +40,7 @@ from earmark.index.lsh import (
     sort_band,
 )
 from earmark.index.packed import PackedColumns, PackedUInts, byte_width
-from earmark.index.rarity import RarityTable, compute_rarity
+from earmark.index.rarity import EXAMPLE_NAMES, RarityTable, compute_rarity
 from earmark.model.kb import FunctionTable, SampleRecord
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
@@ -66,8 +66,8 @@ DEFAULT_TOP_K: Final = 20
 BUILD_CHUNK_ROWS: Final = 1 << 20
 
 INDEX_FORMAT: Final = "earmark-function-index"
-# 2: integer columns packed in whole bytes, sample ids stored once per sample, rarity groups.
-INDEX_FORMAT_VERSION: Final = 2
+# 3: integer columns packed in whole bytes, sample ids once per sample, rarity profiles.
+INDEX_FORMAT_VERSION: Final = 3
 _MANIFEST: Final = "manifest.json"
 _LOOKUP_ARRAYS: Final = ("signatures", "band_orders")
 _PACKED_ARRAYS: Final = ("band_orders", "function_id", "sample_position")
@@ -381,7 +381,7 @@ class FunctionIndex:
                 rarity=None
                 if rarity_names is None
                 else RarityTable(
-                    group=PackedUInts(arrays["rarity_group"]),
+                    profile=PackedUInts(arrays["rarity_profile"]),
                     family_count=arrays["rarity_family_count"],
                     actor_count=arrays["rarity_actor_count"],
                     owner_count=arrays["rarity_owner_count"],
@@ -441,14 +441,17 @@ def _check_consistent(index: FunctionIndex, path: Path) -> None:
         raise IndexCacheError(f"{path}: sample positions point past the sample list")
     rarity = index.rarity
     if rarity is not None:
-        groups = rarity.owner_count.shape[0]
+        profiles = rarity.owner_count.shape[0]
         counts = (rarity.family_count, rarity.actor_count, rarity.goodware_count)
-        if any(count.shape != (groups,) for count in counts) or not _has_shape(
-            rarity.group.data, np.uint8, (rows, None)
+        examples = (rarity.family_examples, rarity.actor_examples)
+        if (
+            any(count.shape != (profiles,) for count in counts)
+            or any(example.shape != (profiles, EXAMPLE_NAMES) for example in examples)
+            or not _has_shape(rarity.profile.data, np.uint8, (rows, None))
         ):
             raise IndexCacheError(f"{path}: rarity columns do not match each other")
-        if rarity.group.maximum() >= groups:
-            raise IndexCacheError(f"{path}: rarity groups do not match the index rows")
+        if rarity.profile.maximum() >= profiles:
+            raise IndexCacheError(f"{path}: rarity profiles do not match the index rows")
         names_ok = int(rarity.family_examples.max(initial=-1)) < len(rarity.family_names) and int(
             rarity.actor_examples.max(initial=-1)
         ) < len(rarity.actor_names)

@@ -7,10 +7,12 @@ candidate pairs; verified pairs are joined by connected components. Per cluster 
 distinct families, actors and goodware samples, and turn the counts into a weight (the formula
 and its reasons are in docs/index.md, "Rarity weight").
 
-Most clusters hold the code of one sample only (in a KB of unrelated samples, nearly all of
-them), and their counts are that sample's own labels. So counts are stored per *group*: groups
-0..S-1 are the index's S samples (for rows whose cluster lies within one sample), groups S..
-are the clusters spanning several samples. Per row only the group number is kept, in the
+What is stored is a *profile* per row: the counts and example names of its cluster. Most
+clusters hold the code of one sample only (in a KB of unrelated samples, nearly all of them)
+and their counts are that sample's own labels, so they are counted once per sample, not per
+cluster; clusters spanning several samples are counted on their own. Equal (counts, names)
+rows are then stored once: all the code shared by the versions of one family, or unique to
+samples of one family, has one profile. Per row only the profile number is kept, in the
 fewest whole bytes that hold it; counts and name codes use the narrowest integer dtype, and
 the weight is computed from the counts when asked, not stored.
 """
@@ -55,7 +57,7 @@ Int64Array = npt.NDArray[np.int64]
 UInt32Array = npt.NDArray[np.uint32]
 Float32Array = npt.NDArray[np.float32]
 CountArray = npt.NDArray[np.unsignedinteger[Any]]  # narrowest unsigned dtype holding the counts
-NameCodes = npt.NDArray[np.signedinteger[Any]]  # (groups, EXAMPLE_NAMES) name codes, -1 = none
+NameCodes = npt.NDArray[np.signedinteger[Any]]  # (profiles, EXAMPLE_NAMES) codes, -1 = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +76,10 @@ class FunctionRarity:
 
 @dataclass(frozen=True)
 class RarityTable:
-    """Per-group counts; ``group[row]`` maps an index row to its group (see the module doc)."""
+    """Rarity profiles; ``profile[row]`` maps an index row to its profile (see the module doc)."""
 
-    group: PackedUInts  # (rows,)
-    family_count: CountArray  # (groups,)
+    profile: PackedUInts  # (rows,)
+    family_count: CountArray  # (profiles,)
     actor_count: CountArray
     owner_count: CountArray
     goodware_count: CountArray
@@ -89,24 +91,24 @@ class RarityTable:
 
     def weights(self, rows: npt.ArrayLike) -> Float32Array:
         """Rarity weight of each index row (vectorised)."""
-        groups = self.group[np.asarray(rows, dtype=np.int64).reshape(-1)]
+        profiles = self.profile[np.asarray(rows, dtype=np.int64).reshape(-1)]
         return rarity_weight(
-            self.owner_count[groups], self.goodware_count[groups], self.total_owners
+            self.owner_count[profiles], self.goodware_count[profiles], self.total_owners
         )
 
     @property
     def weight(self) -> Float32Array:
-        """Weight of every group (computed from the counts)."""
+        """Weight of every profile (computed from the counts)."""
         return rarity_weight(self.owner_count, self.goodware_count, self.total_owners)
 
     def explain(self, row: int) -> FunctionRarity:
-        cluster = self.group[int(row)]
-        families = tuple(self.family_names[c] for c in self.family_examples[cluster] if c >= 0)
-        actors = tuple(self.actor_names[c] for c in self.actor_examples[cluster] if c >= 0)
-        family_count = int(self.family_count[cluster])
-        actor_count = int(self.actor_count[cluster])
-        owner_count = int(self.owner_count[cluster])
-        goodware_count = int(self.goodware_count[cluster])
+        profile = self.profile[int(row)]
+        families = tuple(self.family_names[c] for c in self.family_examples[profile] if c >= 0)
+        actors = tuple(self.actor_names[c] for c in self.actor_examples[profile] if c >= 0)
+        family_count = int(self.family_count[profile])
+        actor_count = int(self.actor_count[profile])
+        owner_count = int(self.owner_count[profile])
+        goodware_count = int(self.goodware_count[profile])
         weight = rarity_weight(
             np.array([owner_count]), np.array([goodware_count]), self.total_owners
         )
@@ -126,7 +128,7 @@ class RarityTable:
     def arrays(self) -> dict[str, npt.NDArray[np.generic]]:
         """Arrays to persist next to the index (names go into the manifest)."""
         return {
-            "rarity_group": self.group.data,
+            "rarity_profile": self.profile.data,
             "rarity_family_count": self.family_count,
             "rarity_actor_count": self.actor_count,
             "rarity_owner_count": self.owner_count,
@@ -376,14 +378,20 @@ def compute_rarity(
     goodware_count = np.bincount(
         member_group[groups.goodware[member_sample]], minlength=group_count
     ).astype(np.uint32)
+    # Equal (counts, names) groups become one profile.
+    described = np.column_stack(
+        (family_count, actor_count, owner_count, goodware_count, family_examples, actor_examples)
+    ).astype(np.int64)
+    profiles, group_profile = np.unique(described, axis=0, return_inverse=True)
+    examples = 4 + EXAMPLE_NAMES
     return RarityTable(
-        group=PackedUInts.pack(row_group),
-        family_count=narrowest_unsigned(family_count),
-        actor_count=narrowest_unsigned(actor_count),
-        owner_count=narrowest_unsigned(owner_count),
-        goodware_count=narrowest_unsigned(goodware_count),
-        family_examples=narrowest_signed(family_examples),
-        actor_examples=narrowest_signed(actor_examples),
+        profile=PackedUInts.pack(group_profile.reshape(-1)[row_group]),
+        family_count=narrowest_unsigned(profiles[:, 0]),
+        actor_count=narrowest_unsigned(profiles[:, 1]),
+        owner_count=narrowest_unsigned(profiles[:, 2]),
+        goodware_count=narrowest_unsigned(profiles[:, 3]),
+        family_examples=narrowest_signed(profiles[:, 4:examples]),
+        actor_examples=narrowest_signed(profiles[:, examples:]),
         family_names=groups.family_names,
         actor_names=groups.actor_names,
         total_owners=groups.total_owners,
