@@ -137,6 +137,7 @@ class KnowledgeBase:
         self.index()
         self.feature_candidates()
         self.artefact_stats()
+        self.artefact_stats()
 
     def feature_candidates(self) -> FeatureCandidateIndex | None:
         """The optimisation-robust candidate stage (None past its sample limit)."""
@@ -146,8 +147,20 @@ class KnowledgeBase:
             if built is None:
                 built = build_feature_candidates(self.store, self._samples, index.min_instructions)
                 cache = self._feature_cache_path()
-                if built is not None and cache is not None:
-                    save_feature_candidates(built, cache, index.revision, index.min_instructions)
+                saved = (
+                    built is not None
+                    and cache is not None
+                    and save_feature_candidates(
+                        built, cache, index.revision, index.min_instructions
+                    )
+                )
+                if saved:
+                    # Served from the mapped files from now on: the pages are shared with the
+                    # page cache and the built arrays are freed.
+                    built = (
+                        self._cached_feature_candidates(index.revision, index.min_instructions)
+                        or built
+                    )
             self._feature_candidates = (index.revision, built)
         return self._feature_candidates[1]
 
