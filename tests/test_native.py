@@ -1,4 +1,4 @@
-"""The compiled decode loop (earmark/extract/_decode.c) gives exactly what the Python loop gives.
+"""The compiled loops (earmark/extract/_native.c) give exactly what the Python loops give.
 
 Every test analyses the same input twice, once through the extension and once with
 ``disasm.ACCELERATOR`` set to None (the pure-Python path a machine without a C compiler runs),
@@ -22,7 +22,7 @@ from earmark.model.sample import SampleFeatures
 from fixtures.build import FixtureBuilder
 
 pytestmark = pytest.mark.skipif(
-    disasm.ACCELERATOR is None, reason="the _decode extension is not built (no C compiler?)"
+    disasm.ACCELERATOR is None, reason="the _native extension is not built (no C compiler?)"
 )
 
 TOOLCHAINS = ("gcc64", "clang64", "gcc32", "mingw64", "mingw32")

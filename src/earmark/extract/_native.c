@@ -1,4 +1,6 @@
-/* Compiled decode loop of earmark.extract.disasm.InstructionDecoder._decode_window.
+/* Compiled inner loops of function recovery (earmark.extract.disasm, .functions and
+ * .function_features): the decode loop of InstructionDecoder._decode_window, the straight-line
+ * walk of FunctionRecovery.explore and the per-instruction pass of build_features.
  *
  * Why C: decoding is ~60 % of function recovery in pure Python, and almost all of that is
  * per-instruction interpreter work around capstone (the ctypes generator of disasm_lite,
@@ -150,7 +152,7 @@ decode_window(PyObject *module, PyObject *args)
     }
     if (disasm_function == NULL) {
         PyBuffer_Release(&data);
-        PyErr_SetString(PyExc_RuntimeError, "earmark.extract._decode.configure was not called");
+        PyErr_SetString(PyExc_RuntimeError, "earmark.extract._native.configure was not called");
         return NULL;
     }
     if (!PyType_IsSubtype(kind, &PyTuple_Type)) {
@@ -301,6 +303,221 @@ decode_window(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Fields of the Instruction NamedTuple (earmark.extract.disasm.Instruction). */
+enum {
+    FIELD_ADDRESS = 0,
+    FIELD_SIZE = 1,
+    FIELD_MNEMONIC = 2,
+    FIELD_OP_STR = 3,
+    FIELD_KIND = 5,
+    FIELD_MEMORY = 7,
+    FIELD_ADDRESS_IMMEDIATES = 8,
+    FIELD_LARGE_IMMEDIATES = 9,
+};
+#define KIND_PLAIN 0
+#define KIND_CALL 3
+
+/* Index of the first ", " in ``text``, or its length: the first operand of an instruction. */
+static PyObject *
+first_operand(PyObject *op_str)
+{
+    Py_ssize_t length = PyUnicode_GET_LENGTH(op_str);
+    Py_ssize_t found = -1;
+    for (Py_ssize_t i = 0; i + 1 < length; i++) {
+        if (PyUnicode_READ_CHAR(op_str, i) == ',' && PyUnicode_READ_CHAR(op_str, i + 1) == ' ') {
+            found = i;
+            break;
+        }
+    }
+    if (found < 0) {
+        Py_INCREF(op_str);
+        return op_str;
+    }
+    return PyUnicode_Substring(op_str, 0, found);
+}
+
+/* walk_plain(address, start, instructions, known, decoded, max_instructions, trail,
+ *            import_slots, import_registers) -> address
+ *
+ * The straight-line part of FunctionRecovery.explore: from ``address``, takes every already
+ * decoded KIND_PLAIN instruction into ``instructions`` and ``trail`` (noting ``mov reg,
+ * [IAT slot]`` in ``import_registers``) and returns the first address the Python loop must look
+ * at itself: one already in the function or in another known function, the instruction limit,
+ * an address not decoded yet, or any instruction that is not plain. Measured: plain
+ * instructions are ~3/4 of all, and this loop was the largest Python cost of descent. */
+static PyObject *
+walk_plain(PyObject *module, PyObject *args)
+{
+    PyObject *address, *start, *instructions, *known, *decoded, *trail, *import_slots;
+    PyObject *import_registers;
+    Py_ssize_t max_instructions;
+    if (!PyArg_ParseTuple(args, "OOO!O!O!nO!O!O!", &address, &start, &PyDict_Type,
+                          &instructions, &PyDict_Type, &known, &PyDict_Type, &decoded,
+                          &max_instructions, &PyList_Type, &trail, &PyDict_Type, &import_slots,
+                          &PyDict_Type, &import_registers)) {
+        return NULL;
+    }
+    Py_INCREF(address);
+    for (;;) {
+        int seen = PyDict_Contains(instructions, address);
+        if (seen != 0) {
+            break;
+        }
+        int is_start = PyObject_RichCompareBool(address, start, Py_EQ);
+        if (is_start < 0) {
+            break;
+        }
+        if (!is_start) {
+            int other = PyDict_Contains(known, address);
+            if (other != 0) {
+                break;
+            }
+        }
+        if (PyDict_GET_SIZE(instructions) >= max_instructions) {
+            break;
+        }
+        PyObject *instruction = PyDict_GetItemWithError(decoded, address); /* borrowed */
+        if (instruction == NULL || !PyTuple_Check(instruction) ||
+            PyTuple_GET_SIZE(instruction) <= FIELD_LARGE_IMMEDIATES) {
+            break; /* not decoded yet, invalid bytes (None), or an error raised below */
+        }
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(instruction, FIELD_KIND));
+        if (kind != KIND_PLAIN) {
+            break; /* also -1 with an error set */
+        }
+        if (PyDict_SetItem(instructions, address, instruction) < 0 ||
+            PyList_Append(trail, instruction) < 0) {
+            break;
+        }
+        PyObject *memory = PyTuple_GET_ITEM(instruction, FIELD_MEMORY);
+        if (memory != Py_None &&
+            PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(instruction, FIELD_MNEMONIC),
+                                             "mov") == 0) {
+            PyObject *name = PyDict_GetItemWithError(import_slots, memory); /* borrowed */
+            if (name != NULL && name != Py_None) {
+                PyObject *reg = first_operand(PyTuple_GET_ITEM(instruction, FIELD_OP_STR));
+                int stored = reg ? PyDict_SetItem(import_registers, reg, name) : -1;
+                Py_XDECREF(reg);
+                if (stored < 0) {
+                    break;
+                }
+            } else if (PyErr_Occurred()) {
+                break;
+            }
+        }
+        PyObject *following = PyNumber_Add(address, PyTuple_GET_ITEM(instruction, FIELD_SIZE));
+        if (following == NULL) {
+            break;
+        }
+        Py_SETREF(address, following);
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(address);
+        return NULL;
+    }
+    return address;
+}
+
+/* describe_body(ordered, instructions, leaders, successors, start)
+ *     -> (end, edge_count, references, large_immediates)
+ *
+ * The per-instruction pass of function_features.build_features over one function's
+ * instructions in address order: the end of the last instruction (at least ``start``), the
+ * CFG edge count, the addresses the code references (address immediates, then a plain
+ * instruction's fixed memory operand) and all large immediates, each in instruction order. */
+static PyObject *
+describe_body(PyObject *module, PyObject *args)
+{
+    PyObject *ordered, *instructions, *leaders, *successors_of, *start;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O", &PyList_Type, &ordered, &PyDict_Type,
+                          &instructions, &PySet_Type, &leaders, &PyDict_Type, &successors_of,
+                          &start)) {
+        return NULL;
+    }
+    PyObject *references = PyList_New(0);
+    PyObject *large = PyList_New(0);
+    PyObject *end = start;
+    Py_INCREF(end);
+    Py_ssize_t edges = 0;
+    int failed = references == NULL || large == NULL;
+    for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(ordered); i++) {
+        PyObject *instruction = PyList_GET_ITEM(ordered, i);
+        if (!PyTuple_Check(instruction) ||
+            PyTuple_GET_SIZE(instruction) <= FIELD_LARGE_IMMEDIATES) {
+            PyErr_SetString(PyExc_TypeError, "expected Instruction tuples");
+            failed = 1;
+            break;
+        }
+        PyObject *address = PyTuple_GET_ITEM(instruction, FIELD_ADDRESS);
+        PyObject *following = PyNumber_Add(address, PyTuple_GET_ITEM(instruction, FIELD_SIZE));
+        if (following == NULL) {
+            failed = 1;
+            break;
+        }
+        int later = PyObject_RichCompareBool(following, end, Py_GT);
+        if (later > 0) {
+            Py_INCREF(following);
+            Py_SETREF(end, following);
+        }
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(instruction, FIELD_KIND));
+        PyObject *successors = later < 0 || (kind == -1 && PyErr_Occurred())
+                                   ? NULL
+                                   : PyDict_GetItemWithError(successors_of, address);
+        if (PyErr_Occurred()) {
+            Py_DECREF(following);
+            failed = 1;
+            break;
+        }
+        if (successors != NULL) {
+            PyObject *iterator = PyObject_GetIter(successors);
+            PyObject *successor;
+            while (iterator != NULL && (successor = PyIter_Next(iterator)) != NULL) {
+                int inside = PyDict_Contains(instructions, successor);
+                Py_DECREF(successor);
+                if (inside < 0) {
+                    break;
+                }
+                edges += inside;
+            }
+            Py_XDECREF(iterator);
+        } else if (kind == KIND_PLAIN || kind == KIND_CALL) {
+            int leader = PySet_Contains(leaders, following);
+            int inside = leader > 0 ? PyDict_Contains(instructions, following) : 0;
+            edges += leader > 0 && inside > 0;
+        }
+        Py_DECREF(following);
+        if (PyErr_Occurred()) {
+            failed = 1;
+            break;
+        }
+        PyObject *immediates = PyTuple_GET_ITEM(instruction, FIELD_ADDRESS_IMMEDIATES);
+        PyObject *memory = PyTuple_GET_ITEM(instruction, FIELD_MEMORY);
+        PyObject *values = PyTuple_GET_ITEM(instruction, FIELD_LARGE_IMMEDIATES);
+        if (!PyTuple_Check(immediates) || !PyTuple_Check(values)) {
+            PyErr_SetString(PyExc_TypeError, "expected tuples of immediates");
+            failed = 1;
+            break;
+        }
+        for (Py_ssize_t j = 0; !failed && j < PyTuple_GET_SIZE(immediates); j++) {
+            failed = PyList_Append(references, PyTuple_GET_ITEM(immediates, j)) < 0;
+        }
+        if (!failed && memory != Py_None && kind == KIND_PLAIN) {
+            failed = PyList_Append(references, memory) < 0;
+        }
+        for (Py_ssize_t j = 0; !failed && j < PyTuple_GET_SIZE(values); j++) {
+            failed = PyList_Append(large, PyTuple_GET_ITEM(values, j)) < 0;
+        }
+    }
+    PyObject *result = NULL;
+    if (!failed) {
+        result = Py_BuildValue("(OnOO)", end, edges, references, large);
+    }
+    Py_DECREF(end);
+    Py_XDECREF(references);
+    Py_XDECREF(large);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(cs_disasm, cs_free, cs_errno, insn_size, address_offset, size_offset, "
@@ -308,16 +525,22 @@ static PyMethodDef methods[] = {
     {"decode_window", decode_window, METH_VARARGS,
      "decode_window(handle, data, offset, length, address, decoded, shared, local, analyse, "
      "branches, address_mask, kind)"},
+    {"walk_plain", walk_plain, METH_VARARGS,
+     "walk_plain(address, start, instructions, known, decoded, max_instructions, trail, "
+     "import_slots, import_registers) -> address"},
+    {"describe_body", describe_body, METH_VARARGS,
+     "describe_body(ordered, instructions, leaders, successors, start) -> "
+     "(end, edge_count, references, large_immediates)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_definition = {
-    PyModuleDef_HEAD_INIT, "earmark.extract._decode",
-    "Compiled decode loop for earmark.extract.disasm (optional accelerator).", -1, methods,
+    PyModuleDef_HEAD_INIT, "earmark.extract._native",
+    "Compiled inner loops of function recovery (optional accelerator).", -1, methods,
 };
 
 PyMODINIT_FUNC
-PyInit__decode(void)
+PyInit__native(void)
 {
     return PyModule_Create(&module_definition);
 }

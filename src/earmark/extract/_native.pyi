@@ -1,4 +1,4 @@
-# Types of the compiled decode loop (_decode.c); see earmark.extract.disasm.
+# Types of the compiled inner loops (_native.c); see earmark.extract.disasm.
 from collections.abc import Callable
 from typing import Any
 
@@ -30,3 +30,23 @@ def decode_window(
     kind: type[tuple[Any, ...]],
     /,
 ) -> None: ...
+def walk_plain(
+    address: int,
+    start: int,
+    instructions: dict[int, Any],
+    known: dict[int, str],
+    decoded: dict[int, Any],
+    max_instructions: int,
+    trail: list[Any],
+    import_slots: dict[int, str],
+    import_registers: dict[str, str],
+    /,
+) -> int: ...
+def describe_body(
+    ordered: list[Any],
+    instructions: dict[int, Any],
+    leaders: set[int],
+    successors: dict[int, tuple[int, ...]],
+    start: int,
+    /,
+) -> tuple[int, int, list[int], list[int]]: ...

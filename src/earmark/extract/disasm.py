@@ -103,19 +103,20 @@ REGISTER_CLASSES: Final = _register_classes()
 
 
 def _load_accelerator() -> ModuleType | None:
-    """The compiled decode loop (``_decode.c``), configured for the loaded capstone, or None.
+    """The compiled inner loops (``_native.c``), configured for the loaded capstone, or None.
 
     The extension is optional: ``pip install -e .`` builds it where a C compiler exists, and
-    without it the Python loop in ``InstructionDecoder._decode_window`` gives the same
-    instructions (tests compare the two), only slower.
+    without it the Python loops (``InstructionDecoder._decode_window``,
+    ``FunctionRecovery.explore``, ``build_features``) give the same features (tests compare
+    the two), only slower.
     """
     try:
-        import earmark.extract._decode as _decode
+        import earmark.extract._native as _native
     except ImportError:
         return None
     library = capstone._cs
     layout = capstone._cs_insn
-    _decode.configure(
+    _native.configure(
         ctypes.cast(library.cs_disasm, ctypes.c_void_p).value,
         ctypes.cast(library.cs_free, ctypes.c_void_p).value,
         ctypes.cast(library.cs_errno, ctypes.c_void_p).value,
@@ -127,7 +128,7 @@ def _load_accelerator() -> ModuleType | None:
         layout.op_str.offset,
         layout.op_str.size,
     )
-    return _decode
+    return _native
 
 
 # Set to None to decode with the pure-Python loop (the tests compare both paths).
@@ -264,7 +265,8 @@ class InstructionDecoder:
         # so a new instruction text is mostly assembled from cached operand answers.
         self._operands: dict[tuple[str, bool], tuple[str, int, int]] = {}
         self._mnemonics: dict[str, tuple[str, int]] = {}
-        self._accelerator = ACCELERATOR
+        # The compiled loops, fixed per sample (also used by explore and build_features).
+        self.accelerator = ACCELERATOR
 
     # --- address space -------------------------------------------------------------------
 
@@ -315,8 +317,8 @@ class InstructionDecoder:
         if segment is None or not segment.executable:
             return
         offset = address - segment.virtual_address
-        if self._accelerator is not None:
-            self._accelerator.decode_window(
+        if self.accelerator is not None:
+            self.accelerator.decode_window(
                 self._capstone.csh.value,
                 segment.data,
                 offset,

@@ -61,43 +61,23 @@ def build_features(
     signatures = stream_minhash_signatures(streams).tolist()
     robust_signatures = stream_minhash_signatures([robust_stream(s) for s in streams]).tolist()
     functions: list[FunctionFeatures] = []
+    describe = decoder.accelerator.describe_body if decoder.accelerator is not None else None
     for body, ordered, stream, signature, robust_signature in zip(
         bodies, ordered_bodies, streams, signatures, robust_signatures, strict=True
     ):
         check_deadline()
         instructions = body.instructions
         leaders = body.leaders
-        successors_of = body.successors
-        end = body.start
-        edge_count = 0
-        strings: list[str] = []
-        constants: list[int] = []
-        for instruction in ordered:
-            address = instruction.address
-            following = address + instruction.size
-            if following > end:
-                end = following
-            kind = instruction.kind
-            successors = successors_of.get(address)
-            if successors is not None:
-                edge_count += sum(1 for s in successors if s in instructions)
-            elif (
-                kind in (KIND_PLAIN, KIND_CALL)
-                and following in leaders
-                and following in instructions
-            ):
-                edge_count += 1
-            references = instruction.address_immediates
-            if instruction.memory_address is not None and kind == KIND_PLAIN:
-                references = (*references, instruction.memory_address)
-            for reference in references:
-                if reference not in strings_at:
-                    strings_at[reference] = _read_string(decoder, reference)
-                text = strings_at[reference]
-                if text is not None:
-                    strings.append(text)
-            if instruction.large_immediates:
-                constants.extend(v for v in instruction.large_immediates if _is_distinctive(v))
+        if describe is not None:
+            end, edge_count, references, large = describe(
+                ordered, instructions, leaders, body.successors, body.start
+            )
+            strings = _referenced_strings(decoder, references, strings_at)
+            constants = [v for v in large if _is_distinctive(v)]
+        else:
+            end, edge_count, strings, constants = _describe_in_python(
+                body, ordered, decoder, strings_at
+            )
         functions.append(
             FunctionFeatures(
                 address=body.start,
@@ -119,6 +99,55 @@ def build_features(
             )
         )
     return tuple(functions)
+
+
+def _referenced_strings(
+    decoder: InstructionDecoder, references: list[int], strings_at: dict[int, str | None]
+) -> list[str]:
+    """The strings at ``references`` (in order, repeats kept); ``strings_at`` caches reads."""
+    strings: list[str] = []
+    for reference in references:
+        if reference not in strings_at:
+            strings_at[reference] = _read_string(decoder, reference)
+        text = strings_at[reference]
+        if text is not None:
+            strings.append(text)
+    return strings
+
+
+def _describe_in_python(
+    body: FunctionBody,
+    ordered: list[Instruction],
+    decoder: InstructionDecoder,
+    strings_at: dict[int, str | None],
+) -> tuple[int, int, list[str], list[int]]:
+    """(end, edge count, referenced strings, distinctive constants) of one function: the
+    reference for the compiled ``describe_body`` (same pass, strings read the same way)."""
+    instructions = body.instructions
+    leaders = body.leaders
+    successors_of = body.successors
+    end = body.start
+    edge_count = 0
+    strings: list[str] = []
+    constants: list[int] = []
+    for instruction in ordered:
+        address = instruction.address
+        following = address + instruction.size
+        if following > end:
+            end = following
+        kind = instruction.kind
+        successors = successors_of.get(address)
+        if successors is not None:
+            edge_count += sum(1 for s in successors if s in instructions)
+        elif kind in (KIND_PLAIN, KIND_CALL) and following in leaders and following in instructions:
+            edge_count += 1
+        references = instruction.address_immediates
+        if instruction.memory_address is not None and kind == KIND_PLAIN:
+            references = (*references, instruction.memory_address)
+        strings.extend(_referenced_strings(decoder, list(references), strings_at))
+        if instruction.large_immediates:
+            constants.extend(v for v in instruction.large_immediates if _is_distinctive(v))
+    return end, edge_count, strings, constants
 
 
 # Instructions an unoptimised build adds and an optimised one drops: frame set-up and

@@ -231,6 +231,12 @@ class FunctionRecovery:
         # (only those the flow did not reach, so reached parts do not become extra leaders).
         fragments = list(self._fragments_of.get(start, ()))
         max_instructions = self.limits.max_instructions_per_function
+        import_slots = self.image.import_slots
+        # The compiled walk over plain instructions (disasm.ACCELERATOR); the loop below then
+        # sees only the instructions it stops at, and does exactly what it did without it.
+        walk = decoder.accelerator.walk_plain if decoder.accelerator is not None else None
+        if not isinstance(import_slots, dict):
+            walk = None
         while pending or fragments:
             if not pending:
                 fragment = fragments.pop()
@@ -242,6 +248,18 @@ class FunctionRecovery:
             trail: list[Instruction] = []
             import_registers: dict[str, str] = {}
             while True:
+                if walk is not None:
+                    address = walk(
+                        address,
+                        start,
+                        instructions,
+                        known,
+                        decoder.decoded,
+                        max_instructions,
+                        trail,
+                        import_slots,
+                        import_registers,
+                    )
                 if address in instructions:
                     body.leaders.add(address)
                     break
@@ -262,7 +280,7 @@ class FunctionRecovery:
                 if kind == KIND_PLAIN:
                     memory = instruction.memory_address
                     if memory is not None and instruction.mnemonic == "mov":
-                        name = self.image.import_slots.get(memory)
+                        name = import_slots.get(memory)
                         if name is not None:  # mov esi, [IAT]; call esi (MSVC x86)
                             import_registers[instruction.op_str.split(", ", 1)[0]] = name
                     address = following
