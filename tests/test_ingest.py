@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import pyzipper
 
-from earmark import ingest
 from earmark.config import Limits
 from earmark.errors import UsageError
 from earmark.freeze import dump_features
@@ -221,32 +220,6 @@ def test_a_crashing_worker_costs_only_its_file(store: SqlStore, tmp_path: Path) 
     assert summary.ingested == 6
     (failure,) = summary.failures
     assert failure.name.endswith("crash.bin") and "crashed" in (failure.error or "")
-
-
-def test_worker_pool_is_reused_by_the_next_batch_and_replaced_after_a_crash(
-    store: SqlStore, tmp_path: Path
-) -> None:
-    ingest.shutdown_idle_workers()
-    write_samples(tmp_path / "first", 4)
-    ingest_paths(store, [tmp_path / "first"], LAZARUS, jobs=2, analyzer=fake_analyze_bytes)
-    (kept,) = ingest._IDLE_POOLS[2]
-    (tmp_path / "second").mkdir()
-    (tmp_path / "second" / "crash.bin").write_bytes(b"CRASH" + fake_sample_bytes(98))
-    summary = ingest_paths(
-        store, [tmp_path / "second"], LAZARUS, jobs=2, analyzer=crashing_analyze_bytes
-    )
-    assert summary.failed == 1
-    (replacement,) = ingest._IDLE_POOLS[2]
-    assert replacement is not kept  # the crash broke the kept pool; a healthy one is kept now
-    write_samples(tmp_path / "third", 3, start=10)
-    summary = ingest_paths(
-        store, [tmp_path / "third"], LAZARUS, jobs=2, analyzer=fake_analyze_bytes
-    )
-    assert summary.ingested == 3
-    assert ingest._IDLE_POOLS[2] == [replacement]
-    assert_every_sample_complete(store)
-    ingest.shutdown_idle_workers()
-    assert not ingest._IDLE_POOLS
 
 
 def test_label_templates() -> None:

@@ -12,10 +12,8 @@ costs the one file that crashed it, not the batch.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
-import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -342,40 +340,6 @@ def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
         batch.write(job.name, sample, indicators)
 
 
-# Worker pools left idle by finished batches, by worker count, reused by the next batch of
-# this process: starting a pool measured ~0.13 s of wall time per ``ingest_paths`` call (13 %
-# of a small project's batch in bench/attribution_pe.py, which ingests project by project), and
-# a reused worker keeps its instruction-analysis cache warm (earmark.extract.disasm). A batch
-# takes a pool out while it runs, so concurrent batches never share one.
-_IDLE_POOLS: dict[int, list[ProcessPoolExecutor]] = {}
-_IDLE_POOLS_LOCK = threading.Lock()
-
-
-def _take_pool(workers: int) -> ProcessPoolExecutor:
-    with _IDLE_POOLS_LOCK:
-        idle = _IDLE_POOLS.get(workers)
-        if idle:
-            return idle.pop()
-    return ProcessPoolExecutor(max_workers=workers)
-
-
-def _return_pool(workers: int, pool: ProcessPoolExecutor) -> None:
-    with _IDLE_POOLS_LOCK:
-        _IDLE_POOLS.setdefault(workers, []).append(pool)
-
-
-def shutdown_idle_workers() -> None:
-    """Stop the worker processes kept for later batches (also done at interpreter exit)."""
-    with _IDLE_POOLS_LOCK:
-        pools = [pool for idle in _IDLE_POOLS.values() for pool in idle]
-        _IDLE_POOLS.clear()
-    for pool in pools:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-atexit.register(shutdown_idle_workers)
-
-
 def _run_in_pool(
     jobs: Iterator[_Job], analyzer: Analyzer, codec: FeaturesCodec, workers: int, batch: _Batch
 ) -> None:
@@ -383,14 +347,12 @@ def _run_in_pool(
 
     When a parser crash kills a worker, every analysis in flight fails with BrokenProcessPool and
     the culprit is unknown; those jobs are re-run one at a time in a new pool, and a job that
-    breaks the pool while running alone is reported as failed. A pool that ends the batch
-    healthy and idle is kept for the next batch (``_take_pool``).
+    breaks the pool while running alone is reported as failed.
     """
     suspects: list[_Job] = []  # were in flight when a worker died: re-run one at a time
     unsent: list[_Job] = []  # refused by a pool already broken: re-run, not suspected
-    pool = _take_pool(workers)
+    pool = ProcessPoolExecutor(max_workers=workers)
     pending: dict[Future[_Analysis], _Job] = {}
-    finished = False
     try:
         while True:
             capacity = 1 if suspects else workers * QUEUED_ANALYSES_PER_WORKER
@@ -403,7 +365,6 @@ def _run_in_pool(
                 except BrokenProcessPool:  # broke since the last wait; this job never ran
                     unsent.append(job)
             if not pending and not unsent:
-                finished = True
                 return
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             broken: list[_Job] = []
@@ -430,10 +391,7 @@ def _run_in_pool(
                     else:
                         suspects.append(job)
     finally:
-        if finished:
-            _return_pool(workers, pool)
-        else:  # interrupted (an exception): stop what is queued, keep nothing
-            pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def ingest_paths(
