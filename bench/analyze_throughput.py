@@ -16,6 +16,7 @@ Usage:
     python -m bench.analyze_throughput --all           # every PE file (sha256-deduplicated)
     python -m bench.analyze_throughput --projects bcrypt,pillow --limit 4
     options: --no-smda  --pool N (0: skip)  --no-fixtures  --no-split
+             --no-native (earmark's pure-Python loops instead of the compiled ones)
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from bench.peers.smda_peer import SmdaResult, run_smda
 
 from earmark.config import DEFAULT_LIMITS
 from earmark.errors import EarmarkError
-from earmark.extract import analyze_file
+from earmark.extract import analyze_file, disasm
 from earmark.extract.functions import recover_functions
 from earmark.extract.loader import load_sample
 from earmark.extract.metadata import hash_file
@@ -289,7 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=2, help="workers for the pool figure (0: skip)")
     parser.add_argument("--no-fixtures", action="store_true", help="skip the fixture ground truth")
     parser.add_argument("--no-split", action="store_true", help="skip the per-stage timing pass")
+    parser.add_argument(
+        "--no-native",
+        action="store_true",
+        help="earmark's pure-Python loops (what a machine without a C compiler runs)",
+    )
     args = parser.parse_args(argv)
+    if args.no_native:
+        disasm.ACCELERATOR = None
     projects = [p.strip() for p in args.projects.split(",")] if args.projects else None
     files = select_files(projects, args.limit, args.all)
     with_smda = not args.no_smda
@@ -304,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.analyze_throughput " + shlex.join(list(argv or sys.argv[1:]))
     print(f"# {command}")
     print(f"# {len(files)} files, {sum(f.size for f in files) / MEGABYTE:.1f} MB")
+    loops = "compiled (_native)" if disasm.ACCELERATOR is not None else "pure Python"
+    print(f"# earmark inner loops: {loops}")
     measurements: list[FileMeasurement] = []
     for corpus_file in files:
         m = measure_file(corpus_file, with_smda, not args.no_split)
