@@ -196,3 +196,36 @@ def test_damaged_cache_is_refused(kb: KnowledgeBase, tmp_path: Path) -> None:
 def test_sample_text_is_escaped() -> None:
     assert escape_value("evil\x1b[2Jname\x00") == "evil\\x1b[2Jname\\x00"
     assert escape_value("x" * 500).endswith("…")
+
+
+def test_artefact_evidence_exports_to_valid_stix_and_misp() -> None:
+    stix2validator = pytest.importorskip("stix2validator")
+    from pymisp import MISPEvent
+
+    from earmark.correlate.infrastructure import ActorScore
+    from earmark.model.evidence import Evidence
+    from earmark.report.misp_export import misp_event_for_case, render_misp
+    from earmark.report.stix_export import render_stix
+
+    def item(pivot: str, value: str) -> Evidence:
+        return Evidence(kind="artefact", actor="kestrel group", family="kestrel", similarity=1.0,
+                        weight=1.0, reason="unique to one group", match_sha256="c" * 64,
+                        pivot=pivot, value=value, matched_value=value)
+
+    evidence = [item("pdb", "C:/work/kestrel/Release/relay.pdb"),
+                item("imphash", "a" * 32), item("string", "Global\\kestrel-relay-7f3a91"),
+                item("string", "kestrel: relay %s refused handshake (stage %d)")]
+    hypotheses = [ActorScore(actor="kestrel group", score=0.5, evidence_count=4)]
+    text = render_stix(evidence=evidence, hypotheses=hypotheses)
+    result = stix2validator.validate_string(text)
+    assert result.is_valid, [str(e) for e in result.errors]
+    notes = [o for o in json.loads(text)["objects"] if o["type"] == "note"]
+    assert len(notes) == 4  # one per artefact, though their reasons are equal
+    assert any("Global\\\\kestrel-relay-7f3a91" in n["content"] for n in notes)
+    event = misp_event_for_case("case", evidence, hypotheses)
+    assert event is not None
+    loaded = MISPEvent()
+    loaded.load(render_misp(event))
+    assert {(a.type, a.value) for a in loaded.attributes} == {
+        ("pdb", "C:/work/kestrel/Release/relay.pdb"), ("imphash", "a" * 32)
+    }
