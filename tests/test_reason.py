@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from random import Random
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -210,3 +212,30 @@ def test_build_environment_alone_makes_no_link() -> None:
     with_export = rank_hypotheses([*toolchain, artefact("PyInit_x", "export")])
     alone = rank_hypotheses([artefact("PyInit_x", "export")])
     assert actor_score(with_export, "Group A") > actor_score(alone, "Group A")
+
+
+_ITEMS = st.one_of(
+    st.builds(code, st.sampled_from([0x10, 0x20, 0x30]), st.sampled_from(["Group A", "Group B"]),
+              st.sampled_from(["alpha", "bravo"]), st.floats(0, 1), st.floats(0, 1)),
+    st.builds(artefact, st.sampled_from(["s1", "s2", "s3"]),
+              st.sampled_from(["string", "export", "imphash", "rich-header"]),
+              st.sampled_from(["Group A", "Group B"]), st.sampled_from(["alpha", "bravo"]),
+              st.floats(0, 1), st.floats(0, 1),
+              st.sampled_from([(), (0x10,), (0x20, 0x30)])),
+)
+
+
+@given(st.lists(_ITEMS, max_size=12), st.booleans(), st.randoms(use_true_random=False))
+def test_mixed_evidence_scores_stay_in_range_and_ignore_order(
+    items: list[Evidence], shared: bool, random: Random
+) -> None:
+    evidence = [*items, *([shared_library()] if shared else [])]
+    shuffled = list(evidence)
+    random.shuffle(shuffled)
+    baseline = rank_hypotheses(evidence, distinctive_code_units=5)
+    assert all(0.0 <= h.score <= 1.0 and 0.0 <= h.link_score <= 1.0 for h in baseline)
+    assert all(h.score <= SHARED_LIBRARY_CAP for h in baseline) or not shared
+    again = rank_hypotheses(shuffled, distinctive_code_units=5)
+    assert [(h.actor, h.family, h.score, h.relation) for h in again] == [
+        (h.actor, h.family, h.score, h.relation) for h in baseline
+    ]

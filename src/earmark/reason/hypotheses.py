@@ -356,7 +356,9 @@ def decide_verdict(
 
 def _link_words(hypothesis: Hypothesis) -> str:
     parts = []
-    if hypothesis.relation != "shares-artefacts":
+    if hypothesis.relation != "shares-artefacts" and (
+        hypothesis.rare_function_count or not hypothesis.artefact_count
+    ):
         parts.append(f"shared rare code ({hypothesis.rare_function_count} rare functions)")
     if hypothesis.artefact_count:
         parts.append(
