@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pkgutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -307,6 +308,28 @@ def test_out_of_range_permutation_is_refused(tmp_path: Path) -> None:
     assert orders.shape == (15, 100, 1)  # row numbers 0..99 need one byte
     orders[0, 0] = 200
     np.save(path / "band_orders.npy", orders)
+    with pytest.raises(IndexCacheError):
+        FunctionIndex.load(path, revision=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("sample_position", lambda a: np.full_like(a, 7)),  # past the 4 samples
+        ("rarity_profile", lambda a: np.full_like(a, 250)),  # past the few profiles
+        ("function_id", lambda a: np.zeros((a.shape[0], 9), dtype=np.uint8)),  # 9-byte ints
+        ("rarity_family_examples", lambda a: np.full_like(a, 100)),  # names that do not exist
+    ],
+)
+def test_damaged_packed_columns_are_refused(
+    tmp_path: Path, name: str, damage: Callable[[np.ndarray], np.ndarray]
+) -> None:
+    rng = np.random.default_rng(13)
+    table = make_table(random_minhash(rng, 200), sample_id=np.arange(200, dtype=np.int64) // 50)
+    path = tmp_path / "function-index"
+    FunctionIndex.build(table, revision=1, samples={}).save(path)
+    assert FunctionIndex.load(path, revision=1) is not None
+    np.save(path / f"{name}.npy", damage(np.load(path / f"{name}.npy")))
     with pytest.raises(IndexCacheError):
         FunctionIndex.load(path, revision=1)
 
