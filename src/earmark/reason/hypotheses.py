@@ -201,6 +201,44 @@ def _score_group(
     return 1.0 - remaining, counted
 
 
+@dataclass(frozen=True, slots=True)
+class _ArtefactScore:
+    """The artefact pillar of one hypothesis (module docstring, "Artefact evidence")."""
+
+    strings: float  # string link scaled by the share of a known sample's rare strings
+    identity: float  # exports, PDB path, signer, version info
+    toolchain: float  # Rich header tool set, imphash: corroboration only
+    link: float  # noisy-OR of every counted artefact, unscaled
+    counted: list[tuple[EvidenceKey, int, float]]
+    makes_link: bool  # strings or identity artefacts counted (toolchain alone does not)
+
+    def part(self, code_part: float) -> float:
+        """The artefact part of the score, given the code/infrastructure part."""
+        author = 1.0 - (1.0 - self.strings) * (1.0 - self.identity)
+        # Corroboration cannot outweigh what it corroborates: the build environment adds at
+        # most as much as the code and author artefacts already say.
+        toolchain = min(self.toolchain, 1.0 - (1.0 - code_part) * (1.0 - author))
+        return min(1.0 - (1.0 - author) * (1.0 - toolchain), MAX_ARTEFACT_SCORE)
+
+
+def _score_artefacts(positions: Sequence[int], evidence: Sequence[Evidence]) -> _ArtefactScore:
+    strings = [p for p in positions if evidence[p].pivot == "string"]
+    toolchain = [p for p in positions if evidence[p].pivot in TOOLCHAIN_ARTEFACTS]
+    identity = [p for p in positions if p not in strings and p not in toolchain]
+    string_link, strings_counted = _score_group(strings, evidence, {})
+    identity_link, identity_counted = _score_group(identity, evidence, {})
+    toolchain_link, toolchain_counted = _score_group(toolchain, evidence, {})
+    share = max((evidence[p].match_share or 0.0 for p in strings), default=0.0)
+    return _ArtefactScore(
+        strings=string_link * min(1.0, share / ARTEFACT_SHARE),
+        identity=identity_link,
+        toolchain=toolchain_link,
+        link=1.0 - (1.0 - string_link) * (1.0 - identity_link) * (1.0 - toolchain_link),
+        counted=[*strings_counted, *identity_counted, *toolchain_counted],
+        makes_link=bool(strings_counted or identity_counted),
+    )
+
+
 def rank_hypotheses(
     evidence: Sequence[Evidence],
     neighbours: Mapping[EvidenceKey, set[EvidenceKey]] | None = None,
@@ -238,21 +276,9 @@ def rank_hypotheses(
             for _, index, _ in code_counted
             if (address := evidence[index].query_address) is not None
         }
-        independent = _independent_artefacts(artefact_positions, evidence, counted_code)
-        strings = [p for p in independent if evidence[p].pivot == "string"]
-        string_link, strings_counted = _score_group(strings, evidence, {})
-        share = max((evidence[p].match_share or 0.0 for p in strings), default=0.0)
-        string_part = string_link * min(1.0, share / ARTEFACT_SHARE)
-        identity_link, identity_counted = _score_group(
-            [p for p in independent if evidence[p].pivot not in ("string", *TOOLCHAIN_ARTEFACTS)],
-            evidence,
-            {},
+        artefacts = _score_artefacts(
+            _independent_artefacts(artefact_positions, evidence, counted_code), evidence
         )
-        toolchain_link, toolchain_counted = _score_group(
-            [p for p in independent if evidence[p].pivot in TOOLCHAIN_ARTEFACTS], evidence, {}
-        )
-        artefact_link = 1.0 - (1.0 - string_link) * (1.0 - identity_link) * (1.0 - toolchain_link)
-        artefacts_counted = [*strings_counted, *identity_counted, *toolchain_counted]
         rare_functions = sum(
             1 for _, index, _ in code_counted if evidence[index].weight >= RARE_WEIGHT
         )
@@ -273,32 +299,27 @@ def rank_hypotheses(
             # Code alone with fewer than MIN_RARE_FOR_AUTHORSHIP rare functions: the link rests
             # on common code (runtime start-up, small helpers), so it cannot score high.
             explained *= min(1.0, rare_functions / MIN_RARE_FOR_AUTHORSHIP)
-        author_part = 1.0 - (1.0 - string_part) * (1.0 - identity_link)
-        # Corroboration cannot outweigh what it corroborates: the build environment adds at
-        # most as much as the code and author artefacts already say.
-        other = 1.0 - (1.0 - link_score * explained) * (1.0 - author_part)
-        toolchain_part = min(toolchain_link, other)
-        artefact_part = min(1.0 - (1.0 - author_part) * (1.0 - toolchain_part), MAX_ARTEFACT_SCORE)
-        score = 1.0 - (1.0 - link_score * explained) * (1.0 - artefact_part)
+        code_part = link_score * explained
+        score = 1.0 - (1.0 - code_part) * (1.0 - artefacts.part(code_part))
         if shared_library:
             score = min(score, SHARED_LIBRARY_CAP)
             relation = "shared-library"
-        if not counted and not strings_counted and not identity_counted:
+        if not counted and not artefacts.makes_link:
             continue  # only build-environment artefacts: no hypothesis at all
-        strongest = sorted([*counted, *artefacts_counted], key=lambda entry: -entry[2])
+        strongest = sorted([*counted, *artefacts.counted], key=lambda entry: -entry[2])
         hypotheses.append(
             Hypothesis(
                 actor=group_actor,
                 family=group_family,
                 score=round(score, 4),
-                link_score=round(1.0 - (1.0 - link_score) * (1.0 - artefact_link), 4),
-                evidence_count=len(counted) + len(artefacts_counted),
+                link_score=round(1.0 - (1.0 - link_score) * (1.0 - artefacts.link), 4),
+                evidence_count=len(counted) + len(artefacts.counted),
                 rare_function_count=rare_functions,
                 shared_bytes=sum(evidence[index].query_size or 0 for _, index, _ in code_counted),
                 coverage=None if coverage is None else round(coverage, 4),
                 relation=relation,
-                artefact_count=len(artefacts_counted),
-                artefact_link=round(artefact_link, 4),
+                artefact_count=len(artefacts.counted),
+                artefact_link=round(artefacts.link, 4),
                 strongest=tuple(position for _, position, _ in strongest[:STRONGEST_SHOWN]),
             )
         )
