@@ -13,10 +13,12 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from earmark.attribution import KnowledgeBase, attribute_sample, open_knowledge_base
 from earmark.correlate.artefacts import escape_value, find_artefact_evidence
@@ -28,9 +30,11 @@ from earmark.index.artefacts import (
     sample_artefacts,
 )
 from earmark.ingest import LabelTemplate, ingest_paths
+from earmark.model.sample import Export, StringRef
 from earmark.reason.hypotheses import MAX_ARTEFACT_SCORE, SHARED_LIBRARY_CAP
 from earmark.report.document import CaseReport
 from earmark.report.text import render_case_text
+from kb_factories import make_features
 
 SOURCES = Path(__file__).parent / "fixtures" / "src" / "artefacts"
 COMPILER = "x86_64-w64-mingw32-gcc"
@@ -229,3 +233,27 @@ def test_artefact_evidence_exports_to_valid_stix_and_misp() -> None:
     assert {(a.type, a.value) for a in loaded.attributes} == {
         ("pdb", "C:/work/kestrel/Release/relay.pdb"), ("imphash", "a" * 32)
     }
+
+
+@given(
+    st.lists(st.text(max_size=80), max_size=30),
+    st.lists(st.text(max_size=40), max_size=10),
+    st.lists(st.tuples(st.text(max_size=20), st.text(max_size=60)), max_size=8),
+)
+def test_any_sample_text_gives_artefacts_and_printable_evidence(
+    strings: list[str], exports: list[str], version_info: list[tuple[str, str]]
+) -> None:
+    base = make_features("artefact-property")
+    assert base.pe is not None
+    features = replace(
+        base,
+        strings=tuple(StringRef(i * 16, "ascii", s) for i, s in enumerate(strings)),
+        exports=tuple(Export(name, 0x1000 + i, i) for i, name in enumerate(exports)),
+        pe=replace(base.pe, version_info=tuple(version_info)),
+    )
+    artefacts = sample_artefacts(features)
+    assert len({a.key for a in artefacts}) == len(artefacts)
+    assert all(0 <= a.key < 2**64 for a in artefacts)
+    for artefact in artefacts:
+        shown = escape_value(artefact.value)
+        assert all(ch.isprintable() for ch in shown)
