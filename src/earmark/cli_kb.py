@@ -31,12 +31,6 @@ from earmark.errors import InputError, UsageError
 from earmark.ingest import IngestOutcome, IngestStatus, LabelTemplate, ingest_paths
 from earmark.model.kb import Tlp
 from earmark.report.document import CaseReport
-from earmark.report.json_report import (
-    render_case_json,
-    render_case_misp,
-    render_case_stix,
-    render_compare_json,
-)
 from earmark.report.text import printable, render_case_text, render_compare_text
 
 __all__ = ["attribute", "compare", "demo", "ingest"]
@@ -125,6 +119,12 @@ def _emit(text: str, output: Path | None) -> None:
 
 
 def _render_case(case: CaseReport, output_format: str, tlp: Tlp) -> str:
+    if output_format == "text":
+        return render_case_text(case)
+    # Imported for the formats that need it: the JSON/STIX/MISP renderers load pymisp, whose
+    # import (jsonschema's format grammars) takes ~2.5 s of every text-only call otherwise.
+    from earmark.report.json_report import render_case_json, render_case_misp, render_case_stix
+
     if output_format == "json":
         return render_case_json(case)
     if output_format == "stix":
@@ -190,7 +190,12 @@ def compare(sample_a: str, sample_b: str, as_json: bool, top: int, database: str
     with open_knowledge_base(database) as kb:
         first, second = load_query(kb, sample_a), load_query(kb, sample_b)
     report = compare_samples(first, second, top)
-    click.echo(render_compare_json(report) if as_json else render_compare_text(report))
+    if as_json:
+        from earmark.report.json_report import render_compare_json  # see _render_case
+
+        click.echo(render_compare_json(report))
+    else:
+        click.echo(render_compare_text(report))
 
 
 @click.command()
@@ -210,6 +215,8 @@ def demo(compiler: str, target: str, opt: str, keep: Path | None, as_json: bool)
         keep.mkdir(parents=True, exist_ok=True)
     cases = run_demo(keep, compiler=compiler, target=cast(Target, target), opt=opt)
     if as_json:
+        from earmark.report.json_report import render_case_json  # see _render_case
+
         click.echo("[" + ",\n".join(render_case_json(c.case) for c in cases) + "]")
         return
     for demo_case in cases:
