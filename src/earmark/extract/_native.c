@@ -97,6 +97,151 @@ rip_address(uint64_t address, unsigned size, PyObject *displacement)
     return result;
 }
 
+/* Per-sample memo: instruction text (mnemonic and operands as capstone wrote them) -> the
+ * op_str object and the analysis already found for it. A hit costs a hash over the text and
+ * one compare, instead of two new str objects, a key tuple and up to two dict lookups with
+ * fresh string hashes (measured ~half of the loop's own time per instruction). The memo lives
+ * as long as its InstructionDecoder (one sample), so a text always maps to the same answer. */
+#define MEMO_CAPSULE "earmark.extract._native.memo"
+
+typedef struct {
+    uint64_t hash;
+    char *text; /* mnemonic, NUL, op_str; NULL for an empty slot */
+    size_t mnemonic_length, op_str_length;
+    PyObject *op_str, *analysis;
+} MemoEntry;
+
+typedef struct {
+    MemoEntry *entries;
+    size_t capacity; /* a power of two */
+    size_t used;
+} Memo;
+
+static void
+memo_free(PyObject *capsule)
+{
+    Memo *memo = PyCapsule_GetPointer(capsule, MEMO_CAPSULE);
+    if (memo == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    for (size_t i = 0; i < memo->capacity; i++) {
+        MemoEntry *entry = &memo->entries[i];
+        if (entry->text != NULL) {
+            PyMem_Free(entry->text);
+            Py_DECREF(entry->op_str);
+            Py_DECREF(entry->analysis);
+        }
+    }
+    PyMem_Free(memo->entries);
+    PyMem_Free(memo);
+}
+
+static PyObject *
+new_memo(PyObject *module, PyObject *unused)
+{
+    Memo *memo = PyMem_Calloc(1, sizeof(Memo));
+    if (memo == NULL) {
+        return PyErr_NoMemory();
+    }
+    memo->capacity = 1024;
+    memo->entries = PyMem_Calloc(memo->capacity, sizeof(MemoEntry));
+    if (memo->entries == NULL) {
+        PyMem_Free(memo);
+        return PyErr_NoMemory();
+    }
+    PyObject *capsule = PyCapsule_New(memo, MEMO_CAPSULE, memo_free);
+    if (capsule == NULL) {
+        PyMem_Free(memo->entries);
+        PyMem_Free(memo);
+    }
+    return capsule;
+}
+
+static uint64_t
+text_hash(const char *mnemonic, size_t mnemonic_length, const char *op_str, size_t op_str_length)
+{
+    uint64_t hash = 0xcbf29ce484222325ULL; /* FNV-1a */
+    for (size_t i = 0; i < mnemonic_length; i++) {
+        hash = (hash ^ (unsigned char)mnemonic[i]) * 0x100000001b3ULL;
+    }
+    hash = (hash ^ 0xff) * 0x100000001b3ULL; /* separator: no ASCII text holds 0xff */
+    for (size_t i = 0; i < op_str_length; i++) {
+        hash = (hash ^ (unsigned char)op_str[i]) * 0x100000001b3ULL;
+    }
+    return hash;
+}
+
+/* The slot holding this text, or the empty slot where it would go. */
+static MemoEntry *
+memo_slot(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length,
+          const char *op_str, size_t op_str_length)
+{
+    size_t mask = memo->capacity - 1;
+    for (size_t i = (size_t)hash & mask;; i = (i + 1) & mask) {
+        MemoEntry *entry = &memo->entries[i];
+        if (entry->text == NULL) {
+            return entry;
+        }
+        if (entry->hash == hash && entry->mnemonic_length == mnemonic_length &&
+            entry->op_str_length == op_str_length &&
+            memcmp(entry->text, mnemonic, mnemonic_length) == 0 &&
+            memcmp(entry->text + mnemonic_length + 1, op_str, op_str_length) == 0) {
+            return entry;
+        }
+    }
+}
+
+/* Remembers (op_str, analysis) for a text; 0, or -1 with MemoryError. */
+static int
+memo_add(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length,
+         const char *op_str, size_t op_str_length, PyObject *op_str_object, PyObject *analysis)
+{
+    if (2 * (memo->used + 1) > memo->capacity) { /* keep the table at most half full */
+        size_t capacity = memo->capacity * 2;
+        MemoEntry *entries = PyMem_Calloc(capacity, sizeof(MemoEntry));
+        if (entries == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t i = 0; i < memo->capacity; i++) {
+            if (memo->entries[i].text != NULL) {
+                size_t j = (size_t)memo->entries[i].hash & (capacity - 1);
+                while (entries[j].text != NULL) {
+                    j = (j + 1) & (capacity - 1);
+                }
+                entries[j] = memo->entries[i];
+            }
+        }
+        PyMem_Free(memo->entries);
+        memo->entries = entries;
+        memo->capacity = capacity;
+    }
+    MemoEntry *entry = memo_slot(memo, hash, mnemonic, mnemonic_length, op_str, op_str_length);
+    if (entry->text != NULL) {
+        return 0; /* already there */
+    }
+    char *text = PyMem_Malloc(mnemonic_length + op_str_length + 2);
+    if (text == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(text, mnemonic, mnemonic_length);
+    text[mnemonic_length] = 0;
+    memcpy(text + mnemonic_length + 1, op_str, op_str_length);
+    text[mnemonic_length + 1 + op_str_length] = 0;
+    entry->hash = hash;
+    entry->text = text;
+    entry->mnemonic_length = mnemonic_length;
+    entry->op_str_length = op_str_length;
+    Py_INCREF(op_str_object);
+    Py_INCREF(analysis);
+    entry->op_str = op_str_object;
+    entry->analysis = analysis;
+    memo->used++;
+    return 0;
+}
+
 /* The target of a direct branch whose operand text is "0x" and 1-16 hex digits, masked to the
  * image's address width; -1 for any other text (left to the Python analysis). */
 static int
@@ -128,26 +273,32 @@ direct_target(const char *text, uint64_t mask, uint64_t *target)
 }
 
 /* decode_window(handle, data, offset, length, address, decoded, shared, local, analyse,
- *               branches, address_mask, kind)
+ *               branches, address_mask, kind, memo)
  *
  * Decodes data[offset:offset+length] at ``address`` and stores one ``kind`` tuple (the
  * Instruction NamedTuple) per instruction in ``decoded``, stopping at the first instruction
  * other than the first that ``decoded`` already holds. An instruction text's analysis is looked
  * up in ``shared`` and then ``local`` (both keyed by (mnemonic, op_str)); a direct branch to a
  * new target whose mnemonic is in ``branches`` (mnemonic text -> (mnemonic, token, kind)) is
- * built here; any other new text goes to analyse(mnemonic, op_str), which caches it. */
+ * built here; any other new text goes to analyse(mnemonic, op_str), which caches it. Every
+ * answer but a direct branch's is also kept in ``memo`` (new_memo), checked first. */
 static PyObject *
 decode_window(PyObject *module, PyObject *args)
 {
     unsigned long long handle, address_mask;
     Py_buffer data;
     Py_ssize_t offset, length;
-    PyObject *start_object, *decoded, *shared, *local, *analyse, *branches;
+    PyObject *start_object, *decoded, *shared, *local, *analyse, *branches, *memo_capsule;
     PyTypeObject *kind;
-    if (!PyArg_ParseTuple(args, "Ky*nnOO!O!O!OO!KO!", &handle, &data, &offset, &length,
+    if (!PyArg_ParseTuple(args, "Ky*nnOO!O!O!OO!KO!O", &handle, &data, &offset, &length,
                           &start_object, &PyDict_Type, &decoded, &PyDict_Type, &shared,
                           &PyDict_Type, &local, &analyse, &PyDict_Type, &branches,
-                          &address_mask, &PyType_Type, &kind)) {
+                          &address_mask, &PyType_Type, &kind, &memo_capsule)) {
+        return NULL;
+    }
+    Memo *memo = PyCapsule_GetPointer(memo_capsule, MEMO_CAPSULE);
+    if (memo == NULL) {
+        PyBuffer_Release(&data);
         return NULL;
     }
     if (disasm_function == NULL) {
@@ -205,14 +356,29 @@ decode_window(PyObject *module, PyObject *args)
                 break; /* in sync with what is cached (or an error, raised below) */
             }
         }
-        PyObject *mnemonic = text_field(insn + mnemonic_offset, mnemonic_capacity);
-        PyObject *op_str = mnemonic ? text_field(insn + op_str_offset, op_str_capacity) : NULL;
-        PyObject *key = op_str ? PyTuple_Pack(2, mnemonic, op_str) : NULL;
+        const char *mnemonic_text = insn + mnemonic_offset;
+        const char *op_str_text = insn + op_str_offset;
+        size_t mnemonic_length = strnlen(mnemonic_text, (size_t)mnemonic_capacity);
+        size_t op_str_length = strnlen(op_str_text, (size_t)op_str_capacity);
+        uint64_t hash = text_hash(mnemonic_text, mnemonic_length, op_str_text, op_str_length);
+        MemoEntry *remembered = memo_slot(memo, hash, mnemonic_text, mnemonic_length,
+                                          op_str_text, op_str_length);
+        PyObject *mnemonic = NULL, *op_str = NULL, *key = NULL;
         /* (mnemonic, token, kind, target, absolute memory, rip displacement, address
          * immediates, large immediates), as _OperandAnalysis lists them; all owned. */
         PyObject *fields[ANALYSIS_FIELDS] = {NULL};
         PyObject *analysis = NULL;
         int ready = 0;
+        if (remembered->text != NULL) {
+            op_str = remembered->op_str;
+            analysis = remembered->analysis;
+            Py_INCREF(op_str);
+            Py_INCREF(analysis);
+        } else {
+            mnemonic = text_field(mnemonic_text, mnemonic_capacity);
+            op_str = mnemonic ? text_field(op_str_text, op_str_capacity) : NULL;
+            key = op_str ? PyTuple_Pack(2, mnemonic, op_str) : NULL;
+        }
         if (key != NULL) {
             analysis = PyDict_GetItemWithError(shared, key); /* borrowed */
             if (analysis == NULL && !PyErr_Occurred()) {
@@ -243,6 +409,11 @@ decode_window(PyObject *module, PyObject *args)
             } else if (!PyErr_Occurred()) {
                 analysis = PyObject_CallObject(analyse, key);
             }
+        }
+        if (key != NULL && analysis != NULL &&
+            memo_add(memo, hash, mnemonic_text, mnemonic_length, op_str_text, op_str_length,
+                     op_str, analysis) < 0) {
+            Py_CLEAR(analysis);
         }
         Py_XDECREF(key);
         Py_XDECREF(mnemonic);
@@ -524,7 +695,8 @@ static PyMethodDef methods[] = {
      "mnemonic_offset, mnemonic_size, op_str_offset, op_str_size)"},
     {"decode_window", decode_window, METH_VARARGS,
      "decode_window(handle, data, offset, length, address, decoded, shared, local, analyse, "
-     "branches, address_mask, kind)"},
+     "branches, address_mask, kind, memo)"},
+    {"new_memo", new_memo, METH_NOARGS, "new_memo() -> a per-sample memo for decode_window"},
     {"walk_plain", walk_plain, METH_VARARGS,
      "walk_plain(address, start, instructions, known, decoded, max_instructions, trail, "
      "import_slots, import_registers) -> address"},

@@ -28,8 +28,10 @@ def decode_window(
     branches: dict[str, tuple[str, str, int]],
     address_mask: int,
     kind: type[tuple[Any, ...]],
+    memo: object,
     /,
 ) -> None: ...
+def new_memo() -> object: ...
 def walk_plain(
     address: int,
     start: int,

@@ -267,6 +267,7 @@ class InstructionDecoder:
         self._mnemonics: dict[str, tuple[str, int]] = {}
         # The compiled loops, fixed per sample (also used by explore and build_features).
         self.accelerator = ACCELERATOR
+        self._memo = ACCELERATOR.new_memo() if ACCELERATOR is not None else None
 
     # --- address space -------------------------------------------------------------------
 
@@ -331,6 +332,7 @@ class InstructionDecoder:
                 _BRANCH_MNEMONICS,
                 self._address_mask,
                 Instruction,
+                self._memo,
             )
             return
         window = segment.data[offset : offset + DECODE_WINDOW_BYTES]
