@@ -80,13 +80,14 @@ projects an engine does not list score 0; MRR and top-1 count ties as a random o
 wrong. Top-1/MRR/margin means weight every project equally (mean of per-project means).
 Each engine runs in its own child process per group of settings ((a) then (c) grow one KB),
 so "process peak RSS" is that engine's getrusage peak; "phase peak RSS" is sampled every 20 ms
-during that setting. Indexing: earmark = the whole ingest (analysis + store) plus the index
-build ("index build s" alone: function index + feature candidate stage, which `earmark ingest`
-builds too); MCRIT = SMDA disassembly + storage + MinHash ("index build s" = storage + MinHash
-alone). Functions: each engine's own count (earmark: stored functions;
-MCRIT: SMDA functions). Query latency: earmark = `analyze_file` + `attribute_sample`, MCRIT =
-SMDA + `getMatchesForSmdaReport`; "w/o analysis" leaves out the query's own analysis. CPU
-seconds include earmark's ingest workers and stay comparable when other jobs load the machine.
+during that setting (ingest, index build and queries). Indexing: earmark = the whole ingest
+(analysis + store) plus the index build ("index build s" alone: function index + feature
+candidate stage + artefact statistics, which `earmark ingest` builds too); MCRIT = SMDA
+disassembly + storage + MinHash ("index build s" = storage + MinHash alone). Functions: each
+engine's own count (earmark: stored functions; MCRIT: SMDA functions). Query latency:
+earmark = `analyze_file` + `attribute_sample`, MCRIT = SMDA + `getMatchesForSmdaReport`;
+"w/o analysis" leaves out the query's own analysis. CPU seconds include earmark's ingest
+workers and stay comparable when other jobs load the machine.
 """
 
 
@@ -211,7 +212,7 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
                 jobs=EARMARK_INGEST_JOBS,
             )
             failures += [f"{o.name}: {o.error_type}" for o in summary.failures]
-    with Stopwatch() as build_watch:
+    with Stopwatch() as build_watch, watch_peak_memory() as build_memory:
         # Everything a query reads (function index and feature candidate stage), as
         # ``earmark ingest`` builds it: no query pays for index building.
         kb.prepare()
@@ -272,7 +273,8 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
             "ingest_seconds": ingest_watch.wall,
             "build_seconds": build_watch.wall,
             "cpu_seconds": ingest_watch.cpu + build_watch.cpu + workers_cpu,
-            "peak_rss_bytes": ingest_memory.peak_bytes,
+            # ingest and index build alike (the stage build is the build's peak)
+            "peak_rss_bytes": max(ingest_memory.peak_bytes, build_memory.peak_bytes),
             "failures": failures,
         },
         "query_peak_rss_bytes": query_memory.peak_bytes,
