@@ -83,6 +83,9 @@ def test_other_revision_or_parameters_is_a_miss(builder: FixtureBuilder, tmp_pat
         ("strings_offsets", lambda a: a[:-1].copy()),
         ("minhash", lambda a: a.astype(np.uint64)),
         ("calls_negative", lambda a: a[1:].copy()),
+        ("strings_ids", lambda a: a + 1_000_000),
+        ("strings_blob", lambda a: np.full_like(a, 0xFF)),
+        ("calls_offsets", lambda a: a[::-1].copy()),
     ],
 )
 def test_damaged_cache_is_refused(

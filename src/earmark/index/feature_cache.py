@@ -144,9 +144,11 @@ def _check(condition: bool, path: Path, what: str) -> None:
 
 
 def _check_offsets(offsets: npt.NDArray[Any], rows: int, total: int, path: Path, name: str) -> None:
-    """Dtype, length and both ends (reading every offset would page the array in)."""
+    """Dtype, length, both ends and order (the offsets are read whole anyway: the stage keeps
+    every row's bounds side by side, ``CompactFunctions._reference_bounds``)."""
     _check(offsets.dtype == np.int64 and offsets.shape == (rows + 1,), path, f"{name} offsets")
     _check(int(offsets[0]) == 0 and int(offsets[-1]) == total, path, f"{name} offsets bounds")
+    _check(rows == 0 or bool((np.diff(offsets) >= 0).all()), path, f"{name} offsets decrease")
 
 
 def _int_column(arrays: dict[str, npt.NDArray[Any]], name: str, rows: int, path: Path) -> IntColumn:
@@ -165,6 +167,10 @@ def _text_column(
     _check(blob.dtype == np.uint8 and blob.ndim == 1, path, f"{name} blob")
     _check(starts.dtype == np.int64 and starts.ndim == 1 and len(starts) >= 1, path, f"{name}")
     _check(int(starts[0]) == 0 and int(starts[-1]) == len(blob), path, f"{name} size")
+    _check(bool((np.diff(starts) >= 0).all()), path, f"{name} text starts decrease")
+    # The distinct texts are decoded lazily; decoding the blob once here (1-2 MB on the PE
+    # bench KB) turns damaged bytes into IndexCacheError at load, not an error mid-query.
+    blob.tobytes().decode("utf-8", "surrogatepass")
     _check(ids.dtype == np.int64 and ids.ndim == 1, path, f"{name} ids")
     # Ids index the vocabulary: checked in full (8 bytes per text occurrence, small).
     _check(
