@@ -29,6 +29,7 @@ import shutil
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Final
 
@@ -39,7 +40,8 @@ from earmark.errors import IntelError
 
 WARNINGLIST_TABLES_FORMAT: Final = "earmark-warninglists"
 # Bump whenever the keys or the matching rules compiled into them change.
-WARNINGLIST_TABLES_VERSION: Final = 1
+# 2: key = hash(kind, value) XOR hash(attribute).
+WARNINGLIST_TABLES_VERSION: Final = 2
 _MANIFEST: Final = "manifest.json"
 # Lists per table: list indexes are stored as uint16 (MISP ships ~120 lists).
 MAX_WARNINGLISTS: Final = 65_535
@@ -59,11 +61,33 @@ def is_dynamic_dns_list(name: str) -> bool:
     return "dynamic dns" in name.lower()
 
 
-def table_key(kind: str, attribute: str, value: str) -> int:
-    """The 64-bit key of one entry (and of the probe that looks it up)."""
+def _digest(text: str) -> int:
     # surrogatepass: values from samples may hold lone surrogates; they must hash, not raise.
-    data = f"{kind}\x00{attribute}\x00{value}".encode("utf-8", "surrogatepass")
+    data = text.encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+@lru_cache(maxsize=256)
+def _attribute_mask(attribute: str) -> int:
+    return _digest(f"attribute\x00{attribute}")
+
+
+def table_key(kind: str, attribute: str, value: str) -> int:
+    """The 64-bit key of one entry (and of the probe that looks it up): the value's hash
+    XOR its attribute's, so a value probed under several attributes is hashed once."""
+    return _digest(f"{kind}\x00{value}") ^ _attribute_mask(attribute)
+
+
+# Probes repeat their short suffixes ("com", "co.uk") across values: cached per process.
+@lru_cache(maxsize=4096)
+def _probe_hash(kind: str, value: str) -> int:
+    return _digest(f"{kind}\x00{value}")
+
+
+def probe_keys(kind: str, value: str, attributes: Sequence[str]) -> list[int]:
+    """``table_key(kind, a, value)`` for each attribute, in order."""
+    hashed = _probe_hash(kind, value)
+    return [hashed ^ _attribute_mask(attribute) for attribute in attributes]
 
 
 def network_key(version: int, prefix: int, network: int) -> int:

@@ -55,8 +55,8 @@ from earmark.intel.warninglist_tables import (
     compile_warninglists,
     load_tables,
     network_key,
+    probe_keys,
     save_tables,
-    table_key,
 )
 from earmark.model.intel import Indicator, IndicatorType
 
@@ -180,7 +180,9 @@ class BenignInfrastructure:
 
     def _customer_names(self, suffixes: list[str]) -> list[str | None]:
         """The list making each name a shared customer suffix (lists first), or None."""
-        listed = self._tables.find([table_key("customer", "", suffix) for suffix in suffixes])
+        listed = self._tables.find(
+            [probe_keys("customer", suffix, ("",))[0] for suffix in suffixes]
+        )
         return [
             name or self._customer_suffixes.get(suffix)
             for suffix, name in zip(suffixes, listed, strict=True)
@@ -237,9 +239,10 @@ class BenignInfrastructure:
         suffixes = list(_suffixes(host))
         # One binary search for every probe (exact value, customer suffixes, listed
         # suffixes), read below in the order the rules apply.
-        keys = [table_key("exact", a, host) for a in ordered]
-        keys += [table_key("customer", "", suffix) for suffix in suffixes]
-        keys += [table_key("host", a, suffix) for suffix in suffixes for a in ordered]
+        keys = probe_keys("exact", host, ordered)
+        keys += [probe_keys("customer", suffix, ("",))[0] for suffix in suffixes]
+        for suffix in suffixes:
+            keys += probe_keys("host", suffix, ordered)
         names = self._tables.find(keys)
         exact, listed_customers = names[: len(ordered)], names[len(ordered) :][: len(suffixes)]
         listed = iter(names[len(ordered) + len(suffixes) :])
@@ -280,7 +283,7 @@ class BenignInfrastructure:
 
     def _match_plain(self, value: str, attributes: frozenset[str]) -> str | None:
         ordered = tuple(attributes)
-        listed = self._tables.find([table_key("exact", a, value) for a in ordered])
+        listed = self._tables.find(probe_keys("exact", value, ordered))
         return next((name for name in listed if name), None) or self._match_fragments(
             value, ordered
         )
