@@ -38,6 +38,7 @@ from earmark.index.feature_candidates import FeatureCandidateIndex
 from earmark.index.similarity import compare_functions
 from earmark.ingest import IngestSummary, LabelTemplate, ingest_paths
 from earmark.intel import indicators_from_strings
+from earmark.intel.warninglists import default_warninglist_tables
 from earmark.model.evidence import Evidence
 from earmark.model.intel import Indicator
 from earmark.model.kb import SampleRecord
@@ -131,12 +132,14 @@ class KnowledgeBase:
 
     def prepare(self) -> None:
         """Build (and cache beside a SQLite KB) every index a query reads: the function index,
-        the feature candidate stage and the artefact statistics. ``earmark ingest`` calls it
-        after writing, so the first query after an ingest does not pay the build (seconds: it
-        decodes every stored sample's features)."""
+        the feature candidate stage, the artefact statistics, and the per-installation
+        warninglist table. ``earmark ingest`` calls it after writing, so the first query after
+        an ingest does not pay the build (seconds: it decodes every stored sample's features)."""
         self.index()
         self.feature_candidates()
         self.artefact_stats()
+        # Compiled once per installation (seconds), mapped by every later process.
+        default_warninglist_tables()
         self.artefact_stats()
 
     def feature_candidates(self) -> FeatureCandidateIndex | None:
