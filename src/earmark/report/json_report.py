@@ -8,8 +8,9 @@ from pathlib import Path
 from earmark.correlate.infrastructure import ActorScore
 from earmark.model.kb import Tlp
 from earmark.report.document import CaseReport, CompareReport, case_json_schema
-from earmark.report.misp_export import misp_event_for_case, render_misp
-from earmark.report.stix_export import build_stix_bundle
+
+# The STIX and MISP exporters are imported where they are used: pymisp alone costs ~2.5 s of
+# import, which `--format json` (the common scripted call) should not pay.
 
 
 def render_case_json(case: CaseReport) -> str:
@@ -30,6 +31,8 @@ def _actor_scores(case: CaseReport) -> list[ActorScore]:
 
 
 def render_case_stix(case: CaseReport, tlp: Tlp = Tlp.AMBER) -> str:
+    from earmark.report.stix_export import build_stix_bundle
+
     bundle = build_stix_bundle(
         evidence=[item.to_evidence() for item in case.evidence],
         hypotheses=_actor_scores(case),
@@ -40,6 +43,8 @@ def render_case_stix(case: CaseReport, tlp: Tlp = Tlp.AMBER) -> str:
 
 def render_case_misp(case: CaseReport, tlp: Tlp = Tlp.AMBER) -> str | None:
     """MISP event JSON, or None when the TLP forbids exporting the case (TLP:RED)."""
+    from earmark.report.misp_export import misp_event_for_case, render_misp
+
     event = misp_event_for_case(
         title=f"earmark attribution of {case.query.name}: {case.verdict.summary}",
         evidence=[item.to_evidence() for item in case.evidence],
