@@ -269,6 +269,18 @@ class InstructionDecoder:
         self.accelerator = ACCELERATOR
         self._memo = ACCELERATOR.new_memo() if ACCELERATOR is not None else None
 
+    def release_caches(self) -> None:
+        """Forget every decoded instruction and per-sample text analysis.
+
+        For when recovery is over: the caches are the largest part of a sample's analysis
+        memory, and the instructions the bodies keep stay alive through them. Decoding still
+        works afterwards, starting from empty caches.
+        """
+        self.decoded = {}
+        self._analysis = {}
+        self._operands = {}
+        self._memo = self.accelerator.new_memo() if self.accelerator is not None else None
+
     # --- address space -------------------------------------------------------------------
 
     def segment_at(self, address: int) -> Segment | None:
