@@ -26,13 +26,19 @@ from earmark.correlate.code import (
     MAX_FEATURE_STAGE_SAMPLES,
     build_feature_candidates,
     find_code_evidence,
+    stored_samples,
 )
 from earmark.demo_build import DemoBinary, Target, build_demo_corpus
 from earmark.errors import UsageError
 from earmark.extract import analyze_file
 from earmark.freeze import load_features
 from earmark.index import DEFAULT_TOP_K, FunctionIndex, IndexCacheError
-from earmark.index.artefacts import ArtefactStats
+from earmark.index.artefacts import (
+    ArtefactStats,
+    ArtefactStatsBuilder,
+    load_artefact_stats,
+    save_artefact_stats,
+)
 from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
 from earmark.index.feature_candidates import FeatureCandidateIndex
 from earmark.index.similarity import compare_functions
@@ -104,7 +110,7 @@ class KnowledgeBase:
     def artefact_stats(self) -> ArtefactStats:
         index = self.index()
         if self._artefacts is None or self._artefacts.revision != index.revision:
-            cache = None if self.index_path is None else self.index_path.with_suffix(".artefacts")
+            cache = self._artefact_cache_path()
             self._artefacts = artefact_stats_for(self.store, self._samples, index.revision, cache)
         return self._artefacts
 
@@ -134,13 +140,50 @@ class KnowledgeBase:
         """Build (and cache beside a SQLite KB) every index a query reads: the function index,
         the feature candidate stage, the artefact statistics, and the per-installation
         warninglist table. ``earmark ingest`` calls it after writing, so the first query after
-        an ingest does not pay the build (seconds: it decodes every stored sample's features)."""
-        self.index()
+        an ingest does not pay the build (seconds: it decodes every stored sample's features,
+        once for the feature stage and the artefact statistics together)."""
+        self._build_stage_and_artefacts(self.index())
         self.feature_candidates()
         self.artefact_stats()
         # Compiled once per installation (seconds), mapped by every later process.
         default_warninglist_tables()
-        self.artefact_stats()
+
+    def _build_stage_and_artefacts(self, index: FunctionIndex) -> None:
+        """When neither the feature stage nor the artefact statistics of this revision are
+        at hand, both are built from one decoding pass over the stored samples: decoding was
+        6.8 of the 10.7 CPU s the two builds took apart on the PE bench KB (docs/benchmarks.md).
+        """
+        revision, min_instructions = index.revision, index.min_instructions
+        if (
+            len(self._samples) > MAX_FEATURE_STAGE_SAMPLES
+            or (self._feature_candidates is not None and self._feature_candidates[0] == revision)
+            or (self._artefacts is not None and self._artefacts.revision == revision)
+            or self._cached_feature_candidates(revision, min_instructions) is not None
+        ):
+            return
+        cache = self._artefact_cache_path()
+        if cache is not None:
+            try:
+                self._artefacts = load_artefact_stats(cache, revision)
+                return
+            except IndexCacheError:
+                pass  # missing, stale or damaged: built below, never trusted
+        artefacts = ArtefactStatsBuilder()
+
+        def counted_once() -> Iterator[tuple[SampleRecord, SampleFeatures]]:
+            for record, features in stored_samples(self.store, self._samples):
+                artefacts.add(record, features)
+                yield record, features
+                del features  # not alive while the next sample is decoded
+
+        built = build_feature_candidates(
+            self.store, self._samples, min_instructions, counted_once()
+        )
+        stats = artefacts.finish(revision)
+        self._feature_candidates = (revision, self._keep_feature_candidates(built, index))
+        if cache is not None:
+            save_artefact_stats(stats, cache)
+        self._artefacts = stats
 
     def feature_candidates(self) -> FeatureCandidateIndex | None:
         """The optimisation-robust candidate stage (None past its sample limit)."""
@@ -148,24 +191,27 @@ class KnowledgeBase:
         if self._feature_candidates is None or self._feature_candidates[0] != index.revision:
             built = self._cached_feature_candidates(index.revision, index.min_instructions)
             if built is None:
-                built = build_feature_candidates(self.store, self._samples, index.min_instructions)
-                cache = self._feature_cache_path()
-                saved = (
-                    built is not None
-                    and cache is not None
-                    and save_feature_candidates(
-                        built, cache, index.revision, index.min_instructions
-                    )
+                built = self._keep_feature_candidates(
+                    build_feature_candidates(self.store, self._samples, index.min_instructions),
+                    index,
                 )
-                if saved:
-                    # Served from the mapped files from now on: the pages are shared with the
-                    # page cache and the built arrays are freed.
-                    built = (
-                        self._cached_feature_candidates(index.revision, index.min_instructions)
-                        or built
-                    )
             self._feature_candidates = (index.revision, built)
         return self._feature_candidates[1]
+
+    def _keep_feature_candidates(
+        self, built: FeatureCandidateIndex | None, index: FunctionIndex
+    ) -> FeatureCandidateIndex | None:
+        """A built stage saved beside a SQLite KB, and then served from the mapped files."""
+        cache = self._feature_cache_path()
+        if built is None or cache is None:
+            return built
+        if not save_feature_candidates(built, cache, index.revision, index.min_instructions):
+            return built
+        # The pages are shared with the page cache and the built arrays are freed.
+        return self._cached_feature_candidates(index.revision, index.min_instructions) or built
+
+    def _artefact_cache_path(self) -> Path | None:
+        return None if self.index_path is None else self.index_path.with_suffix(".artefacts")
 
     def _feature_cache_path(self) -> Path | None:
         """``<db>.features`` beside ``<db>.index`` (its own directory: saving the function

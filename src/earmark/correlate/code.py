@@ -20,7 +20,7 @@ functions, so ``earmark.reason`` can treat adjacent matches as partly dependent.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -29,6 +29,7 @@ import numpy as np
 from earmark.index.feature_candidates import (
     FeatureCandidateIndex,
     FeatureMatch,
+    StoredFunctionIds,
     locate_function,
 )
 from earmark.index.function_index import (
@@ -120,30 +121,46 @@ def _labels_of(record: SampleRecord) -> list[tuple[str | None, str | None]]:
     return sorted(claims, key=lambda claim: (claim[0] or "", claim[1] or ""))
 
 
+def stored_samples(
+    store: Store, samples: Mapping[int, SampleRecord]
+) -> Iterator[tuple[SampleRecord, SampleFeatures]]:
+    """Every KB sample with its decoded features, by sha256 (the order every KB-wide build
+    uses, so results never depend on ingest order). Decoded one at a time: a consumer that
+    drops each sample before asking for the next holds one decoded sample."""
+    for record in sorted(samples.values(), key=lambda record: record.sha256):
+        yield record, store.load_features(record.sha256)
+
+
+def _functions_of(
+    decoded: Iterable[tuple[SampleRecord, SampleFeatures]],
+) -> Iterator[tuple[int, Sequence[FunctionFeatures]]]:
+    for record, features in decoded:
+        functions = features.functions
+        del features  # only the functions are passed on, and only until the next sample
+        yield record.sample_id, functions
+        del functions
+
+
 def build_feature_candidates(
-    store: Store, samples: Mapping[int, SampleRecord], min_instructions: int
+    store: Store,
+    samples: Mapping[int, SampleRecord],
+    min_instructions: int,
+    decoded: Iterable[tuple[SampleRecord, SampleFeatures]] | None = None,
 ) -> FeatureCandidateIndex | None:
-    """The second candidate stage over every KB sample, or None past MAX_FEATURE_STAGE_SAMPLES."""
+    """The second candidate stage over every KB sample, or None past MAX_FEATURE_STAGE_SAMPLES.
+
+    ``decoded`` is ``stored_samples(store, samples)`` or a pass over it that also feeds other
+    statistics (``KnowledgeBase.prepare``: the artefact statistics), so the stored samples
+    are decoded once for both; it is not consumed when the stage is skipped."""
     if len(samples) > MAX_FEATURE_STAGE_SAMPLES:
         return None
-    ordered = sorted(samples.values(), key=lambda record: record.sha256)
     table = store.load_function_table()
-    function_ids = {
-        (int(sample), int(address)): int(identifier)
-        for sample, address, identifier in zip(
-            table.sample_id.tolist(),
-            table.address.tolist(),
-            table.function_id.tolist(),
-            strict=True,
-        )
-    }
+    # Sorted copies of three columns; the table's MinHash rows are freed before decoding.
+    function_ids = StoredFunctionIds(table.sample_id, table.address, table.function_id)
     del table
-    # A generator: one decoded sample alive at a time; only the compact form is kept.
-    return FeatureCandidateIndex.build(
-        ((record.sample_id, store.load_features(record.sha256).functions) for record in ordered),
-        min_instructions,
-        function_ids,
-    )
+    if decoded is None:
+        decoded = stored_samples(store, samples)
+    return FeatureCandidateIndex.build(_functions_of(decoded), min_instructions, function_ids)
 
 
 def _rows_of_function_ids(index: FunctionIndex, function_ids: Sequence[int]) -> list[int | None]:

@@ -304,82 +304,98 @@ def build_artefact_stats(
     samples: Iterable[tuple[SampleRecord, SampleFeatures]], revision: int
 ) -> ArtefactStats:
     """KB statistics from every stored sample (one decoded sample alive at a time)."""
-    owners_of: dict[int, dict[int, list[int]]] = defaultdict(dict)  # key -> owner -> samples
-    goodware_of: dict[int, int] = defaultdict(int)
-    strings_of: dict[int, list[int]] = {}  # sample id -> its string keys
-    owner_codes: dict[str, int] = {}
-    library_importers: dict[str, set[str]] = defaultdict(set)
-    library_names: dict[str, set[str]] = defaultdict(set)
+    builder = ArtefactStatsBuilder()
     for record, features in samples:
+        builder.add(record, features)
+        del features  # not kept alive while the next sample is decoded
+    return builder.finish(revision)
+
+
+class ArtefactStatsBuilder:
+    """Counts added sample by sample, so one decoding pass over the stored samples can feed
+    this and the feature candidate stage alike (``KnowledgeBase.prepare``)."""
+
+    def __init__(self) -> None:
+        self.owners_of: dict[int, dict[int, list[int]]] = defaultdict(dict)  # key -> owner -> ids
+        self.goodware_of: dict[int, int] = defaultdict(int)
+        self.strings_of: dict[int, list[int]] = {}  # sample id -> its string keys
+        self.owner_codes: dict[str, int] = {}
+        self.library_importers: dict[str, set[str]] = defaultdict(set)
+        self.library_names: dict[str, set[str]] = defaultdict(set)
+
+    def add(self, record: SampleRecord, features: SampleFeatures) -> None:
         artefacts = sample_artefacts(features)
         keys = {artefact.key for artefact in artefacts}
-        strings_of[record.sample_id] = [a.key for a in artefacts if a.kind == "string"]
+        self.strings_of[record.sample_id] = [a.key for a in artefacts if a.kind == "string"]
         if record.goodware:
             for key in keys:
-                goodware_of[key] += 1
+                self.goodware_of[key] += 1
             importer = [f"goodware:{record.sample_id}"]
         else:
+            owner_codes = self.owner_codes
             codes = [owner_codes.setdefault(o, len(owner_codes)) for o in _owner_keys(record)]
             for key in keys:
-                listed = owners_of[key]
+                listed = self.owners_of[key]
                 for code in codes:
                     listed.setdefault(code, []).append(record.sample_id)
             importer = _owner_keys(record)
         for library, names in imported_libraries(features).items():
-            library_importers[library].update(importer)
-            library_names[library] |= names
-    all_keys = sorted(set(owners_of) | set(goodware_of))
-    owner_count = np.array([len(owners_of.get(k, ())) for k in all_keys], dtype=np.uint32)
-    goodware_count = np.array([goodware_of.get(k, 0) for k in all_keys], dtype=np.uint32)
-    listed_owner: list[int] = []
-    listed_sample: list[int] = []
-    offsets = [0]
-    for key in all_keys:
-        listed = owners_of.get(key, {})
-        if len(listed) <= MAX_LISTED_OWNERS:
-            pairs = sorted((code, sample) for code, ids in listed.items() for sample in ids)
-            for code, sample_id in pairs[:MAX_LISTED_SAMPLES]:
-                listed_owner.append(code)
-                listed_sample.append(sample_id)
-        offsets.append(len(listed_owner))
-    weight = rarity_weight(owner_count, goodware_count, len(owner_codes))
-    rare_keys = {
-        key
-        for key, value in zip(all_keys, weight.tolist(), strict=True)
-        if value >= RARE_ARTEFACT_WEIGHT
-    }
-    sample_ids = sorted(strings_of)
-    owner_names = tuple(name.split(":", 1)[1] for name in owner_codes)
-    libraries = {
-        library: LibraryUsage(
-            importers=len(importers),
-            examples=tuple(
-                sorted(i.split(":", 1)[1] for i in importers if not i.startswith("goodware:"))[
-                    :MAX_LISTED_OWNERS
-                ]
+            self.library_importers[library].update(importer)
+            self.library_names[library] |= names
+
+    def finish(self, revision: int) -> ArtefactStats:
+        owners_of, goodware_of, strings_of = self.owners_of, self.goodware_of, self.strings_of
+        all_keys = sorted(set(owners_of) | set(goodware_of))
+        owner_count = np.array([len(owners_of.get(k, ())) for k in all_keys], dtype=np.uint32)
+        goodware_count = np.array([goodware_of.get(k, 0) for k in all_keys], dtype=np.uint32)
+        listed_owner: list[int] = []
+        listed_sample: list[int] = []
+        offsets = [0]
+        for key in all_keys:
+            listed = owners_of.get(key, {})
+            if len(listed) <= MAX_LISTED_OWNERS:
+                pairs = sorted((code, sample) for code, ids in listed.items() for sample in ids)
+                for code, sample_id in pairs[:MAX_LISTED_SAMPLES]:
+                    listed_owner.append(code)
+                    listed_sample.append(sample_id)
+            offsets.append(len(listed_owner))
+        weight = rarity_weight(owner_count, goodware_count, len(self.owner_codes))
+        rare_keys = {
+            key
+            for key, value in zip(all_keys, weight.tolist(), strict=True)
+            if value >= RARE_ARTEFACT_WEIGHT
+        }
+        sample_ids = sorted(strings_of)
+        libraries = {
+            library: LibraryUsage(
+                importers=len(importers),
+                examples=tuple(
+                    sorted(
+                        i.split(":", 1)[1] for i in importers if not i.startswith("goodware:")
+                    )[:MAX_LISTED_OWNERS]
+                ),
+                names=frozenset(self.library_names[library]),
+            )
+            for library, importers in sorted(self.library_importers.items())
+        }
+        return ArtefactStats(
+            revision=revision,
+            keys=np.array(all_keys, dtype=np.uint64),
+            owner_count=owner_count,
+            goodware_count=goodware_count,
+            weight=weight,
+            listed_offsets=np.array(offsets, dtype=np.int64),
+            listed_owner=np.array(listed_owner, dtype=np.int32),
+            listed_sample=np.array(listed_sample, dtype=np.int64),
+            sample_ids=np.array(sample_ids, dtype=np.int64),
+            rare_strings=np.array(
+                [sum(1 for key in strings_of[s] if key in rare_keys) for s in sample_ids],
+                dtype=np.int64,
             ),
-            names=frozenset(library_names[library]),
+            owner_names=tuple(name.split(":", 1)[1] for name in self.owner_codes),
+            total_owners=len(self.owner_codes),
+            libraries=libraries,
         )
-        for library, importers in sorted(library_importers.items())
-    }
-    return ArtefactStats(
-        revision=revision,
-        keys=np.array(all_keys, dtype=np.uint64),
-        owner_count=owner_count,
-        goodware_count=goodware_count,
-        weight=weight,
-        listed_offsets=np.array(offsets, dtype=np.int64),
-        listed_owner=np.array(listed_owner, dtype=np.int32),
-        listed_sample=np.array(listed_sample, dtype=np.int64),
-        sample_ids=np.array(sample_ids, dtype=np.int64),
-        rare_strings=np.array(
-            [sum(1 for key in strings_of[s] if key in rare_keys) for s in sample_ids],
-            dtype=np.int64,
-        ),
-        owner_names=owner_names,
-        total_owners=len(owner_codes),
-        libraries=libraries,
-    )
 
 
 _ARRAYS: Final = {

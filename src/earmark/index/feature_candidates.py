@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -49,6 +49,7 @@ __all__ = [
     "CompactFunctions",
     "FeatureCandidateIndex",
     "FeatureMatch",
+    "StoredFunctionIds",
     "feature_keys",
     "locate_function",
     "sample_ranges",
@@ -111,6 +112,70 @@ def feature_keys(function: FunctionFeatures) -> list[int]:
     return sorted(set(keys))
 
 
+class StoredFunctionIds(Mapping[tuple[int, int], int]):
+    """(sample id, address) -> store function id over the function table's columns. The
+    stage is built sample by sample, so one sample's dict is held at a time rather than a dict
+    of every stored function (47k tuple keys, ~10 MB on the PE bench KB)."""
+
+    def __init__(
+        self,
+        sample_id: npt.NDArray[np.int64],
+        address: npt.NDArray[np.uint64],
+        function_id: npt.NDArray[np.int64],
+    ) -> None:
+        # Stable: a (sample, address) stored twice maps to its last function id, as a dict
+        # filled in function id order would.
+        order = np.lexsort((address, sample_id))
+        self._sample_id = sample_id[order]
+        self._address = address[order]
+        self._function_id = function_id[order]
+        self._current: tuple[int | None, dict[int, int]] = (None, {})
+
+    def _of_sample(self, sample_id: int) -> dict[int, int]:
+        if self._current[0] != sample_id:
+            start, stop = np.searchsorted(self._sample_id, [sample_id, sample_id + 1]).tolist()
+            by_address = dict(
+                zip(
+                    self._address[start:stop].tolist(),
+                    self._function_id[start:stop].tolist(),
+                    strict=True,
+                )
+            )
+            self._current = (sample_id, by_address)
+        return self._current[1]
+
+    def __getitem__(self, key: tuple[int, int]) -> int:
+        sample_id, address = key
+        return self._of_sample(sample_id)[address]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self._sample_id.tolist(), self._address.tolist(), strict=True)
+
+    def __len__(self) -> int:
+        return len(self._function_id)
+
+
+def _add_sample(
+    builder: CompactBuilder,
+    keys: array[int],
+    owners: array[int],
+    sample_id: int,
+    functions: Sequence[FunctionFeatures],
+    min_instructions: int,
+    function_ids: Mapping[tuple[int, int], int] | None,
+) -> None:
+    for function in functions:
+        if function.instruction_count < min_instructions:
+            continue
+        identifier = -1
+        if function_ids is not None:
+            identifier = function_ids.get((sample_id, function.address), -1)
+        position = builder.add(sample_id, identifier, function)
+        function_keys = feature_keys(function)
+        keys.extend(function_keys)
+        owners.extend([position] * len(function_keys))
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureMatch:
     query: int  # position of the query function
@@ -147,16 +212,11 @@ class FeatureCandidateIndex:
         keys = array("Q")
         owners = array("q")
         for sample_id, sample_functions in samples:
-            for function in sample_functions:
-                if function.instruction_count < min_instructions:
-                    continue
-                identifier = -1
-                if function_ids is not None:
-                    identifier = function_ids.get((sample_id, function.address), -1)
-                position = builder.add(sample_id, identifier, function)
-                function_keys = feature_keys(function)
-                keys.extend(function_keys)
-                owners.extend([position] * len(function_keys))
+            _add_sample(
+                builder, keys, owners, sample_id, sample_functions, min_instructions, function_ids
+            )
+            # The loop name would keep this sample alive while the next one is decoded.
+            del sample_functions
         key_array = np.frombuffer(keys, dtype=np.uint64) if keys else np.zeros(0, np.uint64)
         # "Q"/"q" are C long long: 8 bytes on every platform numpy supports.
         owner_array = np.frombuffer(owners, dtype=np.int64) if owners else np.zeros(0, np.int64)
