@@ -123,12 +123,7 @@ class CodeCoverage:
                 continue
             lows = (addresses[inside] - low_bound).astype(np.int64)
             highs = np.minimum(ends[inside] - low_bound, np.uint64(len(coverage))).astype(np.int64)
-            first, last = int(lows.min()), int(highs.max())
-            # +1 at each instruction's first byte, -1 after its last: a running sum above
-            # zero is a covered byte.
-            depth = np.bincount(lows - first, minlength=last - first + 1)
-            depth -= np.bincount(highs - first, minlength=last - first + 1)
-            coverage[first:last] |= np.cumsum(depth[:-1]) > 0
+            _mark_intervals(coverage, lows, highs)
 
     def covered(self, address: int) -> bool:
         if self._pending:
@@ -163,6 +158,34 @@ class CodeCoverage:
             highs = [base + offset for offset in np.flatnonzero(edges == -1).tolist()]
             found.extend(zip(lows, highs, strict=True))
         return found
+
+
+def _mark_intervals(
+    coverage: npt.NDArray[np.bool_], lows: npt.NDArray[np.int64], highs: npt.NDArray[np.int64]
+) -> None:
+    """Set ``coverage[low:high]`` for every (low, high) pair, in a few numpy passes.
+
+    The intervals are merged first (sorted by low; a running maximum of high closes a run), so
+    the +1/-1 marks go into an int8 array: a running sum over the segment's bytes in int64,
+    as before, took 24 bytes a byte of code, ~50 MB at once on a 2 MB code section.
+    """
+    keep = highs > lows  # an instruction wrapping past 2**64 covers nothing here
+    lows, highs = lows[keep], highs[keep]
+    if not len(lows):
+        return
+    order = np.argsort(lows, kind="stable")
+    lows, highs = lows[order], highs[order]
+    reach = np.maximum.accumulate(highs)
+    # A run starts where an interval begins past everything before it (touching ones merge).
+    starts = np.flatnonzero(np.concatenate(([True], lows[1:] > reach[:-1])))
+    run_lows = lows[starts]
+    run_highs = reach[np.concatenate((starts[1:] - 1, [len(lows) - 1]))]
+    first, last = int(run_lows[0]), int(run_highs[-1])
+    # Runs are disjoint and not touching, so no two marks share a byte.
+    marks = np.zeros(last - first + 1, dtype=np.int8)
+    marks[run_lows - first] = 1
+    marks[run_highs - first] = -1
+    coverage[first:last] |= np.cumsum(marks[:-1], dtype=np.int8) > 0
 
 
 def tail_call_targets(
