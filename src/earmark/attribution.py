@@ -110,6 +110,7 @@ class KnowledgeBase:
     def artefact_stats(self) -> ArtefactStats:
         index = self.index()
         if self._artefacts is None or self._artefacts.revision != index.revision:
+            self._artefacts = None  # a stale revision's: not kept alive during the build
             cache = self._artefact_cache_path()
             self._artefacts = artefact_stats_for(self.store, self._samples, index.revision, cache)
         return self._artefacts
@@ -118,6 +119,8 @@ class KnowledgeBase:
         revision = self.store.revision()
         if self._index is not None and self._index.revision == revision:
             return self._index
+        # A stale revision's index is not kept alive while the new one is loaded or built.
+        self._index = None
         self._samples = dict(self.store.sample_labels())
         index: FunctionIndex | None = None
         if self.index_path is not None:
@@ -161,6 +164,10 @@ class KnowledgeBase:
             or self._cached_feature_candidates(revision, min_instructions) is not None
         ):
             return
+        # A stale revision's stage (mapped pages a query touched count as resident) and
+        # statistics are dropped before the build, not held alongside the new ones.
+        self._feature_candidates = None
+        self._artefacts = None
         cache = self._artefact_cache_path()
         if cache is not None:
             try:
@@ -189,6 +196,7 @@ class KnowledgeBase:
         """The optimisation-robust candidate stage (None past its sample limit)."""
         index = self.index()
         if self._feature_candidates is None or self._feature_candidates[0] != index.revision:
+            self._feature_candidates = None  # a stale revision's: not kept during the build
             built = self._cached_feature_candidates(index.revision, index.min_instructions)
             if built is None:
                 built = self._keep_feature_candidates(
