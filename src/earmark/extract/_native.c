@@ -376,6 +376,10 @@ decode_window(PyObject *module, PyObject *args)
             Py_INCREF(analysis);
         } else {
             mnemonic = text_field(mnemonic_text, mnemonic_capacity);
+            /* Interned: the cache keys keep it, and a few hundred mnemonics spell ~70k texts. */
+            if (mnemonic != NULL) {
+                PyUnicode_InternInPlace(&mnemonic);
+            }
             op_str = mnemonic ? text_field(op_str_text, op_str_capacity) : NULL;
             key = op_str ? PyTuple_Pack(2, mnemonic, op_str) : NULL;
         }
