@@ -1,0 +1,140 @@
+"""``KnowledgeBase.prepare``: one decoding pass over the stored samples feeds the feature
+candidate stage and the artefact statistics, with the same result as building them apart."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from earmark.attribution import KnowledgeBase, open_knowledge_base
+from earmark.correlate.code import build_feature_candidates, stored_samples
+from earmark.demo_build import DemoCorpus, build_demo_corpus
+from earmark.index.artefacts import ArtefactStats, build_artefact_stats
+from earmark.index.compact_functions import INT_REFERENCES, NUMERIC_COLUMNS, TEXT_REFERENCES
+from earmark.index.feature_candidates import FeatureCandidateIndex, StoredFunctionIds
+from earmark.ingest import LabelTemplate, ingest_paths
+from earmark.model.sample import SampleFeatures
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    return build_demo_corpus(tmp_path_factory.mktemp("prepare") / "corpus", "gcc", ("O2",))
+
+
+def _ingest(kb: KnowledgeBase, corpus: DemoCorpus) -> None:
+    for binary in corpus.select(role="kb"):
+        template = LabelTemplate(actor=binary.actor, family=binary.family, source="test")
+        ingest_paths(kb.store, [binary.path], template)
+    for binary in corpus.select(role="goodware"):
+        ingest_paths(kb.store, [binary.path], LabelTemplate(goodware=True, source="test"))
+
+
+def _count_decodes(kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    decoded: Counter[str] = Counter()
+    load = kb.store.load_features
+
+    def counting(sha256: str) -> SampleFeatures:
+        decoded[sha256] += 1
+        return load(sha256)
+
+    monkeypatch.setattr(kb.store, "load_features", counting)
+    return decoded
+
+
+def _assert_same_stage(a: FeatureCandidateIndex, b: FeatureCandidateIndex) -> None:
+    assert np.array_equal(a.keys, b.keys)
+    assert np.array_equal(a.postings, b.postings)
+    for name in (*NUMERIC_COLUMNS, "minhash", "robust_minhash", "source_codes"):
+        assert np.array_equal(getattr(a.stored, name), getattr(b.stored, name)), name
+    for name in INT_REFERENCES:
+        assert np.array_equal(a.stored.int_references[name].values,
+                              b.stored.int_references[name].values)  # fmt: skip
+    for name in TEXT_REFERENCES:
+        assert np.array_equal(a.stored.text_references[name].ids,
+                              b.stored.text_references[name].ids)  # fmt: skip
+    assert [a.stored.function(i) for i in range(len(a))] == [
+        b.stored.function(i) for i in range(len(b))
+    ]
+
+
+def _assert_same_stats(a: ArtefactStats, b: ArtefactStats) -> None:
+    for name in ("keys", "owner_count", "goodware_count", "weight", "listed_offsets",
+                 "listed_owner", "listed_sample", "sample_ids", "rare_strings"):  # fmt: skip
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert (a.revision, a.owner_names, a.total_owners) == (b.revision, b.owner_names,
+                                                            b.total_owners)  # fmt: skip
+    assert dict(a.libraries) == dict(b.libraries)
+
+
+@pytest.mark.parametrize("database", ["file", "memory"])
+def test_prepare_decodes_each_sample_once_and_builds_what_separate_passes_build(
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
+) -> None:
+    url = str(tmp_path / "kb.db") if database == "file" else ":memory:"
+    with open_knowledge_base(url) as kb:
+        _ingest(kb, corpus)
+        decoded = _count_decodes(kb, monkeypatch)
+        kb.prepare()
+        samples = kb.samples()
+        assert len(samples) >= 4 and any(record.goodware for record in samples.values())
+        assert set(decoded) == {record.sha256 for record in samples.values()}
+        assert set(decoded.values()) == {1}
+        stage, stats = kb.feature_candidates(), kb.artefact_stats()
+        assert stage is not None and len(stage) > 0 and len(stats.keys) > 0
+        assert sum(decoded.values()) == len(samples)  # nothing decoded after prepare
+
+        index = kb.index()
+        apart = build_feature_candidates(kb.store, samples, index.min_instructions)
+        assert apart is not None
+        _assert_same_stage(stage, apart)
+        _assert_same_stats(
+            stats, build_artefact_stats(stored_samples(kb.store, samples), index.revision)
+        )
+
+
+def test_prepare_after_an_ingest_rebuilds_both_from_one_pass(
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held_back = corpus.binary("delta", "O2")
+    with open_knowledge_base(str(tmp_path / "kb.db")) as kb:
+        _ingest(kb, corpus)
+        kb.prepare()
+        before = kb.feature_candidates()
+        assert before is not None
+        ingest_paths(kb.store, [held_back.path], LabelTemplate(actor="delta", source="test"))
+        decoded = _count_decodes(kb, monkeypatch)
+        kb.prepare()
+        assert set(decoded.values()) == {1} and len(decoded) == len(kb.samples())
+        after = kb.feature_candidates()
+        assert after is not None and len(after) > len(before)
+        assert kb.artefact_stats().revision == kb.index().revision
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 2**64 - 1), st.integers(0, 2**40)),
+        max_size=40,
+    )
+)
+def test_stored_function_ids_map_like_a_dict_filled_in_table_order(
+    rows: list[tuple[int, int, int]],
+) -> None:
+    """Rows in function id order; a (sample, address) stored twice keeps its last id."""
+    expected = {(sample, address): identifier for sample, address, identifier in rows}
+    mapping = StoredFunctionIds(
+        np.array([row[0] for row in rows], dtype=np.int64),
+        np.array([row[1] for row in rows], dtype=np.uint64),
+        np.array([row[2] for row in rows], dtype=np.int64),
+    )
+    for key, identifier in expected.items():
+        assert mapping.get(key, -1) == identifier
+    assert mapping.get((6, 0), -1) == -1
+    assert len(mapping) == len(rows)
