@@ -201,14 +201,18 @@ def _fits_arrays(function: FunctionFeatures) -> bool:
         )
         and len(function.minhash) in (0, MINHASH_PERMUTATIONS)
         and len(function.robust_minhash) in (0, MINHASH_PERMUTATIONS)
-        and all(0 <= value < _UINT32_END for value in function.minhash)
-        and all(0 <= value < _UINT32_END for value in function.robust_minhash)
-        and all(
-            _INT_LOW <= value < _UINT64_END
-            for values in (function.calls, function.constants, function.immediates)
-            for value in values
-        )
+        and _within(function.minhash, 0, _UINT32_END)
+        and _within(function.robust_minhash, 0, _UINT32_END)
+        and _within(function.calls, _INT_LOW, _UINT64_END)
+        and _within(function.constants, _INT_LOW, _UINT64_END)
+        and _within(function.immediates, _INT_LOW, _UINT64_END)
     )
+
+
+def _within(values: tuple[int, ...], low: int, end: int) -> bool:
+    """Every value in ``low <= value < end``. ``min``/``max`` run in C: a generator over
+    each value took ~0.8 s of the 4 s feature stage build on the PE bench KB."""
+    return not values or (low <= min(values) and max(values) < end)
 
 
 _EMPTY_NUMBERS: Final = (0,) * 6
