@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,15 @@ from earmark.attribution import KnowledgeBase, open_knowledge_base
 from earmark.correlate.code import build_feature_candidates, stored_samples
 from earmark.demo_build import DemoCorpus, build_demo_corpus
 from earmark.index.artefacts import ArtefactStats, build_artefact_stats
-from earmark.index.compact_functions import INT_REFERENCES, NUMERIC_COLUMNS, TEXT_REFERENCES
+from earmark.index.compact_functions import (
+    INT_REFERENCES,
+    NUMERIC_COLUMNS,
+    TEXT_REFERENCES,
+    CompactBuilder,
+)
 from earmark.index.feature_candidates import FeatureCandidateIndex, StoredFunctionIds
 from earmark.ingest import LabelTemplate, ingest_paths
-from earmark.model.sample import SampleFeatures
+from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +144,43 @@ def test_stored_function_ids_map_like_a_dict_filled_in_table_order(
         assert mapping.get(key, -1) == identifier
     assert mapping.get((6, 0), -1) == -1
     assert len(mapping) == len(rows)
+
+
+_SLOTS = st.lists(st.integers(0, 2**32 - 1), min_size=MINHASH_PERMUTATIONS,
+                  max_size=MINHASH_PERMUTATIONS)  # fmt: skip
+# Around each column's bounds: inside, at and just past them.
+_REFERENCES = st.lists(
+    st.sampled_from([0, 1, -1, 2**32, 2**63, 2**64 - 1, 2**64, -(2**64) + 1, -(2**64)]),
+    max_size=4,
+).map(tuple)
+
+
+@given(
+    minhash=st.one_of(st.just(()), _SLOTS.map(tuple), st.just((2**32,) * MINHASH_PERMUTATIONS)),
+    robust=st.one_of(st.just(()), _SLOTS.map(tuple), st.just((-1,) * MINHASH_PERMUTATIONS)),
+    calls=_REFERENCES,
+    constants=_REFERENCES,
+    immediates=_REFERENCES,
+)
+def test_compact_rows_give_back_every_function_in_or_out_of_the_columns(
+    minhash: tuple[int, ...],
+    robust: tuple[int, ...],
+    calls: tuple[int, ...],
+    constants: tuple[int, ...],
+    immediates: tuple[int, ...],
+) -> None:
+    """A value a column cannot hold keeps the function as an object (``irregular``)."""
+    function = FunctionFeatures(
+        address=0x401000, size=40, block_count=3, edge_count=2, instruction_count=12,
+        exact_hash=7, minhash=minhash, normalized=("push reg",), calls=calls,
+        called_imports=("kernel32!Sleep",), strings=("caf\u00e9",), constants=constants,
+        name="f", source="call", robust_minhash=robust, immediates=immediates,
+    )  # fmt: skip
+    builder = CompactBuilder()
+    builder.add(1, 5, function)
+    stored = builder.finish()
+    assert stored.function(0) == replace(function, normalized=(), name=None)
+    fits = all(0 <= v < 2**32 for v in (*minhash, *robust)) and all(
+        -(2**64) < v < 2**64 for v in (*calls, *constants, *immediates)
+    )
+    assert (0 in stored.irregular) == (not fits)
