@@ -1,9 +1,10 @@
 """Per-function features from recovered bodies: token stream, hashes, CFG counts, references.
 
 ``build_features`` turns every ``FunctionBody`` of a sample into a frozen ``FunctionFeatures``.
-The MinHash signatures of all functions are computed in one numpy batch
-(``minhash.stream_minhash_signatures``); everything else is one pass over each function's
-instructions in address order.
+Functions are taken in batches of ``FEATURE_BATCH_TOKENS`` instructions: the MinHash
+signatures of a batch are computed in one numpy pass (``minhash.stream_minhash_signatures``),
+everything else is one pass over each function's instructions in address order, and a batch's
+bodies are dropped once it is done.
 """
 
 from __future__ import annotations
