@@ -102,8 +102,9 @@ class KnowledgeBase:
     index_path: Path | None  # None: keep the index in memory only
     _index: FunctionIndex | None = None
     _samples: dict[int, SampleRecord] = field(default_factory=dict)
-    # The second candidate stage, built once per store revision and process: building it reads
-    # every stored sample's features, so a batch of queries must not pay it per query.
+    # The second candidate stage of the store revision: built by ``prepare`` (at ingest) and
+    # mapped from ``<db>.features``, or built once per process for a KB without a cache path;
+    # building it decodes every stored sample, so no query may pay it.
     _feature_candidates: tuple[int, FeatureCandidateIndex | None] | None = None
     _artefacts: ArtefactStats | None = None  # artefact pillar statistics, cached as <db>.artefacts
 
@@ -153,16 +154,19 @@ class KnowledgeBase:
 
     def _build_stage_and_artefacts(self, index: FunctionIndex) -> None:
         """When neither the feature stage nor the artefact statistics of this revision are
-        at hand, both are built from one decoding pass over the stored samples: decoding was
-        6.8 of the 10.7 CPU s the two builds took apart on the PE bench KB (docs/benchmarks.md).
-        """
+        at hand, both are built from one decoding pass over the stored samples (PE bench KB:
+        prepare 9.1 -> 5.6 CPU s against decoding every sample once per build;
+        docs/benchmarks.md, "Query latency and memory")."""
         revision, min_instructions = index.revision, index.min_instructions
         if (
             len(self._samples) > MAX_FEATURE_STAGE_SAMPLES
             or (self._feature_candidates is not None and self._feature_candidates[0] == revision)
             or (self._artefacts is not None and self._artefacts.revision == revision)
-            or self._cached_feature_candidates(revision, min_instructions) is not None
         ):
+            return
+        cached = self._cached_feature_candidates(revision, min_instructions)
+        if cached is not None:
+            self._feature_candidates = (revision, cached)
             return
         # A stale revision's stage (mapped pages a query touched count as resident) and
         # statistics are dropped before the build, not held alongside the new ones.
@@ -177,14 +181,14 @@ class KnowledgeBase:
                 pass  # missing, stale or damaged: built below, never trusted
         artefacts = ArtefactStatsBuilder()
 
-        def counted_once() -> Iterator[tuple[SampleRecord, SampleFeatures]]:
+        def shared_pass() -> Iterator[tuple[SampleRecord, SampleFeatures]]:
             for record, features in stored_samples(self.store, self._samples):
                 artefacts.add(record, features)
                 yield record, features
                 del features  # not alive while the next sample is decoded
 
         built = build_feature_candidates(
-            self.store, self._samples, min_instructions, counted_once()
+            self.store, self._samples, min_instructions, shared_pass()
         )
         stats = artefacts.finish(revision)
         self._feature_candidates = (revision, self._keep_feature_candidates(built, index))
