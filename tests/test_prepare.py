@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from earmark.attribution import KnowledgeBase, open_knowledge_base
 from earmark.correlate.code import build_feature_candidates, stored_samples
 from earmark.demo_build import DemoCorpus, build_demo_corpus
+from earmark.extract import analyze_file
 from earmark.index.artefacts import ArtefactStats, build_artefact_stats
 from earmark.index.compact_functions import (
     INT_REFERENCES,
@@ -23,7 +24,12 @@ from earmark.index.compact_functions import (
     TEXT_REFERENCES,
     CompactBuilder,
 )
-from earmark.index.feature_candidates import FeatureCandidateIndex, StoredFunctionIds
+from earmark.index.feature_candidates import (
+    FeatureCandidateIndex,
+    StoredFunctionIds,
+    feature_key_rows,
+    feature_keys,
+)
 from earmark.ingest import LabelTemplate, ingest_paths
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
 
@@ -184,3 +190,20 @@ def test_compact_rows_give_back_every_function_in_or_out_of_the_columns(
         -(2**64) < v < 2**64 for v in (*calls, *constants, *immediates)
     )
     assert (0 in stored.irregular) == (not fits)
+
+
+def test_feature_keys_of_many_functions_equal_those_of_each_alone(corpus: DemoCorpus) -> None:
+    functions = list(analyze_file(corpus.binary("alpha-v3", "O2").path).functions)
+    assert len(functions) > 10
+    # Without a robust MinHash, and with one of empty slots only: no band keys.
+    functions[1] = replace(functions[1], robust_minhash=())
+    functions[2] = replace(functions[2], robust_minhash=(0xFFFFFFFF,) * MINHASH_PERMUTATIONS)
+    rows = feature_key_rows(functions)
+    assert rows == [feature_keys(function) for function in functions]
+    assert rows[2] == feature_keys(replace(functions[2], robust_minhash=()))
+    banded = [
+        row
+        for row, function in zip(rows, functions, strict=True)
+        if set(function.robust_minhash) - {0xFFFFFFFF}
+    ]
+    assert len(banded) > 10 and min(len(row) for row in banded) >= MINHASH_PERMUTATIONS // 4

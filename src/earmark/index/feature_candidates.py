@@ -50,6 +50,7 @@ __all__ = [
     "FeatureCandidateIndex",
     "FeatureMatch",
     "StoredFunctionIds",
+    "feature_key_rows",
     "feature_keys",
     "locate_function",
     "sample_ranges",
@@ -89,27 +90,49 @@ def _text_key(kind: str, value: object) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _robust_band_keys(function: FunctionFeatures) -> list[int]:
-    if len(function.robust_minhash) != MINHASH_PERMUTATIONS:
-        return []
-    slots = np.asarray(function.robust_minhash, dtype=np.uint64)
-    if bool((slots == _EMPTY_SLOT).all()):
-        return []
-    pairs = slots.reshape(ROBUST_BANDS, ROBUST_ROWS_PER_BAND)
+def _robust_band_key_rows(functions: Sequence[FunctionFeatures]) -> list[list[int]]:
+    """The robust band keys of each function (none without a full, non-empty robust MinHash),
+    in one numpy pass over all of them: numpy calls per function cost ~14 µs each, 0.5 s of
+    the stage build on the PE bench KB."""
+    rows: list[list[int]] = [[] for _ in functions]
+    full = [
+        position
+        for position, function in enumerate(functions)
+        if len(function.robust_minhash) == MINHASH_PERMUTATIONS
+    ]
+    if not full:
+        return rows
+    slots = np.array([functions[position].robust_minhash for position in full], dtype=np.uint64)
+    empty = (slots == _EMPTY_SLOT).all(axis=1)
+    pairs = slots.reshape(len(full), ROBUST_BANDS, ROBUST_ROWS_PER_BAND)
     with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the hash
-        keys = (pairs[:, 0] * _SLOT_MULTIPLIER) ^ pairs[:, 1]
+        keys = (pairs[:, :, 0] * _SLOT_MULTIPLIER) ^ pairs[:, :, 1]
         keys = keys * _BAND_MULTIPLIER
         keys += np.arange(ROBUST_BANDS, dtype=np.uint64)
-    return [int(key) for key in keys]
+    for position, band_keys, skipped in zip(full, keys.tolist(), empty.tolist(), strict=True):
+        if not skipped:
+            rows[position] = band_keys
+    return rows
 
 
-def feature_keys(function: FunctionFeatures) -> list[int]:
-    """The 64-bit keys under which ``function`` is filed (and looked up)."""
-    keys = _robust_band_keys(function)
+def _with_text_keys(keys: list[int], function: FunctionFeatures) -> list[int]:
     keys.extend(_text_key("constant", value) for value in function.constants)
     keys.extend(_text_key("string", value) for value in function.strings)
     keys.extend(_text_key("import", name.rsplit("!", 1)[-1]) for name in function.called_imports)
     return sorted(set(keys))
+
+
+def feature_keys(function: FunctionFeatures) -> list[int]:
+    """The 64-bit keys under which ``function`` is filed (and looked up)."""
+    return _with_text_keys(_robust_band_key_rows([function])[0], function)
+
+
+def feature_key_rows(functions: Sequence[FunctionFeatures]) -> list[list[int]]:
+    """``feature_keys`` of each function, the band keys of all of them computed together."""
+    return [
+        _with_text_keys(band_keys, function)
+        for band_keys, function in zip(_robust_band_key_rows(functions), functions, strict=True)
+    ]
 
 
 class StoredFunctionIds(Mapping[tuple[int, int], int]):
@@ -168,14 +191,12 @@ def _add_sample(
     min_instructions: int,
     function_ids: Mapping[tuple[int, int], int] | None,
 ) -> None:
-    for function in functions:
-        if function.instruction_count < min_instructions:
-            continue
+    indexed = [function for function in functions if function.instruction_count >= min_instructions]
+    for function, function_keys in zip(indexed, feature_key_rows(indexed), strict=True):
         identifier = -1
         if function_ids is not None:
             identifier = function_ids.get((sample_id, function.address), -1)
         builder.add(sample_id, identifier, function)
-        function_keys = feature_keys(function)
         keys.extend(function_keys)
         key_counts.append(len(function_keys))
 
@@ -257,10 +278,13 @@ class FeatureCandidateIndex:
         query; only pairs sharing >= MIN_SHARED_KEYS keys are verified."""
         query_keys: list[int] = []
         query_owner: list[int] = []
-        for position, function in enumerate(queries):
-            if function.instruction_count < min_instructions:
-                continue
-            function_keys = feature_keys(function)
+        looked_up = [
+            position
+            for position, function in enumerate(queries)
+            if function.instruction_count >= min_instructions
+        ]
+        key_rows = feature_key_rows([queries[position] for position in looked_up])
+        for position, function_keys in zip(looked_up, key_rows, strict=True):
             query_keys.extend(function_keys)
             query_owner.extend([position] * len(function_keys))
         if not query_keys or len(self.keys) == 0:
