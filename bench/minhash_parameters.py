@@ -67,7 +67,7 @@ from bench.peers.mcrit_peer import FunctionSignatures
 from earmark.extract.minhash import (
     MIX_MULTIPLIER,
     NGRAM_MULTIPLIER,
-    SHINGLES_PER_BATCH,
+    grouped_signatures,
     permutation_coefficients,
     token_id,
 )
@@ -152,30 +152,8 @@ def shingle_sets(streams: Sequence[Sequence[str]], sizes: tuple[int, ...]) -> Sh
 
 
 def signatures(sets: ShingleSets, permutations: int) -> npt.NDArray[np.uint32]:
-    """(functions, permutations) MinHash matrix; batched like earmark's _grouped_signatures."""
-    coefficient_a, coefficient_b = _COEFFICIENTS[permutations]
-    lengths = sets.sizes()
-    count = len(lengths)
-    result = np.full((count, permutations), 0xFFFFFFFF, dtype=np.uint32)
-    start = 0
-    while start < count:
-        stop = int(
-            np.searchsorted(sets.starts, sets.starts[start] + SHINGLES_PER_BATCH, side="right")
-        )
-        stop = min(max(stop - 1, start + 1), count)
-        batch_lengths = lengths[start:stop]
-        non_empty = np.flatnonzero(batch_lengths)
-        if len(non_empty):
-            values = sets.shingles[sets.starts[start] : sets.starts[stop]].astype(np.uint64)
-            with np.errstate(over="ignore"):
-                permuted = values.reshape(-1, 1) * coefficient_a
-                permuted += coefficient_b
-                permuted >>= np.uint64(32)
-            offsets = np.concatenate(([0], np.cumsum(batch_lengths[non_empty])[:-1]))
-            minima = np.minimum.reduceat(permuted, offsets, axis=0)
-            result[start + non_empty] = minima.astype(np.uint32)
-        start = stop
-    return result
+    """(functions, permutations) MinHash matrix, through earmark's own batched routine."""
+    return grouped_signatures(sets.shingles, sets.sizes(), _COEFFICIENTS[permutations])
 
 
 # --------------------------------------------------------------------------- scorers

@@ -102,16 +102,24 @@ def minhash_signatures(shingle_sets: Sequence[npt.NDArray[np.uint32]]) -> npt.ND
     """(len(shingle_sets), MINHASH_PERMUTATIONS) signatures; an empty set gives all 0xFFFFFFFF."""
     lengths = np.fromiter((len(s) for s in shingle_sets), dtype=np.int64, count=len(shingle_sets))
     if not len(shingle_sets) or not lengths.sum():
-        return _grouped_signatures(np.zeros(0, dtype=np.uint32), lengths)
-    return _grouped_signatures(np.concatenate(shingle_sets).astype(np.uint32), lengths)
+        return grouped_signatures(np.zeros(0, dtype=np.uint32), lengths)
+    return grouped_signatures(np.concatenate(shingle_sets).astype(np.uint32), lengths)
 
 
-def _grouped_signatures(
-    shingles: npt.NDArray[np.uint32], lengths: npt.NDArray[np.int64]
+def grouped_signatures(
+    shingles: npt.NDArray[np.uint32],
+    lengths: npt.NDArray[np.int64],
+    coefficients: tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]] | None = None,
 ) -> npt.NDArray[np.uint32]:
-    """Signatures of consecutive groups of ``shingles`` (group i has ``lengths[i]`` values)."""
+    """Signatures of consecutive groups of ``shingles`` (group i has ``lengths[i]`` values).
+
+    ``coefficients`` (from ``permutation_coefficients(n)``) default to earmark's own
+    ``MINHASH_PERMUTATIONS``; bench/minhash_parameters.py passes other counts."""
+    coefficient_a, coefficient_b = (
+        (_COEFFICIENT_A, _COEFFICIENT_B) if coefficients is None else coefficients
+    )
     count = len(lengths)
-    result = np.full((count, MINHASH_PERMUTATIONS), 0xFFFFFFFF, dtype=np.uint32)
+    result = np.full((count, coefficient_a.shape[1]), 0xFFFFFFFF, dtype=np.uint32)
     group_starts = np.concatenate(([0], np.cumsum(lengths)))
     start = 0
     while start < count:
@@ -125,8 +133,8 @@ def _grouped_signatures(
         if len(non_empty):
             values = shingles[group_starts[start] : group_starts[stop]].astype(np.uint64)
             with np.errstate(over="ignore"):
-                permuted = values.reshape(-1, 1) * _COEFFICIENT_A
-                permuted += _COEFFICIENT_B
+                permuted = values.reshape(-1, 1) * coefficient_a
+                permuted += coefficient_b
                 permuted >>= np.uint64(32)
             offsets = np.concatenate(([0], np.cumsum(batch_lengths[non_empty])[:-1]))
             # Minima of the shifted 64-bit values, narrowed after the reduction: the same
@@ -189,7 +197,7 @@ def stream_minhash_signatures(
     keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
     per_stream = np.bincount((keys >> np.uint64(32)).astype(np.int64), minlength=count)
     unique_shingles = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    return _grouped_signatures(unique_shingles, per_stream.astype(np.int64))
+    return grouped_signatures(unique_shingles, per_stream.astype(np.int64))
 
 
 def minhash_signature(shingles: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
