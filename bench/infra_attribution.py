@@ -222,7 +222,7 @@ def run(intel_dir: Path, min_score: float) -> dict[str, dict[str, Tally]]:
     index = InfrastructureIndex.from_reports(
         (q.report for q in queries), default_benign_infrastructure()
     )
-    misp_only = BenignInfrastructure(misp_warninglists())
+    misp_only = BenignInfrastructure.from_lists(misp_warninglists())
     exact: dict[tuple[str, str], list[str]] = defaultdict(list)
     for q in queries:
         for indicator in set(q.report.indicators):

@@ -36,7 +36,8 @@ RED_REPORT = IntelReport(
 
 
 def _case() -> tuple[list, list]:  # type: ignore[type-arg]
-    index = InfrastructureIndex.from_reports([CLEAR_REPORT, RED_REPORT], BenignInfrastructure([]))
+    no_lists = BenignInfrastructure.from_lists([])
+    index = InfrastructureIndex.from_reports([CLEAR_REPORT, RED_REPORT], no_lists)
     evidence = index.correlate([Indicator(IndicatorType.DOMAIN, "cdn.journalide.org"),
                                 Indicator(IndicatorType.DOMAIN, "secret-partner-c2.example")],
                                at=date(2023, 6, 1))

@@ -28,7 +28,7 @@ def report(report_id: str, actor: str, published: date | None, *values: tuple[In
 @pytest.fixture
 def benign() -> BenignInfrastructure:
     dns = WarninglistData("public DNS", "cidr", ("8.8.8.8/32",), ("ip-dst",))
-    return BenignInfrastructure([dns], load_shared_services())
+    return BenignInfrastructure.from_lists([dns], load_shared_services())
 
 
 def test_exact_and_weak_pivots_carry_their_strength(benign: BenignInfrastructure) -> None:

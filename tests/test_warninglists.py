@@ -74,7 +74,7 @@ def test_list_types_follow_misp_semantics() -> None:
         WarninglistData("nets", "cidr", ("192.0.2.0/24", "2001:db8::/32"), ("ip-dst",)),
         WarninglistData("mail", "regex", (r"/^(abuse|noc)\@.*$/i",), ("email-src",)),
     ]
-    benign = BenignInfrastructure(lists)
+    benign = BenignInfrastructure.from_lists(lists)
     check = benign.is_benign_value
     assert check(IndicatorType.DOMAIN, "exact.example") == "exact"
     assert check(IndicatorType.DOMAIN, "a.exact.example") is None  # string: exact only
@@ -118,7 +118,7 @@ def test_compiled_tables_round_trip_through_the_cache(tmp_path: Path) -> None:
     assert loaded is not None
     assert isinstance(loaded.keys.base, np.memmap)  # mapped, not read into the process
     assert load_tables(tmp_path / "tables", "source-2") is None  # other lists: recompile
-    benign = BenignInfrastructure.from_tables(loaded)
+    benign = BenignInfrastructure(loaded)
     check = benign.is_benign_value
     assert check(IndicatorType.DOMAIN, "dup.example") == "first"  # the first list wins
     assert check(IndicatorType.DOMAIN, "one.example") == "first"

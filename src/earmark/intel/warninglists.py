@@ -150,19 +150,8 @@ class BenignInfrastructure:
     """Compiled warninglists + shared services; ``is_benign`` answers with the list's name."""
 
     def __init__(
-        self, lists: Iterable[WarninglistData], shared_services: Iterable[SharedService] = ()
+        self, tables: WarninglistTables, shared_services: Iterable[SharedService] = ()
     ) -> None:
-        self._init(compile_warninglists(lists), shared_services)
-
-    @classmethod
-    def from_tables(
-        cls, tables: WarninglistTables, shared_services: Iterable[SharedService] = ()
-    ) -> BenignInfrastructure:
-        benign = cls.__new__(cls)
-        benign._init(tables, shared_services)
-        return benign
-
-    def _init(self, tables: WarninglistTables, shared_services: Iterable[SharedService]) -> None:
         self._tables = tables
         self._substrings = tables.substrings
         self._regexes = {
@@ -177,6 +166,14 @@ class BenignInfrastructure:
                 self._service_hosts.setdefault(service.host, SHARED_SERVICES_LIST_NAME)
             else:
                 self._customer_suffixes.setdefault(service.host, SHARED_SERVICES_LIST_NAME)
+
+    @classmethod
+    def from_lists(
+        cls, lists: Iterable[WarninglistData], shared_services: Iterable[SharedService] = ()
+    ) -> BenignInfrastructure:
+        """Compile ``lists`` in memory (tests, benchmarks); earmark itself maps the cached
+        tables (``default_benign_infrastructure``)."""
+        return cls(compile_warninglists(lists), shared_services)
 
     def _customer_names(self, suffixes: list[str]) -> list[str | None]:
         """The list making each name a shared customer suffix (lists first), or None."""
@@ -407,4 +404,4 @@ def default_warninglist_tables() -> WarninglistTables:
 @cache
 def default_benign_infrastructure() -> BenignInfrastructure:
     """The MISP lists plus earmark's shared services, loaded once per process."""
-    return BenignInfrastructure.from_tables(default_warninglist_tables(), load_shared_services())
+    return BenignInfrastructure(default_warninglist_tables(), load_shared_services())
