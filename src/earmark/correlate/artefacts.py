@@ -84,11 +84,6 @@ def string_references(features: SampleFeatures) -> dict[str, tuple[int, ...]]:
     return {text: tuple(sorted(set(addresses))) for text, addresses in references.items()}
 
 
-def _labels_of(record: SampleRecord) -> list[tuple[str | None, str | None]]:
-    claims = {(label.actor, label.family) for label in record.labels if label.actor or label.family}
-    return sorted(claims, key=lambda claim: (claim[0] or "", claim[1] or ""))
-
-
 def _reason(
     artefact: SampleArtefact,
     owners: tuple[str, ...],
@@ -129,7 +124,7 @@ def _best_shares(
         if record is None or record.goodware or record.sha256 == query_sha256 or total == 0:
             continue
         share = min(count / total, 1.0)
-        for label in _labels_of(record):
+        for label in record.claims:
             if label not in best or share > best[label][0]:
                 best[label] = (share, sample_id)
     return best
@@ -169,7 +164,7 @@ def find_artefact_evidence(
             record = samples.get(sample_id)
             if record is None or record.sha256 == features.sha256 or record.goodware:
                 continue  # the query itself, when it is stored, is not evidence about itself
-            for label in _labels_of(record):
+            for label in record.claims:
                 best = shares.get(label)
                 # Name the label's best-matching sample when it holds the artefact.
                 if label not in holders or (best is not None and best[1] == sample_id):

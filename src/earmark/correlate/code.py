@@ -119,12 +119,6 @@ class _Candidate:
     weight: float
 
 
-def _labels_of(record: SampleRecord) -> list[tuple[str | None, str | None]]:
-    """Distinct (actor, family) claims of a non-goodware sample, sorted for stable output."""
-    claims = {(label.actor, label.family) for label in record.labels if label.actor or label.family}
-    return sorted(claims, key=lambda claim: (claim[0] or "", claim[1] or ""))
-
-
 def stored_samples(
     store: Store, samples: Mapping[int, SampleRecord]
 ) -> Iterator[tuple[SampleRecord, SampleFeatures]]:
@@ -273,7 +267,7 @@ def _code_evidence_items(
             match_address=matched.address,
             match_size=matched.size,
         )
-        for actor, family in _labels_of(record)
+        for actor, family in record.claims
     ]
 
 

@@ -291,15 +291,6 @@ class ArtefactStats:
         return sum(int(array.nbytes) for array in arrays)
 
 
-def _owner_keys(record: SampleRecord) -> list[str]:
-    """Attribution groups of a sample, as in code rarity (index.rarity._sample_groups)."""
-    if record.actors:
-        return [f"actor:{a}" for a in sorted(record.actors)]
-    if record.families:
-        return [f"family:{f}" for f in sorted(record.families)]
-    return [f"sample:{record.sample_id}"]
-
-
 def build_artefact_stats(
     samples: Iterable[tuple[SampleRecord, SampleFeatures]], revision: int
 ) -> ArtefactStats:
@@ -333,12 +324,12 @@ class ArtefactStatsBuilder:
             importer = [f"goodware:{record.sample_id}"]
         else:
             owner_codes = self.owner_codes
-            codes = [owner_codes.setdefault(o, len(owner_codes)) for o in _owner_keys(record)]
+            codes = [owner_codes.setdefault(o, len(owner_codes)) for o in record.owner_keys]
             for key in keys:
                 listed = self.owners_of[key]
                 for code in codes:
                     listed.setdefault(code, []).append(record.sample_id)
-            importer = _owner_keys(record)
+            importer = record.owner_keys
         for library, names in imported_libraries(features).items():
             self.library_importers[library].update(importer)
             self.library_names[library] |= names

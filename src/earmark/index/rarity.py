@@ -292,11 +292,9 @@ def _sample_groups(sample_ids: Int64Array, samples: Mapping[int, SampleRecord]) 
         actors.append([actor_codes.setdefault(a, len(actor_codes)) for a in actor_set])
         if is_goodware:
             owner_keys: list[str] = []
-        elif actor_set:
-            owner_keys = [f"actor:{a}" for a in actor_set]
-        elif family_set:
-            owner_keys = [f"family:{f}" for f in family_set]
-        else:  # unlabelled: its own group, so code shared by unknown samples is not "unique"
+        elif record is not None:
+            owner_keys = record.owner_keys
+        else:  # no record: its own group, so code shared by unknown samples is not "unique"
             owner_keys = [f"sample:{sample_id}"]
         owners.append([owner_codes.setdefault(k, len(owner_codes)) for k in owner_keys])
     return _SampleGroups(

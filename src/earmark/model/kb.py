@@ -63,6 +63,23 @@ class SampleRecord:
     def goodware(self) -> bool:
         return any(lb.goodware for lb in self.labels)
 
+    @property
+    def claims(self) -> list[tuple[str | None, str | None]]:
+        """Distinct (actor, family) claims of the labels, sorted for stable output."""
+        claims = {(lb.actor, lb.family) for lb in self.labels if lb.actor or lb.family}
+        return sorted(claims, key=lambda claim: (claim[0] or "", claim[1] or ""))
+
+    @property
+    def owner_keys(self) -> list[str]:
+        """The attribution groups a non-goodware sample counts for in rarity statistics: its
+        actors, else its families, else itself (so code or artefacts shared only by unknown
+        samples are not "unique to one group"). Goodware is counted apart by its callers."""
+        if self.actors:
+            return [f"actor:{a}" for a in sorted(self.actors)]
+        if self.families:
+            return [f"family:{f}" for f in sorted(self.families)]
+        return [f"sample:{self.sample_id}"]
+
 
 @dataclass(frozen=True)
 class FunctionTable:
