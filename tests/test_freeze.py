@@ -4,10 +4,12 @@ incompatible files."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import struct
 import zlib
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,7 +18,7 @@ from earmark import freeze
 from earmark.errors import FeaturesFileError, FeaturesVersionError
 from earmark.extract import analyze_file
 from earmark.freeze import dump_features, features_from_bytes, features_to_bytes, load_features
-from earmark.model.sample import ElfInfo, PeInfo, SampleFeatures, Section
+from earmark.model.sample import ElfInfo, PeInfo, SampleFeatures, Section, StringRef
 from fixtures.build import FixtureBuilder
 
 _finite = st.floats(allow_nan=False)
@@ -138,3 +140,61 @@ def test_features_are_replaceable_values() -> None:
     original = features_from_bytes(_sample_blob())
     changed = dataclasses.replace(original, size=2)
     assert features_from_bytes(features_to_bytes(changed)).size == 2
+
+
+# Any character, lone surrogates included: sample strings decoded from UTF-16 may hold them.
+_any_text = st.text(st.characters(blacklist_categories=()), max_size=8)
+_odd_strings = st.lists(
+    st.builds(StringRef, offset=st.integers(-(2**70), 2**70), value=_any_text), max_size=4
+).map(tuple)
+
+
+def _checked_tree_walk(payload: bytes) -> SampleFeatures:
+    """The stdlib reading of a payload: the reference for the msgspec path."""
+    decoded = freeze._from_plain(SampleFeatures, json.loads(payload))
+    assert isinstance(decoded, SampleFeatures)
+    return decoded
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_features, _odd_strings)
+def test_msgspec_reading_equals_the_checked_tree_walk(
+    features: SampleFeatures, strings: tuple[StringRef, ...]
+) -> None:
+    features = dataclasses.replace(features, strings=strings)
+    blob = features_to_bytes(features)
+    payload = zlib.decompress(blob[24:])
+    read = features_from_bytes(blob)
+    assert read == _checked_tree_walk(payload) == features
+    assert features_to_bytes(read) == blob
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_damaged_json_msgspec_accepts_reads_the_same(data: st.DataObject) -> None:
+    """Whatever msgspec accepts of a damaged payload, the checked walk reads the same; what it
+    refuses is left to the checked walk (``features_from_bytes``)."""
+    payload = bytearray(zlib.decompress(_string_blob("w\u00e9x")[24:]))
+    # Mostly digits and string characters: damage there often still parses, so msgspec's
+    # acceptance of odd numbers and strings is what gets compared.
+    targets = [i for i, byte in enumerate(payload) if chr(byte).isalnum()]
+    for _ in range(data.draw(st.integers(1, 3))):
+        position = data.draw(st.sampled_from(targets) | st.integers(0, len(payload) - 1))
+        payload[position] = data.draw(st.sampled_from(b'0123456789-.eE"\\ ax{[:,'))
+    try:
+        fast = freeze._typed_decoder().decode(bytes(payload))
+    except (msgspec.MsgspecError, ValueError):
+        return
+    assert fast == _checked_tree_walk(bytes(payload))
+
+
+def _string_blob(odd: str) -> bytes:
+    features = features_from_bytes(_sample_blob())
+    strings = (StringRef(16, "ascii", "hello"), StringRef(40, "utf-16le", odd))
+    section = Section(".text", 4096, 100, 1024, 512, 6.5, ("read", "execute"))
+    return features_to_bytes(dataclasses.replace(features, strings=strings, sections=(section,)))
+
+
+def test_lone_surrogates_are_read_exactly() -> None:
+    read = features_from_bytes(_string_blob("w\ud800x"))
+    assert read.strings[1].value == "w\ud800x"

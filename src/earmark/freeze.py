@@ -10,15 +10,20 @@ Layout (see docs/features-format.md):
     20      4     CRC-32 of the compressed payload (uint32 LE)
     24      ...   zlib-compressed UTF-8 JSON of the SampleFeatures tree
 
-JSON because it is stdlib, diffable after ``zlib -d`` and exact for our value types (ints of any
+JSON because it is diffable after ``zlib -d`` and exact for our value types (ints of any
 size, floats by shortest repr, strings including lone surrogates). zlib rather than lzma: lzma
 files are ~15% smaller on our fixtures but decompress several times slower, and a features
 file is read far more often than written (every re-index and compare).
+
+Reading decodes the JSON straight into the model with msgspec, which checks every type in C;
+what msgspec refuses (lone surrogates, numbers past a float, damaged text) goes through the
+stdlib parser and the checked tree walk below, which reads it or raises the typed error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 import types
@@ -27,6 +32,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal, Union
+
+import msgspec
 
 from earmark.errors import FeaturesFileError, FeaturesVersionError
 from earmark.model.sample import FEATURES_FORMAT_VERSION, SampleFeatures
@@ -87,13 +94,33 @@ def features_from_bytes(blob: bytes) -> SampleFeatures:
         payload = decompressor.decompress(compressed, payload_size + 1)
         if len(payload) != payload_size or not decompressor.eof:
             raise FeaturesFileError("features file is damaged (length mismatch)")
-        tree = json.loads(payload)
-        features = _from_plain(SampleFeatures, tree)
+        features = _decode_payload(payload)
     except (zlib.error, ValueError, TypeError, KeyError, RecursionError) as e:
         raise FeaturesFileError(f"features file is damaged ({type(e).__name__})") from e
     if not isinstance(features, SampleFeatures):
         raise FeaturesFileError("features file does not hold a sample")
     return features
+
+
+@functools.cache
+def _typed_decoder() -> msgspec.json.Decoder[SampleFeatures]:
+    """msgspec's decoder of the whole model, built once (it compiles the type tree)."""
+    return msgspec.json.Decoder(SampleFeatures)
+
+
+def _decode_payload(payload: bytes) -> Any:
+    """The model from the JSON payload. msgspec decodes and checks types in one C pass: on
+    the PE bench KB (101 samples, 119 MB of JSON) 0.77 s against 2.2 s for ``json.loads``
+    plus ``_from_plain``, the same values (tests/test_freeze.py compares both paths); orjson
+    was no faster than the stdlib parser on this payload (1.75 s against 1.40 s). Whatever
+    msgspec refuses is read by the stdlib path, whose values and errors are the reference."""
+    try:
+        return _typed_decoder().decode(payload)
+    except (msgspec.MsgspecError, ValueError):
+        # JSON holds lone surrogates (\udXXX escapes of undecodable UTF-16 strings) that
+        # msgspec refuses, and ``json.loads`` reads payloads in UTF-16/32 as well.
+        pass
+    return _from_plain(SampleFeatures, json.loads(payload))
 
 
 def dump_features(features: SampleFeatures, path: str | Path) -> None:
