@@ -10,8 +10,10 @@ usage string.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +27,8 @@ from earmark.correlate.artefacts import escape_value, find_artefact_evidence
 from earmark.errors import IndexCacheError
 from earmark.extract import analyze_file
 from earmark.index.artefacts import (
+    _NOT_WORD_CHARACTER,
+    _WORD_CHARACTERS,
     is_distinctive_string,
     load_artefact_stats,
     sample_artefacts,
@@ -104,6 +108,27 @@ def test_string_filter_keeps_words_and_drops_byte_runs() -> None:
     assert not is_distinctive_string("n:2C[")  # too short
     assert not is_distinctive_string("A4x{%`;]")  # printable bytes, not text
     assert not is_distinctive_string("12345678")  # no word
+
+
+def test_word_character_pattern_is_isalnum_or_the_listed_characters() -> None:
+    """The one-regex count of ``is_distinctive_string`` agrees with the per-character rule
+    on every code point, lone surrogates included."""
+    every = "".join(map(chr, range(sys.maxunicode + 1)))
+    regex_word = [m.start() for m in re.finditer(r"[\w .\-:%/\\,]", every)]
+    rule_word = [i for i, ch in enumerate(every) if ch.isalnum() or ch in _WORD_CHARACTERS]
+    assert regex_word == rule_word
+    not_word = _NOT_WORD_CHARACTER.findall(every)
+    assert len(not_word) == len(every) - len(rule_word)
+    assert "\ud800" in not_word and "," not in not_word
+
+
+@given(st.text(st.characters(blacklist_categories=()), max_size=40))
+def test_string_filter_matches_the_per_character_rule(text: str) -> None:
+    good = sum(1 for ch in text if ch.isalnum() or ch in _WORD_CHARACTERS)
+    expected = (
+        len(text) >= 6 and good >= 0.8 * len(text) and re.search("[A-Za-z]{3}", text) is not None
+    )
+    assert is_distinctive_string(text) == expected
 
 
 def test_rewritten_version_keeping_strings_and_exports_ranks_its_family_first(

@@ -53,6 +53,11 @@ MIN_ARTEFACT_STRING_LENGTH: Final = 6
 MIN_STRING_WORD_SHARE: Final = 0.8
 _WORD: Final = re.compile(r"[A-Za-z]{3}")
 _WORD_CHARACTERS: Final = frozenset(" _.-:%/\\,")
+# Any character that is neither alphanumeric (``str.isalnum``) nor one of _WORD_CHARACTERS.
+# ``\w`` is exactly ``isalnum`` plus "_" (tests/test_artefacts.py checks every code point), and
+# one regex scan per string replaces a Python-level test per character (0.3 of the 2.2 CPU s
+# of ``KnowledgeBase.prepare`` on the PE bench KB).
+_NOT_WORD_CHARACTER: Final = re.compile(r"[^\w .\-:%/\\,]")
 # Names of COFF grouped sections (".text$mn", ".CRT$XCA", ".data$r") that MSVC's linker records
 # in the POGO debug data: toolchain metadata (the Rich header speaks for it), not author text.
 _SECTION_GROUP: Final = re.compile(r"^\.[A-Za-z0-9_.]*\$[A-Za-z0-9_$]*$")
@@ -104,7 +109,7 @@ def is_distinctive_string(text: str) -> bool:
     """The string filter above: long enough, word-like, not a byte run that happens to print."""
     if len(text) < MIN_ARTEFACT_STRING_LENGTH:
         return False
-    good = sum(1 for ch in text if ch.isalnum() or ch in _WORD_CHARACTERS)
+    good = len(text) - len(_NOT_WORD_CHARACTER.findall(text))
     return good >= MIN_STRING_WORD_SHARE * len(text) and _WORD.search(text) is not None
 
 
