@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from earmark.index.feature_candidates import (
     FeatureCandidateIndex,
@@ -36,7 +37,10 @@ from earmark.index.function_index import (
     DEFAULT_MIN_SIMILARITY,
     DEFAULT_TOP_K,
     FunctionIndex,
+    FunctionMatches,
 )
+from earmark.index.pair_similarity import stored_pair_similarity
+from earmark.index.rarity import FunctionRarity
 from earmark.index.similarity import function_similarity
 from earmark.model.evidence import Evidence
 from earmark.model.kb import SampleRecord
@@ -95,7 +99,9 @@ class CodeEvidence:
 def specificity(function: FunctionFeatures, min_instructions: int) -> float:
     """How distinctive a function of this size is, 0..1 (see ``SPECIFIC_INSTRUCTIONS``)."""
     span = max(SPECIFIC_INSTRUCTIONS - min_instructions, 1)
-    return float(np.clip((function.instruction_count - min_instructions + 1) / span, 0.0, 1.0))
+    # min/max rather than np.clip: this runs per evidence item, and numpy on a scalar costs
+    # ~4 µs where the comparison costs nothing (same value).
+    return min(max((function.instruction_count - min_instructions + 1) / span, 0.0), 1.0)
 
 
 def call_graph_neighbours(features: SampleFeatures) -> dict[int, frozenset[int]]:
@@ -108,15 +114,6 @@ def call_graph_neighbours(features: SampleFeatures) -> dict[int, frozenset[int]]
                 neighbours[function.address].add(callee)
                 neighbours[callee].add(function.address)
     return {address: frozenset(others) for address, others in neighbours.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class _Candidate:
-    query: int  # position in features.functions
-    row: int
-    sample_id: int
-    index_similarity: float
-    weight: float
 
 
 def stored_samples(
@@ -235,18 +232,18 @@ def _feature_stage_matches(
 
 
 def _code_evidence_items(
-    index: FunctionIndex,
     query_function: FunctionFeatures,
-    matched: FunctionFeatures,
-    row: int,
+    matched_address: int,
+    matched_size: int,
+    rarity: FunctionRarity,
+    min_instructions: int,
     weight: float,
     record: SampleRecord,
+    claims: Sequence[tuple[str | None, str | None]],
     similarity: float,
     stage: str,
 ) -> list[Evidence]:
-    assert index.rarity is not None
-    rarity = index.rarity.explain(row)
-    size_factor = specificity(query_function, index.min_instructions)
+    size_factor = specificity(query_function, min_instructions)
     reason = rarity.reason + stage
     if size_factor < 1.0:
         reason += (
@@ -264,11 +261,147 @@ def _code_evidence_items(
             query_address=query_function.address,
             query_size=query_function.size,
             match_sha256=record.sha256,
-            match_address=matched.address,
-            match_size=matched.size,
+            match_address=matched_address,
+            match_size=matched_size,
         )
-        for actor, family in record.claims
+        for actor, family in claims
     ]
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """Index matches that survive the identity and rarity rules, in match order."""
+
+    query: npt.NDArray[np.int64]  # position in features.functions
+    row: npt.NDArray[np.int64]
+    sample_id: npt.NDArray[np.int64]
+    weight: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class _Reranked:
+    """Candidates whose KB function was found, with its similarity to the query function."""
+
+    candidates: _Candidates
+    address: list[int]
+    size: list[int]
+    similarity: list[float]
+
+
+def _best_per_query(
+    query: npt.NDArray[np.int64], similarity: npt.NDArray[np.float64], rows: int
+) -> npt.NDArray[np.float64]:
+    """Largest similarity of each query position (0.0 where it has none)."""
+    best = np.zeros(rows, dtype=np.float64)
+    np.maximum.at(best, query, similarity)
+    return best
+
+
+def _sample_flags(
+    sample_ids: npt.NDArray[np.int64], samples: Mapping[int, SampleRecord]
+) -> npt.NDArray[np.bool_]:
+    """Whether each match's sample is a known, non-goodware KB sample (one look-up per sample)."""
+    distinct, inverse = np.unique(sample_ids, return_inverse=True)
+    known = [
+        record is not None and not record.goodware for record in map(samples.get, distinct.tolist())
+    ]
+    flags: npt.NDArray[np.bool_] = np.array(known, dtype=bool)[inverse.reshape(-1)]
+    return flags
+
+
+def _select_candidates(
+    index: FunctionIndex,
+    samples: Mapping[int, SampleRecord],
+    matches: FunctionMatches,
+    weights: npt.NDArray[np.float64],
+    best_similarity: npt.NDArray[np.float64],
+) -> _Candidates:
+    """Rare matches nearly as similar as their query function's best, from the
+    MAX_RERANKED_SAMPLES strongest samples."""
+    query = matches.query.astype(np.int64)
+    similarity = matches.similarity.astype(np.float64)
+    keep = (
+        (weights >= MIN_EVIDENCE_WEIGHT)
+        & _sample_flags(matches.sample_id, samples)
+        & (similarity >= best_similarity[query] - IDENTITY_MARGIN)
+    )
+    sample_ids = matches.sample_id[keep].astype(np.int64)
+    # Summed in match order in float64, as a running sum per sample would be.
+    distinct, inverse = np.unique(sample_ids, return_inverse=True)
+    strength = np.bincount(
+        inverse.reshape(-1), weights=weights[keep] * similarity[keep], minlength=len(distinct)
+    ).tolist()
+    # Ties broken by sha256 so the result never depends on ingest order (sample ids).
+    ranked = sorted(
+        range(len(distinct)), key=lambda k: (-strength[k], samples[int(distinct[k])].sha256)
+    )
+    reranked = np.zeros(len(distinct), dtype=bool)
+    reranked[ranked[:MAX_RERANKED_SAMPLES]] = True
+    chosen = reranked[inverse.reshape(-1)]
+    return _Candidates(
+        query=query[keep][chosen],
+        row=matches.row[keep][chosen].astype(np.int64),
+        sample_id=sample_ids[chosen],
+        weight=weights[keep][chosen],
+    )
+
+
+def _rerank(
+    store: Store,
+    index: FunctionIndex,
+    samples: Mapping[int, SampleRecord],
+    functions: Sequence[FunctionFeatures],
+    candidates: _Candidates,
+    feature_index: FeatureCandidateIndex | None,
+) -> _Reranked:
+    """Find each candidate's KB function (exact hash and signature of its index row) and score
+    it against the query function with ``function_similarity``."""
+    exact_hash = index.exact_hash[candidates.row]
+    signatures = index.signatures[candidates.row]
+    if feature_index is not None:
+        stored = feature_index.stored
+        positions = stored.locate_positions(candidates.sample_id, exact_hash, signatures)
+        found = positions >= 0
+        positions = positions[found]
+        kept = _Candidates(
+            query=candidates.query[found],
+            row=candidates.row[found],
+            sample_id=candidates.sample_id[found],
+            weight=candidates.weight[found],
+        )
+        return _Reranked(
+            kept,
+            address=stored.address[positions].tolist(),
+            size=stored.size[positions].tolist(),
+            similarity=stored_pair_similarity(functions, kept.query, stored, positions).tolist(),
+        )
+    # Without the compact KB functions (past MAX_FEATURE_STAGE_SAMPLES) each re-ranked sample
+    # is decoded once for this query and dropped with it.
+    decoded: dict[int, tuple[FunctionFeatures, ...]] = {}
+    found_list: list[bool] = []
+    address: list[int] = []
+    size: list[int] = []
+    similarity: list[float] = []
+    for position, sample_id in enumerate(candidates.sample_id.tolist()):
+        if sample_id not in decoded:
+            decoded[sample_id] = store.load_features(samples[sample_id].sha256).functions
+        matched = locate_function(
+            decoded[sample_id], int(exact_hash[position]), signatures[position]
+        )
+        found_list.append(matched is not None)
+        if matched is not None:
+            address.append(matched.address)
+            size.append(matched.size)
+            query_function = functions[int(candidates.query[position])]
+            similarity.append(function_similarity(query_function, matched))
+    mask = np.array(found_list, dtype=bool)
+    kept = _Candidates(
+        query=candidates.query[mask],
+        row=candidates.row[mask],
+        sample_id=candidates.sample_id[mask],
+        weight=candidates.weight[mask],
+    )
+    return _Reranked(kept, address, size, similarity)
 
 
 def find_code_evidence(
@@ -290,65 +423,37 @@ def find_code_evidence(
         raise ValueError("code evidence needs an index built with rarity statistics")
     functions = features.functions
     matches = index.query(functions, min_similarity=min_similarity, top_k=top_k)
-    weights = index.rarity.weights(matches.row) if len(matches) else np.zeros(0, np.float32)
-    best_similarity: dict[int, float] = {}
-    best_common: dict[int, float] = {}
-    for position in range(len(matches)):
-        query = int(matches.query[position])
-        similarity = float(matches.similarity[position])
-        best_similarity[query] = max(best_similarity.get(query, 0.0), similarity)
-        if float(weights[position]) < MIN_EVIDENCE_WEIGHT:
-            best_common[query] = max(best_common.get(query, 0.0), similarity)
+    weights = index.rarity.weights(matches.row).astype(np.float64)
+    similarity = matches.similarity.astype(np.float64)
+    query = matches.query.astype(np.int64)
+    best_similarity = _best_per_query(query, similarity, len(functions))
+    common = weights < MIN_EVIDENCE_WEIGHT
+    best_common = _best_per_query(query[common], similarity[common], len(functions))
+    matched_queries = np.zeros(len(functions), dtype=bool)
+    matched_queries[query] = True
+    common_queries = np.zeros(len(functions), dtype=bool)
+    common_queries[query[common]] = True
 
-    candidates: list[_Candidate] = []
-    for position in range(len(matches)):
-        query = int(matches.query[position])
-        similarity = float(matches.similarity[position])
-        weight = float(weights[position])
-        record = samples.get(int(matches.sample_id[position]))
-        if weight < MIN_EVIDENCE_WEIGHT or record is None or record.goodware:
-            continue
-        if similarity < best_similarity[query] - IDENTITY_MARGIN:
-            continue
-        candidates.append(
-            _Candidate(query, int(matches.row[position]), record.sample_id, similarity, weight)
-        )
-
-    strength: dict[int, float] = defaultdict(float)
-    for candidate in candidates:
-        strength[candidate.sample_id] += candidate.weight * candidate.index_similarity
-    # Ties broken by sha256 so the result never depends on ingest order (sample ids).
-    ranked_samples = sorted(strength, key=lambda s: (-strength[s], samples[s].sha256))
-    reranked = set(ranked_samples[:MAX_RERANKED_SAMPLES])
-    # Without the compact KB functions (past MAX_FEATURE_STAGE_SAMPLES) each re-ranked sample
-    # is decoded once for this query and dropped with it.
-    decoded: dict[int, tuple[FunctionFeatures, ...]] = {}
-
+    candidates = _select_candidates(index, samples, matches, weights, best_similarity)
+    reranked = _rerank(store, index, samples, functions, candidates, feature_index)
+    kept = reranked.candidates
+    explained = index.rarity.explain_rows(kept.row)
+    claims = {sample_id: samples[sample_id].claims for sample_id in set(kept.sample_id.tolist())}
     evidence: list[Evidence] = []
-    for candidate in candidates:
-        if candidate.sample_id not in reranked:
-            continue
-        exact_hash = int(index.exact_hash[candidate.row])
-        signature = index.signatures[candidate.row]
-        if feature_index is not None:
-            matched = feature_index.stored.locate(candidate.sample_id, exact_hash, signature)
-        else:
-            if candidate.sample_id not in decoded:
-                sha256 = samples[candidate.sample_id].sha256
-                decoded[candidate.sample_id] = store.load_features(sha256).functions
-            matched = locate_function(decoded[candidate.sample_id], exact_hash, signature)
-        if matched is None:
-            continue
-        query_function = functions[candidate.query]
+    for position, (query_position, sample_id, weight) in enumerate(
+        zip(kept.query.tolist(), kept.sample_id.tolist(), kept.weight.tolist(), strict=True)
+    ):
         evidence.extend(
             _code_evidence_items(
-                index,
-                query_function,
-                matched,
-                candidate.row,
-                candidate.weight,
-                samples[candidate.sample_id],
-                function_similarity(query_function, matched),
+                functions[query_position],
+                reranked.address[position],
+                reranked.size[position],
+                explained[position],
+                index.min_instructions,
+                weight,
+                samples[sample_id],
+                claims[sample_id],
+                reranked.similarity[position],
                 "",
             )
         )
@@ -356,23 +461,28 @@ def find_code_evidence(
     unmatched = [
         position
         for position, function in enumerate(functions)
-        if function.instruction_count >= index.min_instructions and position not in best_similarity
+        if function.instruction_count >= index.min_instructions and not matched_queries[position]
     ]
     feature_matches, feature_library = _feature_stage_matches(
         store, index, samples, functions, unmatched, feature_index
     )
-    feature_weights = index.rarity.weights(
-        np.array([row for _, row in feature_matches], dtype=np.int64)
-    )
-    for (match, row), weight in zip(feature_matches, feature_weights.tolist(), strict=True):
+    feature_rows = np.array([row for _, row in feature_matches], dtype=np.int64)
+    feature_weights = index.rarity.weights(feature_rows)
+    feature_explained = index.rarity.explain_rows(feature_rows)
+    for (match, _), weight, rarity in zip(
+        feature_matches, feature_weights.tolist(), feature_explained, strict=True
+    ):
+        record = samples[match.sample_id]
         evidence.extend(
             _code_evidence_items(
-                index,
                 functions[match.query],
-                match.function,
-                row,
+                match.function.address,
+                match.function.size,
+                rarity,
+                index.min_instructions,
                 weight,
-                samples[match.sample_id],
+                record,
+                record.claims,
                 match.similarity,
                 f"; found by {match.shared_keys} shared optimisation-robust features",
             )
@@ -388,8 +498,8 @@ def find_code_evidence(
         )
     )
     looked_up = len(functions) - matches.skipped_small
-    library = len(feature_library) + sum(
-        1 for query, common in best_common.items() if common >= best_similarity[query] - 1e-6
+    library = len(feature_library) + int(
+        np.count_nonzero(common_queries & (best_common >= best_similarity - 1e-6))
     )
     return CodeEvidence(
         evidence=tuple(evidence),

@@ -80,9 +80,33 @@ def _shape_vector(function: FunctionFeatures) -> npt.NDArray[np.float32]:
     return vector
 
 
-def _shape_similarity(first: npt.NDArray[np.float32], second: npt.NDArray[np.float32]) -> float:
+def shape_closeness(
+    first: npt.NDArray[np.float32], second: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """Per shape component (last axis), 1 for equal log2 counts down to 0 a factor of 8 apart."""
     distance = np.abs(first - second) / SHAPE_LOG2_RANGE
-    return float(np.clip(1.0 - distance, 0.0, 1.0) @ _SHAPE_COMPONENTS)
+    closeness: npt.NDArray[np.float32] = np.clip(1.0 - distance, 0.0, 1.0)
+    return closeness
+
+
+def shape_scores(closeness: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Weighted mean of the shape components (last axis) of one pair or of many.
+
+    Written out rather than ``closeness @ _SHAPE_COMPONENTS``: float32 products summed in order
+    in float64, then rounded to float32, is what the one-pair ``@`` computes (numpy hands a
+    float32 dot to BLAS ``sdot``, which accumulates in double), while a matrix ``@`` sums in
+    float32 and differs in the last bit for about one pair in five. One formula keeps a pair
+    scored alone and in a batch (``pair_similarity``) bit-for-bit equal.
+    """
+    products = closeness * _SHAPE_COMPONENTS
+    total = products[..., 0].astype(np.float64)
+    for component in range(1, len(SHAPE_COMPONENT_WEIGHTS)):
+        total = total + products[..., component]
+    return total.astype(np.float32)
+
+
+def _shape_similarity(first: npt.NDArray[np.float32], second: npt.NDArray[np.float32]) -> float:
+    return float(shape_scores(shape_closeness(first, second)))
 
 
 def minhash_jaccard(first: FunctionFeatures, second: FunctionFeatures) -> float:
@@ -271,9 +295,7 @@ def _neighbourhood(functions: Sequence[FunctionFeatures]) -> list[set[int]]:
     return neighbours
 
 
-def compare_functions(
-    a: SampleFeatures, b: SampleFeatures, top_k: int = 5
-) -> FunctionComparison:
+def compare_functions(a: SampleFeatures, b: SampleFeatures, top_k: int = 5) -> FunctionComparison:
     """Best candidates in B for every function of A, and one-to-one shared pairs: greedy on
     similarity >= SHARED_SIMILARITY, then propagated along both call graphs at a lower bar."""
     matrix = similarity_matrix(a.functions, b.functions)
