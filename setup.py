@@ -12,6 +12,7 @@ setup(
         Extension(
             "earmark.extract._native",
             sources=["src/earmark/extract/_native.c"],
+            depends=["src/earmark/extract/_native_body.h"],
             optional=True,
         )
     ]

@@ -72,7 +72,7 @@ def _decoded(
         disasm.ACCELERATOR = saved
     for start in starts:
         decoder.decode(base + start)
-    return dict(decoder.decoded)
+    return decoder.cached_instructions()
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

@@ -1,27 +1,36 @@
-/* Compiled inner loops of function recovery (earmark.extract.disasm, .functions and
- * .function_features): the decode loop of InstructionDecoder._decode_window, the straight-line
- * walk of FunctionRecovery.explore and the per-instruction pass of build_features.
+/* Compiled core of function recovery (earmark.extract.disasm, .functions, .function_starts and
+ * .function_features): an instruction table that decoding fills, the descent loop of
+ * FunctionRecovery.explore over it, function bodies as arrays of table rows, instruction
+ * ownership, and the per-instruction pass of build_features.
  *
- * Why C: decoding is ~60 % of function recovery in pure Python, and almost all of that is
- * per-instruction interpreter work around capstone (the ctypes generator of disasm_lite,
- * bytes.decode of two fields, a tuple key, an 8-field unpack, a 10-field tuple). Here the
- * same loop runs over capstone's output array directly: measured ~5x less time per decoded
- * instruction on corpus DLLs. What an instruction *means* (operand classes, targets,
- * immediates) is still decided by the Python ``_analyse``, called for each instruction text
- * not seen before, so there is one implementation of the normalisation; the one exception is
- * a direct branch to a new target ("call 0x401000"), built here from the Python answer for
- * its mnemonic, because such texts are a third of all cache misses.
+ * Why C: per decoded instruction the Python path keeps a 10-field tuple, its int objects and
+ * three dict entries (decode cache, function body, ownership map): measured ~350 bytes, 35 MB
+ * of the 65 MB that recovery of zstandard _cffi (150k instructions) holds, and most of
+ * recovery's CPU is interpreter work per instruction around capstone. Here an instruction is
+ * one fixed-size row (Record) found by an address hash, its text-dependent part (Text) is
+ * shared by every instruction with the same text, and Python objects are made only where the
+ * rest of earmark asks for them: an Instruction tuple on demand (decode(), body[address]),
+ * the branch/call bookkeeping of a body (leaders, successors, calls: one entry per branch, not
+ * per instruction) and the callbacks for the rare paths (import thunks, indirect jumps).
+ *
+ * What an instruction *means* (operand classes, targets, immediates) is still decided by the
+ * Python ``InstructionDecoder._analyse``, called for each instruction text not seen before, so
+ * there is one implementation of the normalisation; the exception is a direct branch to a new
+ * target ("call 0x401000"), built here from the Python answer for its mnemonic, because such
+ * texts are a third of all cache misses.
  *
  * Capstone is not linked at build time: the Python side hands over the addresses of
  * cs_disasm/cs_free/cs_errno from the library the capstone package already loaded, and the
  * layout of cs_insn as that package's ctypes structure declares it. The build therefore needs
  * only a C compiler and the Python headers, and always matches the installed capstone.
  *
- * The pure-Python loop stays the reference: tests run both and compare every feature.
+ * The pure-Python loops stay the reference: tests run both and compare every feature.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef size_t (*cs_disasm_fn)(size_t handle, const uint8_t *code, size_t code_size,
@@ -38,6 +47,19 @@ static Py_ssize_t mnemonic_capacity = 0, op_str_capacity = 0;
 
 #define ANALYSIS_FIELDS 8
 #define INSTRUCTION_FIELDS 10
+
+/* Instruction kinds (disasm.KIND_*). */
+#define KIND_PLAIN 0
+#define KIND_CONDITIONAL 1
+#define KIND_JUMP 2
+#define KIND_CALL 3
+
+/* Record flags. */
+#define FLAG_INVALID 1 /* bytes that do not decode, or not code: decode() answers None */
+#define FLAG_TARGET 2
+#define FLAG_MEMORY 4
+#define FLAG_OWNED 8   /* coverage: owner holds the start of the function reaching it */
+#define FLAG_SHARED 16 /* coverage: several functions reach it (disasm.SHARED_OWNER) */
 
 static PyObject *
 configure(PyObject *module, PyObject *args)
@@ -61,101 +83,9 @@ configure(PyObject *module, PyObject *args)
 /* A NUL-terminated ASCII field of cs_insn as str (capstone writes ASCII only; a non-ASCII byte
  * raises UnicodeDecodeError, as bytes.decode("ascii") does on the Python path). */
 static PyObject *
-text_field(const char *field, Py_ssize_t capacity)
+text_field(const char *field, size_t length)
 {
-    const char *end = memchr(field, 0, (size_t)capacity);
-    Py_ssize_t length = end ? (Py_ssize_t)(end - field) : capacity;
-    return PyUnicode_DecodeASCII(field, length, "strict");
-}
-
-/* (address + size + displacement) mod 2**64, the RIP-relative operand's address. */
-static PyObject *
-rip_address(uint64_t address, unsigned size, PyObject *displacement)
-{
-    int overflow = 0;
-    long long value = PyLong_AsLongLongAndOverflow(displacement, &overflow);
-    if (value == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (!overflow) {
-        return PyLong_FromUnsignedLongLong(address + size + (uint64_t)value);
-    }
-    /* Wider than 64 bits: Python integers, then the mask, as the Python path does. */
-    PyObject *result = NULL, *sum = NULL, *mask = NULL;
-    PyObject *next = PyLong_FromUnsignedLongLong(address + size);
-    if (next == NULL) {
-        return NULL;
-    }
-    sum = PyNumber_Add(next, displacement);
-    mask = PyLong_FromUnsignedLongLong(UINT64_MAX);
-    if (sum != NULL && mask != NULL) {
-        result = PyNumber_And(sum, mask);
-    }
-    Py_DECREF(next);
-    Py_XDECREF(sum);
-    Py_XDECREF(mask);
-    return result;
-}
-
-/* Per-sample memo: instruction text (mnemonic and operands as capstone wrote them) -> the
- * op_str object and the analysis already found for it. A hit costs a hash over the text and
- * one compare, instead of two new str objects, a key tuple and up to two dict lookups with
- * fresh string hashes (measured ~half of the loop's own time per instruction). The memo lives
- * as long as its InstructionDecoder (one sample), so a text always maps to the same answer. */
-#define MEMO_CAPSULE "earmark.extract._native.memo"
-
-typedef struct {
-    uint64_t hash;
-    char *text; /* mnemonic, NUL, op_str; NULL for an empty slot */
-    size_t mnemonic_length, op_str_length;
-    PyObject *op_str, *analysis;
-} MemoEntry;
-
-typedef struct {
-    MemoEntry *entries;
-    size_t capacity; /* a power of two */
-    size_t used;
-} Memo;
-
-static void
-memo_free(PyObject *capsule)
-{
-    Memo *memo = PyCapsule_GetPointer(capsule, MEMO_CAPSULE);
-    if (memo == NULL) {
-        PyErr_Clear();
-        return;
-    }
-    for (size_t i = 0; i < memo->capacity; i++) {
-        MemoEntry *entry = &memo->entries[i];
-        if (entry->text != NULL) {
-            PyMem_Free(entry->text);
-            Py_DECREF(entry->op_str);
-            Py_DECREF(entry->analysis);
-        }
-    }
-    PyMem_Free(memo->entries);
-    PyMem_Free(memo);
-}
-
-static PyObject *
-new_memo(PyObject *module, PyObject *unused)
-{
-    Memo *memo = PyMem_Calloc(1, sizeof(Memo));
-    if (memo == NULL) {
-        return PyErr_NoMemory();
-    }
-    memo->capacity = 1024;
-    memo->entries = PyMem_Calloc(memo->capacity, sizeof(MemoEntry));
-    if (memo->entries == NULL) {
-        PyMem_Free(memo);
-        return PyErr_NoMemory();
-    }
-    PyObject *capsule = PyCapsule_New(memo, MEMO_CAPSULE, memo_free);
-    if (capsule == NULL) {
-        PyMem_Free(memo->entries);
-        PyMem_Free(memo);
-    }
-    return capsule;
+    return PyUnicode_DecodeASCII(field, (Py_ssize_t)length, "strict");
 }
 
 static uint64_t
@@ -170,6 +100,78 @@ text_hash(const char *mnemonic, size_t mnemonic_length, const char *op_str, size
         hash = (hash ^ (unsigned char)op_str[i]) * 0x100000001b3ULL;
     }
     return hash;
+}
+
+/* The target of a direct branch whose operand text is exactly "0x" and 1-16 lower-case hex
+ * digits without leading zeros (how capstone prints it), so that the text can be printed back
+ * from the value; -1 for any other text (left to the Python analysis). */
+static int
+direct_target(const char *text, uint64_t *target)
+{
+    if (text[0] != '0' || text[1] != 'x' || text[2] == 0) {
+        return -1;
+    }
+    uint64_t value = 0;
+    int digits = 0;
+    for (const char *c = text + 2; *c; c++, digits++) {
+        int digit;
+        if (*c >= '0' && *c <= '9') {
+            digit = *c - '0';
+        } else if (*c >= 'a' && *c <= 'f') {
+            digit = *c - 'a' + 10;
+        } else {
+            return -1;
+        }
+        if (digits == 16 || (digits == 1 && value == 0)) {
+            return -1;
+        }
+        value = (value << 4) | (uint64_t)digit;
+    }
+    *target = value;
+    return 0;
+}
+
+/* --- text memo: instruction text (as capstone wrote it) -> row of the texts array ----------
+ * A hit costs a hash over the text and one compare, instead of two new str objects, a key
+ * tuple and up to two dict lookups with fresh string hashes. */
+
+typedef struct {
+    uint64_t hash;
+    char *text; /* mnemonic, NUL, op_str; NULL for an empty slot */
+    size_t mnemonic_length, op_str_length;
+    uint32_t value;
+} MemoEntry;
+
+typedef struct {
+    MemoEntry *entries;
+    size_t capacity; /* a power of two */
+    size_t used;
+} Memo;
+
+static int
+memo_init(Memo *memo)
+{
+    memo->capacity = 1024;
+    memo->used = 0;
+    memo->entries = PyMem_Calloc(memo->capacity, sizeof(MemoEntry));
+    if (memo->entries == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void
+memo_clear(Memo *memo)
+{
+    if (memo->entries == NULL) {
+        return;
+    }
+    for (size_t i = 0; i < memo->capacity; i++) {
+        PyMem_Free(memo->entries[i].text);
+    }
+    PyMem_Free(memo->entries);
+    memo->entries = NULL;
 }
 
 /* The slot holding this text, or the empty slot where it would go. */
@@ -192,10 +194,10 @@ memo_slot(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_lengt
     }
 }
 
-/* Remembers (op_str, analysis) for a text; 0, or -1 with MemoryError. */
+/* Remembers value for a text not yet present; 0, or -1 with MemoryError. */
 static int
 memo_add(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length,
-         const char *op_str, size_t op_str_length, PyObject *op_str_object, PyObject *analysis)
+         const char *op_str, size_t op_str_length, uint32_t value)
 {
     if (2 * (memo->used + 1) > memo->capacity) { /* keep the table at most half full */
         size_t capacity = memo->capacity * 2;
@@ -218,9 +220,6 @@ memo_add(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length
         memo->capacity = capacity;
     }
     MemoEntry *entry = memo_slot(memo, hash, mnemonic, mnemonic_length, op_str, op_str_length);
-    if (entry->text != NULL) {
-        return 0; /* already there */
-    }
     char *text = PyMem_Malloc(mnemonic_length + op_str_length + 2);
     if (text == NULL) {
         PyErr_NoMemory();
@@ -234,489 +233,737 @@ memo_add(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length
     entry->text = text;
     entry->mnemonic_length = mnemonic_length;
     entry->op_str_length = op_str_length;
-    Py_INCREF(op_str_object);
-    Py_INCREF(analysis);
-    entry->op_str = op_str_object;
-    entry->analysis = analysis;
+    entry->value = value;
     memo->used++;
     return 0;
 }
 
-/* The target of a direct branch whose operand text is "0x" and 1-16 hex digits, masked to the
- * image's address width; -1 for any other text (left to the Python analysis). */
-static int
-direct_target(const char *text, uint64_t mask, uint64_t *target)
+/* --- the table ----------------------------------------------------------------------------- */
+
+/* What every instruction with one text shares (an _OperandAnalysis plus its op_str). */
+typedef struct {
+    PyObject *mnemonic, *token, *address_immediates, *large_immediates; /* owned */
+    PyObject *op_str; /* owned; NULL for a direct branch: printed from the record's target */
+    uint64_t target, memory; /* memory: absolute address, or RIP displacement mod 2**64 */
+    uint8_t kind, has_target, memory_kind, is_mov, is_lea; /* memory_kind 0 none 1 fixed 2 rip */
+} Text;
+
+/* One decoded address (48 bytes, against ~350 for the tuple and dict entries it replaces). */
+typedef struct {
+    uint64_t address, target, memory, owner;
+    uint32_t text, stamp; /* stamp: serial of the last explore that took it into its body */
+    uint16_t size;
+    uint8_t flags;
+} Record;
+
+typedef struct {
+    PyObject_HEAD
+    size_t handle;
+    uint64_t address_mask;
+    Py_ssize_t window;
+    Py_ssize_t segment_count;
+    uint64_t *segment_starts, *segment_lengths;
+    uint8_t *segment_executable;
+    PyObject **segment_data; /* owned bytes objects */
+    PyObject *shared, *local, *analyse, *branches, *instruction_type, *no_values;
+    Record *records;
+    uint32_t count, capacity;
+    uint32_t *slots; /* address hash: row + 1, 0 empty */
+    size_t slot_capacity;
+    Text *texts;
+    uint32_t text_count, text_capacity;
+    Memo memo, branch_memo;
+    uint32_t serial;
+} TableObject;
+
+typedef struct {
+    PyObject_HEAD
+    TableObject *table;
+    uint32_t *order;  /* rows in the order explore took them */
+    uint32_t *sorted; /* the same rows by address */
+    Py_ssize_t length;
+} BodyObject;
+
+static PyTypeObject TableType;
+static PyTypeObject BodyType;
+
+static inline size_t
+address_slot(uint64_t address, size_t capacity)
 {
-    if (text[0] != '0' || text[1] != 'x' || text[2] == 0) {
-        return -1;
-    }
-    uint64_t value = 0;
-    int digits = 0;
-    for (const char *c = text + 2; *c; c++, digits++) {
-        int digit;
-        if (*c >= '0' && *c <= '9') {
-            digit = *c - '0';
-        } else if (*c >= 'a' && *c <= 'f') {
-            digit = *c - 'a' + 10;
-        } else if (*c >= 'A' && *c <= 'F') {
-            digit = *c - 'A' + 10;
-        } else {
-            return -1;
-        }
-        if (digits == 16) {
-            return -1;
-        }
-        value = (value << 4) | (uint64_t)digit;
-    }
-    *target = value & mask;
-    return 0;
+    return (size_t)((address * 0x9E3779B97F4A7C15ULL) >> 20) & (capacity - 1);
 }
 
-/* decode_window(handle, data, offset, length, address, decoded, shared, local, analyse,
- *               branches, address_mask, kind, memo)
- *
- * Decodes data[offset:offset+length] at ``address`` and stores one ``kind`` tuple (the
- * Instruction NamedTuple) per instruction in ``decoded``, stopping at the first instruction
- * other than the first that ``decoded`` already holds. An instruction text's analysis is looked
- * up in ``shared`` and then ``local`` (both keyed by (mnemonic, op_str)); a direct branch to a
- * new target whose mnemonic is in ``branches`` (mnemonic text -> (mnemonic, token, kind)) is
- * built here; any other new text goes to analyse(mnemonic, op_str), which caches it. Every
- * answer but a direct branch's is also kept in ``memo`` (new_memo), checked first. */
-static PyObject *
-decode_window(PyObject *module, PyObject *args)
+/* Row of ``address``, or -1. */
+static inline int64_t
+table_find(TableObject *self, uint64_t address)
 {
-    unsigned long long handle, address_mask;
-    Py_buffer data;
-    Py_ssize_t offset, length;
-    PyObject *start_object, *decoded, *shared, *local, *analyse, *branches, *memo_capsule;
-    PyTypeObject *kind;
-    if (!PyArg_ParseTuple(args, "Ky*nnOO!O!O!OO!KO!O", &handle, &data, &offset, &length,
-                          &start_object, &PyDict_Type, &decoded, &PyDict_Type, &shared,
-                          &PyDict_Type, &local, &analyse, &PyDict_Type, &branches,
-                          &address_mask, &PyType_Type, &kind, &memo_capsule)) {
-        return NULL;
+    size_t mask = self->slot_capacity - 1;
+    for (size_t i = address_slot(address, self->slot_capacity);; i = (i + 1) & mask) {
+        uint32_t row = self->slots[i];
+        if (row == 0) {
+            return -1;
+        }
+        if (self->records[row - 1].address == address) {
+            return row - 1;
+        }
     }
-    Memo *memo = PyCapsule_GetPointer(memo_capsule, MEMO_CAPSULE);
-    if (memo == NULL) {
-        PyBuffer_Release(&data);
-        return NULL;
+}
+
+/* A new row for ``address`` (not present), or -1 with MemoryError. */
+static int64_t
+table_append(TableObject *self, uint64_t address)
+{
+    if (self->count == UINT32_MAX - 1) {
+        PyErr_SetString(PyExc_MemoryError, "instruction table full");
+        return -1;
     }
-    if (disasm_function == NULL) {
-        PyBuffer_Release(&data);
-        PyErr_SetString(PyExc_RuntimeError, "earmark.extract._native.configure was not called");
-        return NULL;
+    if (self->count == self->capacity) {
+        uint32_t capacity = self->capacity ? self->capacity * 2 : 4096;
+        Record *records = PyMem_Realloc(self->records, (size_t)capacity * sizeof(Record));
+        if (records == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->records = records;
+        self->capacity = capacity;
     }
-    if (!PyType_IsSubtype(kind, &PyTuple_Type)) {
-        PyBuffer_Release(&data);
-        PyErr_SetString(PyExc_TypeError, "the instruction type must be a tuple subclass");
-        return NULL;
+    if (2 * ((size_t)self->count + 1) > self->slot_capacity) {
+        size_t capacity = self->slot_capacity * 2;
+        uint32_t *slots = PyMem_Calloc(capacity, sizeof(uint32_t));
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (uint32_t row = 0; row < self->count; row++) {
+            size_t i = address_slot(self->records[row].address, capacity);
+            while (slots[i] != 0) {
+                i = (i + 1) & (capacity - 1);
+            }
+            slots[i] = row + 1;
+        }
+        PyMem_Free(self->slots);
+        self->slots = slots;
+        self->slot_capacity = capacity;
     }
-    uint64_t start = PyLong_AsUnsignedLongLong(start_object);
-    if (start == (uint64_t)-1 && PyErr_Occurred()) {
-        PyBuffer_Release(&data);
-        return NULL;
+    uint32_t row = self->count++;
+    Record *record = &self->records[row];
+    memset(record, 0, sizeof *record);
+    record->address = address;
+    size_t i = address_slot(address, self->slot_capacity);
+    while (self->slots[i] != 0) {
+        i = (i + 1) & (self->slot_capacity - 1);
     }
-    if (offset < 0 || offset > data.len) {
-        offset = data.len;
+    self->slots[i] = row + 1;
+    return row;
+}
+
+/* Index of the segment holding ``address`` as disasm.InstructionDecoder.segment_at finds it
+ * (the last one starting at or below it, if it reaches that far), or -1. */
+static Py_ssize_t
+table_segment(TableObject *self, uint64_t address)
+{
+    Py_ssize_t low = 0, high = self->segment_count; /* bisect_right over the starts */
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (address < self->segment_starts[middle]) {
+            high = middle;
+        } else {
+            low = middle + 1;
+        }
     }
-    if (length < 0 || length > data.len - offset) {
-        length = data.len - offset;
+    Py_ssize_t index = low - 1;
+    if (index < 0 || address - self->segment_starts[index] >= self->segment_lengths[index]) {
+        return -1;
     }
+    return index;
+}
+
+static inline int
+table_is_code(TableObject *self, uint64_t address)
+{
+    Py_ssize_t index = table_segment(self, address);
+    return index >= 0 && self->segment_executable[index];
+}
+
+/* A Python int that is a valid address: its value, 1; an int outside 0..2**64-1: 0; -1 with an
+ * error for anything else. */
+static int
+address_value(PyObject *object, uint64_t *value)
+{
+    if (!PyLong_Check(object)) {
+        PyErr_SetString(PyExc_TypeError, "addresses must be int");
+        return -1;
+    }
+    int overflow = 0;
+    long long small = PyLong_AsLongLongAndOverflow(object, &overflow);
+    if (small == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (!overflow) {
+        if (small < 0) {
+            return 0;
+        }
+        *value = (uint64_t)small;
+        return 1;
+    }
+    if (overflow < 0) {
+        return 0;
+    }
+    *value = PyLong_AsUnsignedLongLong(object);
+    if (*value == (uint64_t)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+/* A text row for a new analysis (the 8-field _OperandAnalysis) and its op_str; -1 on error. */
+static int64_t
+text_from_analysis(TableObject *self, PyObject *op_str, PyObject *analysis)
+{
+    if (!PyTuple_Check(analysis) || PyTuple_GET_SIZE(analysis) != ANALYSIS_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "analyse must return an 8-field tuple");
+        return -1;
+    }
+    if (self->text_count == self->text_capacity) {
+        uint32_t capacity = self->text_capacity ? self->text_capacity * 2 : 1024;
+        Text *texts = PyMem_Realloc(self->texts, (size_t)capacity * sizeof(Text));
+        if (texts == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->texts = texts;
+        self->text_capacity = capacity;
+    }
+    Text text;
+    memset(&text, 0, sizeof text);
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(analysis, 2));
+    if (kind == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    text.kind = (uint8_t)kind;
+    PyObject *target = PyTuple_GET_ITEM(analysis, 3);
+    PyObject *fixed = PyTuple_GET_ITEM(analysis, 4);
+    PyObject *displacement = PyTuple_GET_ITEM(analysis, 5);
+    if (target != Py_None) {
+        text.target = PyLong_AsUnsignedLongLong(target); /* masked by the analysis */
+        if (text.target == (uint64_t)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+        text.has_target = 1;
+    }
+    if (displacement != Py_None) {
+        /* (address + size + displacement) mod 2**64 needs the displacement mod 2**64 only. */
+        text.memory = PyLong_AsUnsignedLongLongMask(displacement);
+        if (text.memory == (uint64_t)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+        text.memory_kind = 2;
+    } else if (fixed != Py_None) {
+        text.memory = PyLong_AsUnsignedLongLong(fixed);
+        if (text.memory == (uint64_t)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+        text.memory_kind = 1;
+    }
+    text.mnemonic = PyTuple_GET_ITEM(analysis, 0);
+    text.token = PyTuple_GET_ITEM(analysis, 1);
+    text.address_immediates = PyTuple_GET_ITEM(analysis, 6);
+    text.large_immediates = PyTuple_GET_ITEM(analysis, 7);
+    if (!PyUnicode_Check(text.mnemonic) || !PyTuple_Check(text.address_immediates) ||
+        !PyTuple_Check(text.large_immediates)) {
+        PyErr_SetString(PyExc_TypeError, "malformed instruction analysis");
+        return -1;
+    }
+    text.is_mov = PyUnicode_CompareWithASCIIString(text.mnemonic, "mov") == 0;
+    text.is_lea = PyUnicode_CompareWithASCIIString(text.mnemonic, "lea") == 0;
+    text.op_str = op_str;
+    Py_INCREF(text.mnemonic);
+    Py_INCREF(text.token);
+    Py_INCREF(text.address_immediates);
+    Py_INCREF(text.large_immediates);
+    Py_XINCREF(text.op_str);
+    self->texts[self->text_count] = text;
+    return self->text_count++;
+}
+
+/* Decodes a window at ``start`` (in an executable segment) into new rows, stopping at the
+ * first instruction other than the first that the table already holds: from there on the
+ * bytes are in sync with what is cached. 0, or -1 with an error. */
+static int
+table_decode_window(TableObject *self, uint64_t start)
+{
+    if (self->analyse == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the instruction table was cleared");
+        return -1;
+    }
+    Py_ssize_t segment = table_segment(self, start);
+    if (segment < 0 || !self->segment_executable[segment]) {
+        return 0;
+    }
+    uint64_t offset = start - self->segment_starts[segment];
+    uint64_t length = self->segment_lengths[segment] - offset;
+    if (length > (uint64_t)self->window) {
+        length = (uint64_t)self->window;
+    }
+    const uint8_t *code = (const uint8_t *)PyBytes_AS_STRING(self->segment_data[segment]);
     void *instructions = NULL;
-    size_t count = disasm_function((size_t)handle, (const uint8_t *)data.buf + offset,
-                                   (size_t)length, start, 0, &instructions);
-    PyBuffer_Release(&data);
+    size_t count =
+        disasm_function(self->handle, code + offset, (size_t)length, start, 0, &instructions);
     if (count == 0) {
-        int status = errno_function((size_t)handle);
+        int status = errno_function(self->handle);
         if (status != 0) { /* CS_ERR_OK; disasm_lite raises CsError here */
             PyErr_Format(PyExc_RuntimeError, "capstone error %d", status);
-            return NULL;
+            return -1;
         }
-        Py_RETURN_NONE;
+        return 0;
     }
-    PyObject *no_values = PyTuple_New(0);
-    if (no_values == NULL) {
-        free_function(instructions, count);
-        return NULL;
-    }
-    for (size_t i = 0; i < count; i++) {
+    int failed = 0;
+    for (size_t i = 0; i < count && !failed; i++) {
         const char *insn = (const char *)instructions + (Py_ssize_t)i * insn_bytes;
         uint64_t insn_address;
         uint16_t insn_size;
         memcpy(&insn_address, insn + address_offset, sizeof insn_address);
         memcpy(&insn_size, insn + size_offset, sizeof insn_size);
-        PyObject *address = PyLong_FromUnsignedLongLong(insn_address);
-        if (address == NULL) {
+        if (insn_address != start && table_find(self, insn_address) >= 0) {
             break;
-        }
-        if (insn_address != start) {
-            int present = PyDict_Contains(decoded, address);
-            if (present != 0) {
-                Py_DECREF(address);
-                break; /* in sync with what is cached (or an error, raised below) */
-            }
         }
         const char *mnemonic_text = insn + mnemonic_offset;
         const char *op_str_text = insn + op_str_offset;
         size_t mnemonic_length = strnlen(mnemonic_text, (size_t)mnemonic_capacity);
         size_t op_str_length = strnlen(op_str_text, (size_t)op_str_capacity);
         uint64_t hash = text_hash(mnemonic_text, mnemonic_length, op_str_text, op_str_length);
-        MemoEntry *remembered = memo_slot(memo, hash, mnemonic_text, mnemonic_length,
-                                          op_str_text, op_str_length);
-        PyObject *mnemonic = NULL, *op_str = NULL, *key = NULL;
-        /* (mnemonic, token, kind, target, absolute memory, rip displacement, address
-         * immediates, large immediates), as _OperandAnalysis lists them; all owned. */
-        PyObject *fields[ANALYSIS_FIELDS] = {NULL};
-        PyObject *analysis = NULL;
-        int ready = 0;
-        if (remembered->text != NULL) {
-            op_str = remembered->op_str;
-            analysis = remembered->analysis;
-            Py_INCREF(op_str);
-            Py_INCREF(analysis);
-        } else {
-            mnemonic = text_field(mnemonic_text, mnemonic_capacity);
+        MemoEntry *known =
+            memo_slot(&self->memo, hash, mnemonic_text, mnemonic_length, op_str_text, op_str_length);
+        int64_t text = known->text != NULL ? (int64_t)known->value : -1;
+        uint64_t direct = 0;
+        int is_direct = 0;
+        if (text < 0) {
+            PyObject *mnemonic = text_field(mnemonic_text, mnemonic_length);
             /* Interned: the cache keys keep it, and a few hundred mnemonics spell ~70k texts. */
             if (mnemonic != NULL) {
                 PyUnicode_InternInPlace(&mnemonic);
             }
-            op_str = mnemonic ? text_field(op_str_text, op_str_capacity) : NULL;
-            key = op_str ? PyTuple_Pack(2, mnemonic, op_str) : NULL;
-        }
-        if (key != NULL) {
-            analysis = PyDict_GetItemWithError(shared, key); /* borrowed */
-            if (analysis == NULL && !PyErr_Occurred()) {
-                analysis = PyDict_GetItemWithError(local, key);
-            }
-            Py_XINCREF(analysis);
-        }
-        if (key != NULL && analysis == NULL && !PyErr_Occurred()) {
-            PyObject *branch = PyDict_GetItemWithError(branches, mnemonic); /* borrowed */
-            uint64_t target;
-            if (branch != NULL && PyTuple_Check(branch) && PyTuple_GET_SIZE(branch) == 3 &&
-                direct_target(insn + op_str_offset, address_mask, &target) == 0) {
-                fields[3] = PyLong_FromUnsignedLongLong(target);
-                if (fields[3] != NULL) {
-                    for (int f = 0; f < 3; f++) {
-                        fields[f] = PyTuple_GET_ITEM(branch, f);
-                        Py_INCREF(fields[f]);
-                    }
-                    fields[4] = Py_None;
-                    fields[5] = Py_None;
-                    fields[6] = no_values;
-                    fields[7] = no_values;
-                    for (int f = 4; f < ANALYSIS_FIELDS; f++) {
-                        Py_INCREF(fields[f]);
-                    }
-                    ready = 1;
+            PyObject *op_str = mnemonic ? text_field(op_str_text, op_str_length) : NULL;
+            PyObject *key = op_str ? PyTuple_Pack(2, mnemonic, op_str) : NULL;
+            PyObject *analysis = NULL;
+            if (key != NULL) {
+                analysis = PyDict_GetItemWithError(self->shared, key); /* borrowed */
+                if (analysis == NULL && !PyErr_Occurred()) {
+                    analysis = PyDict_GetItemWithError(self->local, key);
                 }
-            } else if (!PyErr_Occurred()) {
-                analysis = PyObject_CallObject(analyse, key);
+                Py_XINCREF(analysis);
+            }
+            if (key != NULL && analysis == NULL && !PyErr_Occurred()) {
+                PyObject *branch = PyDict_GetItemWithError(self->branches, mnemonic);
+                if (branch != NULL && PyTuple_Check(branch) && PyTuple_GET_SIZE(branch) == 3 &&
+                    direct_target(op_str_text, &direct) == 0 &&
+                    (direct & self->address_mask) == direct) {
+                    /* A direct branch: one text row per mnemonic, the target in the record. */
+                    uint64_t mnemonic_hash = text_hash(mnemonic_text, mnemonic_length, "", 0);
+                    MemoEntry *entry = memo_slot(&self->branch_memo, mnemonic_hash,
+                                                 mnemonic_text, mnemonic_length, "", 0);
+                    if (entry->text != NULL) {
+                        text = entry->value;
+                    } else {
+                        PyObject *fields = Py_BuildValue(
+                            "(OOOOOOOO)", PyTuple_GET_ITEM(branch, 0), PyTuple_GET_ITEM(branch, 1),
+                            PyTuple_GET_ITEM(branch, 2), Py_None, Py_None, Py_None,
+                            self->no_values, self->no_values);
+                        text = fields ? text_from_analysis(self, NULL, fields) : -1;
+                        Py_XDECREF(fields);
+                        if (text >= 0 && memo_add(&self->branch_memo, mnemonic_hash, mnemonic_text,
+                                                  mnemonic_length, "", 0, (uint32_t)text) < 0) {
+                            text = -1;
+                        }
+                    }
+                    is_direct = 1;
+                } else if (!PyErr_Occurred()) {
+                    analysis = PyObject_CallObject(self->analyse, key);
+                }
+            }
+            if (analysis != NULL) {
+                text = text_from_analysis(self, op_str, analysis);
+                if (text >= 0 && memo_add(&self->memo, hash, mnemonic_text, mnemonic_length,
+                                          op_str_text, op_str_length, (uint32_t)text) < 0) {
+                    text = -1;
+                }
+                Py_DECREF(analysis);
+            }
+            Py_XDECREF(key);
+            Py_XDECREF(op_str);
+            Py_XDECREF(mnemonic);
+            if (text < 0) {
+                failed = 1;
+                break;
             }
         }
-        if (key != NULL && analysis != NULL &&
-            memo_add(memo, hash, mnemonic_text, mnemonic_length, op_str_text, op_str_length,
-                     op_str, analysis) < 0) {
-            Py_CLEAR(analysis);
+        int64_t row = table_append(self, insn_address);
+        if (row < 0) {
+            failed = 1;
+            break;
+        }
+        Record *record = &self->records[row];
+        Text *shape = &self->texts[text];
+        record->text = (uint32_t)text;
+        record->size = insn_size;
+        if (is_direct) {
+            record->target = direct;
+            record->flags |= FLAG_TARGET;
+        } else if (shape->has_target) {
+            record->target = shape->target;
+            record->flags |= FLAG_TARGET;
+        }
+        if (shape->memory_kind == 2) {
+            record->memory = insn_address + insn_size + shape->memory;
+            record->flags |= FLAG_MEMORY;
+        } else if (shape->memory_kind == 1) {
+            record->memory = shape->memory;
+            record->flags |= FLAG_MEMORY;
+        }
+    }
+    free_function(instructions, count);
+    return failed ? -1 : 0;
+}
+
+/* Row of the instruction at ``address``, decoding it if needed (a row flagged invalid when it
+ * does not decode); -1 with an error. */
+static int64_t
+table_decode(TableObject *self, uint64_t address)
+{
+    int64_t row = table_find(self, address);
+    if (row >= 0) {
+        return row;
+    }
+    if (table_decode_window(self, address) < 0) {
+        return -1;
+    }
+    row = table_find(self, address);
+    if (row >= 0) {
+        return row;
+    }
+    row = table_append(self, address);
+    if (row >= 0) {
+        self->records[row].flags = FLAG_INVALID;
+    }
+    return row;
+}
+
+static PyObject *
+u64_object(uint64_t value)
+{
+    return PyLong_FromUnsignedLongLong(value);
+}
+
+/* address + size as a Python int (past 2**64 near the top of a hostile 64-bit image). */
+static PyObject *
+following_object(const Record *record)
+{
+    uint64_t following = record->address + record->size;
+    if (following >= record->address) {
+        return u64_object(following);
+    }
+    PyObject *address = u64_object(record->address);
+    PyObject *size = address ? PyLong_FromLong(record->size) : NULL;
+    PyObject *sum = size ? PyNumber_Add(address, size) : NULL;
+    Py_XDECREF(address);
+    Py_XDECREF(size);
+    return sum;
+}
+
+/* The Instruction tuple of a valid row (disasm.Instruction's fields). */
+static PyObject *
+instruction_object(TableObject *self, uint32_t row)
+{
+    const Record *record = &self->records[row];
+    const Text *text = &self->texts[record->text];
+    PyObject *values[INSTRUCTION_FIELDS] = {NULL};
+    values[0] = u64_object(record->address);
+    values[1] = PyLong_FromLong(record->size);
+    values[2] = text->mnemonic;
+    Py_INCREF(values[2]);
+    if (text->op_str != NULL) {
+        values[3] = text->op_str;
+        Py_INCREF(values[3]);
+    } else {
+        char printed[24];
+        snprintf(printed, sizeof printed, "0x%llx", (unsigned long long)record->target);
+        values[3] = PyUnicode_FromString(printed);
+    }
+    values[4] = text->token;
+    Py_INCREF(values[4]);
+    values[5] = PyLong_FromLong(text->kind);
+    values[6] = record->flags & FLAG_TARGET ? u64_object(record->target) : Py_NewRef(Py_None);
+    values[7] = record->flags & FLAG_MEMORY ? u64_object(record->memory) : Py_NewRef(Py_None);
+    values[8] = Py_NewRef(text->address_immediates);
+    values[9] = Py_NewRef(text->large_immediates);
+    PyTypeObject *kind = (PyTypeObject *)self->instruction_type;
+    PyObject *instruction = NULL;
+    int complete = kind != NULL;
+    for (int f = 0; f < INSTRUCTION_FIELDS; f++) {
+        complete &= values[f] != NULL;
+    }
+    if (complete) {
+        instruction = kind->tp_alloc(kind, INSTRUCTION_FIELDS);
+    }
+    if (instruction == NULL) {
+        for (int f = 0; f < INSTRUCTION_FIELDS; f++) {
+            Py_XDECREF(values[f]);
+        }
+        return NULL;
+    }
+    for (int f = 0; f < INSTRUCTION_FIELDS; f++) {
+        PyTuple_SET_ITEM(instruction, f, values[f]);
+    }
+    return instruction;
+}
+
+static PyObject *
+row_object(TableObject *self, int64_t row)
+{
+    if (row < 0) {
+        return NULL;
+    }
+    if (self->records[row].flags & FLAG_INVALID) {
+        Py_RETURN_NONE;
+    }
+    return instruction_object(self, (uint32_t)row);
+}
+
+/* Table(handle, segments, window, address_mask, shared, local, analyse, branches, kind) */
+static PyObject *
+table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    unsigned long long handle, address_mask;
+    Py_ssize_t window;
+    PyObject *segments, *shared, *local, *analyse, *branches, *kind;
+    if (!PyArg_ParseTuple(args, "KO!nKO!O!OO!O!", &handle, &PyList_Type, &segments, &window,
+                          &address_mask, &PyDict_Type, &shared, &PyDict_Type, &local, &analyse,
+                          &PyDict_Type, &branches, &PyType_Type, &kind)) {
+        return NULL;
+    }
+    if (disasm_function == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "earmark.extract._native.configure was not called");
+        return NULL;
+    }
+    if (!PyType_IsSubtype((PyTypeObject *)kind, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "the instruction type must be a tuple subclass");
+        return NULL;
+    }
+    TableObject *self = (TableObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->handle = (size_t)handle;
+    self->address_mask = address_mask;
+    self->window = window;
+    self->shared = Py_NewRef(shared);
+    self->local = Py_NewRef(local);
+    self->analyse = Py_NewRef(analyse);
+    self->branches = Py_NewRef(branches);
+    self->instruction_type = Py_NewRef(kind);
+    self->no_values = PyTuple_New(0);
+    Py_ssize_t count = PyList_GET_SIZE(segments);
+    self->segment_starts = PyMem_Calloc((size_t)count + 1, sizeof(uint64_t));
+    self->segment_lengths = PyMem_Calloc((size_t)count + 1, sizeof(uint64_t));
+    self->segment_executable = PyMem_Calloc((size_t)count + 1, 1);
+    self->segment_data = PyMem_Calloc((size_t)count + 1, sizeof(PyObject *));
+    self->slot_capacity = 8192;
+    self->slots = PyMem_Calloc(self->slot_capacity, sizeof(uint32_t));
+    if (self->no_values == NULL || !self->segment_starts || !self->segment_lengths ||
+        !self->segment_executable || !self->segment_data || !self->slots ||
+        memo_init(&self->memo) < 0 || memo_init(&self->branch_memo) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
+        Py_DECREF(self);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *segment = PyList_GET_ITEM(segments, i);
+        unsigned long long start;
+        PyObject *data;
+        int executable;
+        if (!PyArg_ParseTuple(segment, "KO!p", &start, &PyBytes_Type, &data, &executable)) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        if (i > 0 && start < self->segment_starts[i - 1]) {
+            PyErr_SetString(PyExc_ValueError, "segments must be sorted by address");
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->segment_starts[i] = start;
+        self->segment_lengths[i] = (uint64_t)PyBytes_GET_SIZE(data);
+        self->segment_executable[i] = (uint8_t)executable;
+        self->segment_data[i] = Py_NewRef(data);
+        self->segment_count = i + 1;
+    }
+    return (PyObject *)self;
+}
+
+/* Garbage-collector support: the table holds the decoder's bound ``analyse`` and the decoder
+ * holds the table, a cycle that would otherwise never be freed if recovery stops early. */
+static int
+table_traverse(TableObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->shared);
+    Py_VISIT(self->local);
+    Py_VISIT(self->analyse);
+    Py_VISIT(self->branches);
+    Py_VISIT(self->instruction_type);
+    return 0;
+}
+
+static int
+table_clear(TableObject *self)
+{
+    Py_CLEAR(self->shared);
+    Py_CLEAR(self->local);
+    Py_CLEAR(self->analyse);
+    Py_CLEAR(self->branches);
+    Py_CLEAR(self->instruction_type);
+    return 0;
+}
+
+static void
+table_dealloc(TableObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    for (Py_ssize_t i = 0; i < self->segment_count; i++) {
+        Py_XDECREF(self->segment_data[i]);
+    }
+    PyMem_Free(self->segment_starts);
+    PyMem_Free(self->segment_lengths);
+    PyMem_Free(self->segment_executable);
+    PyMem_Free(self->segment_data);
+    for (uint32_t i = 0; i < self->text_count; i++) {
+        Text *text = &self->texts[i];
+        Py_DECREF(text->mnemonic);
+        Py_DECREF(text->token);
+        Py_DECREF(text->address_immediates);
+        Py_DECREF(text->large_immediates);
+        Py_XDECREF(text->op_str);
+    }
+    PyMem_Free(self->texts);
+    PyMem_Free(self->records);
+    PyMem_Free(self->slots);
+    memo_clear(&self->memo);
+    memo_clear(&self->branch_memo);
+    table_clear(self);
+    Py_XDECREF(self->no_values);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* decode(address) -> Instruction | None, as InstructionDecoder.decode. */
+static PyObject *
+table_decode_method(TableObject *self, PyObject *address_object)
+{
+    uint64_t address;
+    int valid = address_value(address_object, &address);
+    if (valid < 0) {
+        return NULL;
+    }
+    if (!valid) {
+        Py_RETURN_NONE; /* no segment holds it: the Python decoder answers None too */
+    }
+    return row_object(self, table_decode(self, address));
+}
+
+/* cached() -> {address: Instruction | None} of every row (for tests). */
+static PyObject *
+table_cached(TableObject *self, PyObject *unused)
+{
+    PyObject *result = PyDict_New();
+    for (uint32_t row = 0; result != NULL && row < self->count; row++) {
+        PyObject *key = u64_object(self->records[row].address);
+        PyObject *value = key ? row_object(self, row) : NULL;
+        if (value == NULL || PyDict_SetItem(result, key, value) < 0) {
+            Py_CLEAR(result);
         }
         Py_XDECREF(key);
-        Py_XDECREF(mnemonic);
-        if (analysis != NULL) {
-            if (PyTuple_Check(analysis) && PyTuple_GET_SIZE(analysis) == ANALYSIS_FIELDS) {
-                for (int f = 0; f < ANALYSIS_FIELDS; f++) {
-                    fields[f] = PyTuple_GET_ITEM(analysis, f);
-                    Py_INCREF(fields[f]);
-                }
-                ready = 1;
-            } else {
-                PyErr_SetString(PyExc_TypeError, "analyse must return an 8-field tuple");
-            }
-            Py_DECREF(analysis);
-        }
-        PyObject *memory = NULL, *size = NULL, *instruction = NULL;
-        if (ready) {
-            if (fields[5] != Py_None) {
-                memory = rip_address(insn_address, insn_size, fields[5]);
-            } else {
-                memory = fields[4];
-                Py_INCREF(memory);
-            }
-            size = memory ? PyLong_FromLong(insn_size) : NULL;
-            instruction = size ? kind->tp_alloc(kind, INSTRUCTION_FIELDS) : NULL;
-        }
-        if (instruction != NULL) {
-            PyObject *values[INSTRUCTION_FIELDS] = {
-                address, size, fields[0], op_str, fields[1], fields[2], fields[3], memory,
-                fields[6], fields[7],
-            };
-            for (Py_ssize_t field = 0; field < INSTRUCTION_FIELDS; field++) {
-                Py_INCREF(values[field]);
-                PyTuple_SET_ITEM(instruction, field, values[field]);
-            }
-            if (PyDict_SetItem(decoded, address, instruction) < 0) {
-                Py_CLEAR(instruction);
-            }
-        }
-        int stored = instruction != NULL;
-        Py_XDECREF(instruction);
-        Py_DECREF(address);
-        Py_XDECREF(op_str);
-        Py_XDECREF(memory);
-        Py_XDECREF(size);
-        for (int f = 0; f < ANALYSIS_FIELDS; f++) {
-            Py_XDECREF(fields[f]);
-        }
-        if (!stored) {
-            break;
-        }
+        Py_XDECREF(value);
     }
-    Py_DECREF(no_values);
-    free_function(instructions, count);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-/* Fields of the Instruction NamedTuple (earmark.extract.disasm.Instruction). */
-enum {
-    FIELD_ADDRESS = 0,
-    FIELD_SIZE = 1,
-    FIELD_MNEMONIC = 2,
-    FIELD_OP_STR = 3,
-    FIELD_KIND = 5,
-    FIELD_MEMORY = 7,
-    FIELD_ADDRESS_IMMEDIATES = 8,
-    FIELD_LARGE_IMMEDIATES = 9,
-};
-#define KIND_PLAIN 0
-#define KIND_CALL 3
-
-/* Index of the first ", " in ``text``, or its length: the first operand of an instruction. */
-static PyObject *
-first_operand(PyObject *op_str)
-{
-    Py_ssize_t length = PyUnicode_GET_LENGTH(op_str);
-    Py_ssize_t found = -1;
-    for (Py_ssize_t i = 0; i + 1 < length; i++) {
-        if (PyUnicode_READ_CHAR(op_str, i) == ',' && PyUnicode_READ_CHAR(op_str, i + 1) == ' ') {
-            found = i;
-            break;
-        }
-    }
-    if (found < 0) {
-        Py_INCREF(op_str);
-        return op_str;
-    }
-    return PyUnicode_Substring(op_str, 0, found);
-}
-
-/* walk_plain(address, start, instructions, known, decoded, max_instructions, trail,
- *            import_slots, import_registers) -> address
- *
- * The straight-line part of FunctionRecovery.explore: from ``address``, takes every already
- * decoded KIND_PLAIN instruction into ``instructions`` and ``trail`` (noting ``mov reg,
- * [IAT slot]`` in ``import_registers``) and returns the first address the Python loop must look
- * at itself: one already in the function or in another known function, the instruction limit,
- * an address not decoded yet, or any instruction that is not plain. Measured: plain
- * instructions are ~3/4 of all, and this loop was the largest Python cost of descent. */
-static PyObject *
-walk_plain(PyObject *module, PyObject *args)
-{
-    PyObject *address, *start, *instructions, *known, *decoded, *trail, *import_slots;
-    PyObject *import_registers;
-    Py_ssize_t max_instructions;
-    if (!PyArg_ParseTuple(args, "OOO!O!O!nO!O!O!", &address, &start, &PyDict_Type,
-                          &instructions, &PyDict_Type, &known, &PyDict_Type, &decoded,
-                          &max_instructions, &PyList_Type, &trail, &PyDict_Type, &import_slots,
-                          &PyDict_Type, &import_registers)) {
-        return NULL;
-    }
-    Py_INCREF(address);
-    for (;;) {
-        int seen = PyDict_Contains(instructions, address);
-        if (seen != 0) {
-            break;
-        }
-        int is_start = PyObject_RichCompareBool(address, start, Py_EQ);
-        if (is_start < 0) {
-            break;
-        }
-        if (!is_start) {
-            int other = PyDict_Contains(known, address);
-            if (other != 0) {
-                break;
-            }
-        }
-        if (PyDict_GET_SIZE(instructions) >= max_instructions) {
-            break;
-        }
-        PyObject *instruction = PyDict_GetItemWithError(decoded, address); /* borrowed */
-        if (instruction == NULL || !PyTuple_Check(instruction) ||
-            PyTuple_GET_SIZE(instruction) <= FIELD_LARGE_IMMEDIATES) {
-            break; /* not decoded yet, invalid bytes (None), or an error raised below */
-        }
-        long kind = PyLong_AsLong(PyTuple_GET_ITEM(instruction, FIELD_KIND));
-        if (kind != KIND_PLAIN) {
-            break; /* also -1 with an error set */
-        }
-        if (PyDict_SetItem(instructions, address, instruction) < 0 ||
-            PyList_Append(trail, instruction) < 0) {
-            break;
-        }
-        PyObject *memory = PyTuple_GET_ITEM(instruction, FIELD_MEMORY);
-        if (memory != Py_None &&
-            PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(instruction, FIELD_MNEMONIC),
-                                             "mov") == 0) {
-            PyObject *name = PyDict_GetItemWithError(import_slots, memory); /* borrowed */
-            if (name != NULL && name != Py_None) {
-                PyObject *reg = first_operand(PyTuple_GET_ITEM(instruction, FIELD_OP_STR));
-                int stored = reg ? PyDict_SetItem(import_registers, reg, name) : -1;
-                Py_XDECREF(reg);
-                if (stored < 0) {
-                    break;
-                }
-            } else if (PyErr_Occurred()) {
-                break;
-            }
-        }
-        PyObject *following = PyNumber_Add(address, PyTuple_GET_ITEM(instruction, FIELD_SIZE));
-        if (following == NULL) {
-            break;
-        }
-        Py_SETREF(address, following);
-    }
-    if (PyErr_Occurred()) {
-        Py_DECREF(address);
-        return NULL;
-    }
-    return address;
-}
-
-/* describe_body(ordered, instructions, leaders, successors, start)
- *     -> (end, edge_count, references, large_immediates)
- *
- * The per-instruction pass of function_features.build_features over one function's
- * instructions in address order: the end of the last instruction (at least ``start``), the
- * CFG edge count, the addresses the code references (address immediates, then a plain
- * instruction's fixed memory operand) and all large immediates, each in instruction order. */
-static PyObject *
-describe_body(PyObject *module, PyObject *args)
-{
-    PyObject *ordered, *instructions, *leaders, *successors_of, *start;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O", &PyList_Type, &ordered, &PyDict_Type,
-                          &instructions, &PySet_Type, &leaders, &PyDict_Type, &successors_of,
-                          &start)) {
-        return NULL;
-    }
-    PyObject *references = PyList_New(0);
-    PyObject *large = PyList_New(0);
-    PyObject *end = start;
-    Py_INCREF(end);
-    Py_ssize_t edges = 0;
-    int failed = references == NULL || large == NULL;
-    for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(ordered); i++) {
-        PyObject *instruction = PyList_GET_ITEM(ordered, i);
-        if (!PyTuple_Check(instruction) ||
-            PyTuple_GET_SIZE(instruction) <= FIELD_LARGE_IMMEDIATES) {
-            PyErr_SetString(PyExc_TypeError, "expected Instruction tuples");
-            failed = 1;
-            break;
-        }
-        PyObject *address = PyTuple_GET_ITEM(instruction, FIELD_ADDRESS);
-        PyObject *following = PyNumber_Add(address, PyTuple_GET_ITEM(instruction, FIELD_SIZE));
-        if (following == NULL) {
-            failed = 1;
-            break;
-        }
-        int later = PyObject_RichCompareBool(following, end, Py_GT);
-        if (later > 0) {
-            Py_INCREF(following);
-            Py_SETREF(end, following);
-        }
-        long kind = PyLong_AsLong(PyTuple_GET_ITEM(instruction, FIELD_KIND));
-        PyObject *successors = later < 0 || (kind == -1 && PyErr_Occurred())
-                                   ? NULL
-                                   : PyDict_GetItemWithError(successors_of, address);
-        if (PyErr_Occurred()) {
-            Py_DECREF(following);
-            failed = 1;
-            break;
-        }
-        if (successors != NULL) {
-            PyObject *iterator = PyObject_GetIter(successors);
-            PyObject *successor;
-            while (iterator != NULL && (successor = PyIter_Next(iterator)) != NULL) {
-                int inside = PyDict_Contains(instructions, successor);
-                Py_DECREF(successor);
-                if (inside < 0) {
-                    break;
-                }
-                edges += inside;
-            }
-            Py_XDECREF(iterator);
-        } else if (kind == KIND_PLAIN || kind == KIND_CALL) {
-            int leader = PySet_Contains(leaders, following);
-            int inside = leader > 0 ? PyDict_Contains(instructions, following) : 0;
-            edges += leader > 0 && inside > 0;
-        }
-        Py_DECREF(following);
-        if (PyErr_Occurred()) {
-            failed = 1;
-            break;
-        }
-        PyObject *immediates = PyTuple_GET_ITEM(instruction, FIELD_ADDRESS_IMMEDIATES);
-        PyObject *memory = PyTuple_GET_ITEM(instruction, FIELD_MEMORY);
-        PyObject *values = PyTuple_GET_ITEM(instruction, FIELD_LARGE_IMMEDIATES);
-        if (!PyTuple_Check(immediates) || !PyTuple_Check(values)) {
-            PyErr_SetString(PyExc_TypeError, "expected tuples of immediates");
-            failed = 1;
-            break;
-        }
-        for (Py_ssize_t j = 0; !failed && j < PyTuple_GET_SIZE(immediates); j++) {
-            failed = PyList_Append(references, PyTuple_GET_ITEM(immediates, j)) < 0;
-        }
-        if (!failed && memory != Py_None && kind == KIND_PLAIN) {
-            failed = PyList_Append(references, memory) < 0;
-        }
-        for (Py_ssize_t j = 0; !failed && j < PyTuple_GET_SIZE(values); j++) {
-            failed = PyList_Append(large, PyTuple_GET_ITEM(values, j)) < 0;
-        }
-    }
-    PyObject *result = NULL;
-    if (!failed) {
-        result = Py_BuildValue("(OnOO)", end, edges, references, large);
-    }
-    Py_DECREF(end);
-    Py_XDECREF(references);
-    Py_XDECREF(large);
     return result;
 }
+
+/* owner(address) -> start of the function owning the instruction there, -1 when several do,
+ * None when none does (CodeCoverage.owners.get). */
+static PyObject *
+table_owner(TableObject *self, PyObject *address_object)
+{
+    uint64_t address;
+    int valid = address_value(address_object, &address);
+    if (valid < 0) {
+        return NULL;
+    }
+    int64_t row = valid ? table_find(self, address) : -1;
+    if (row < 0 || !(self->records[row].flags & FLAG_OWNED)) {
+        Py_RETURN_NONE;
+    }
+    if (self->records[row].flags & FLAG_SHARED) {
+        return PyLong_FromLong(-1);
+    }
+    return u64_object(self->records[row].owner);
+}
+
+#include "_native_body.h"
+
+static PyMethodDef table_methods[] = {
+    {"decode", (PyCFunction)table_decode_method, METH_O,
+     "decode(address) -> Instruction | None (decoding a window when not cached)"},
+    {"cached", (PyCFunction)table_cached, METH_NOARGS,
+     "cached() -> {address: Instruction | None} of everything decoded so far"},
+    {"owner", (PyCFunction)table_owner, METH_O,
+     "owner(address) -> owning function's start, -1 when shared, None when not owned"},
+    {"explore", (PyCFunction)table_explore, METH_VARARGS, EXPLORE_DOC},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "earmark.extract._native.Table",
+    .tp_basicsize = sizeof(TableObject),
+    .tp_dealloc = (destructor)table_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)table_traverse,
+    .tp_clear = (inquiry)table_clear,
+    .tp_doc = "Table(handle, segments, window, address_mask, shared, local, analyse, branches, "
+              "kind): the decoded instructions of one image",
+    .tp_methods = table_methods,
+    .tp_new = table_new,
+};
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(cs_disasm, cs_free, cs_errno, insn_size, address_offset, size_offset, "
      "mnemonic_offset, mnemonic_size, op_str_offset, op_str_size)"},
-    {"decode_window", decode_window, METH_VARARGS,
-     "decode_window(handle, data, offset, length, address, decoded, shared, local, analyse, "
-     "branches, address_mask, kind, memo)"},
-    {"new_memo", new_memo, METH_NOARGS, "new_memo() -> a per-sample memo for decode_window"},
-    {"walk_plain", walk_plain, METH_VARARGS,
-     "walk_plain(address, start, instructions, known, decoded, max_instructions, trail, "
-     "import_slots, import_registers) -> address"},
-    {"describe_body", describe_body, METH_VARARGS,
-     "describe_body(ordered, instructions, leaders, successors, start) -> "
-     "(end, edge_count, references, large_immediates)"},
+    {"body_spans", body_spans, METH_O,
+     "body_spans(bodies) -> (addresses, sizes): uint64 bytes of every instruction of the bodies"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_definition = {
     PyModuleDef_HEAD_INIT, "earmark.extract._native",
-    "Compiled inner loops of function recovery (optional accelerator).", -1, methods,
+    "Compiled core of function recovery (optional accelerator).", -1, methods,
 };
 
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    return PyModule_Create(&module_definition);
+    if (PyType_Ready(&TableType) < 0 || PyType_Ready(&BodyType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_definition);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "Table", (PyObject *)&TableType) < 0 ||
+        PyModule_AddObjectRef(module, "Body", (PyObject *)&BodyType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

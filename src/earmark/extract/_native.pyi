@@ -1,5 +1,5 @@
-# Types of the compiled inner loops (_native.c); see earmark.extract.disasm.
-from collections.abc import Callable
+# Types of the compiled core of function recovery (_native.c); see earmark.extract.disasm.
+from collections.abc import Callable, Iterator
 from typing import Any
 
 def configure(
@@ -15,40 +15,49 @@ def configure(
     op_str_size: int,
     /,
 ) -> None: ...
-def decode_window(
-    handle: int,
-    data: bytes,
-    offset: int,
-    length: int,
-    address: int,
-    decoded: dict[int, Any],
-    shared: dict[tuple[str, str], Any],
-    local: dict[tuple[str, str], Any],
-    analyse: Callable[[str, str], Any],
-    branches: dict[str, tuple[str, str, int]],
-    address_mask: int,
-    kind: type[tuple[Any, ...]],
-    memo: object,
-    /,
-) -> None: ...
-def new_memo() -> object: ...
-def walk_plain(
-    address: int,
-    start: int,
-    instructions: dict[int, Any],
-    known: dict[int, str],
-    decoded: dict[int, Any],
-    max_instructions: int,
-    trail: list[Any],
-    import_slots: dict[int, str],
-    import_registers: dict[str, str],
-    /,
-) -> int: ...
-def describe_body(
-    ordered: list[Any],
-    instructions: dict[int, Any],
-    leaders: set[int],
-    successors: dict[int, tuple[int, ...]],
-    start: int,
-    /,
-) -> tuple[int, int, list[int], list[int]]: ...
+def body_spans(bodies: list[Body], /) -> tuple[bytes, bytes]: ...
+
+class Table:
+    def __init__(
+        self,
+        handle: int,
+        segments: list[tuple[int, bytes, bool]],
+        window: int,
+        address_mask: int,
+        shared: dict[tuple[str, str], Any],
+        local: dict[tuple[str, str], Any],
+        analyse: Callable[[str, str], Any],
+        branches: dict[str, tuple[str, str, int]],
+        kind: type[tuple[Any, ...]],
+        /,
+    ) -> None: ...
+    def decode(self, address: int, /) -> Any: ...
+    def cached(self) -> dict[int, Any]: ...
+    def owner(self, address: int, /) -> int | None: ...
+    def explore(
+        self,
+        start: int,
+        known: dict[int, str],
+        max_instructions: int,
+        fragments: list[int],
+        import_slots: dict[int, str],
+        no_return: frozenset[str],
+        import_thunk: Callable[[int], str | None],
+        follow_indirect: Callable[..., None],
+        body: Any,
+        lookback: int,
+        /,
+    ) -> tuple[Body, bool, bool]: ...
+
+class Body:
+    def __len__(self) -> int: ...
+    def __contains__(self, address: object, /) -> bool: ...
+    def __getitem__(self, address: int, /) -> Any: ...
+    def __iter__(self) -> Iterator[int]: ...
+    def values(self) -> list[Any]: ...
+    def own(self, start: int, /) -> None: ...
+    def disown(self, start: int, /) -> None: ...
+    def referenced_code(self) -> list[int]: ...
+    def describe(
+        self, leaders: set[int], successors: dict[int, tuple[int, ...]], start: int, /
+    ) -> tuple[tuple[str, ...], int, int, list[int], list[int]]: ...

@@ -17,7 +17,7 @@ import bisect
 import ctypes
 import sys
 from types import ModuleType
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import capstone
 
@@ -266,21 +266,46 @@ class InstructionDecoder:
         # so a new instruction text is mostly assembled from cached operand answers.
         self._operands: dict[tuple[str, bool], tuple[str, int, int]] = {}
         self._mnemonics: dict[str, tuple[str, int]] = {}
-        # The compiled loops, fixed per sample (also used by explore and build_features).
+        # The compiled instruction table (disasm.ACCELERATOR), fixed per sample: it replaces
+        # ``decoded`` and is what explore, coverage and build_features then work on.
         self.accelerator = ACCELERATOR
-        self._memo = ACCELERATOR.new_memo() if ACCELERATOR is not None else None
+        self.table = self._new_table()
+
+    def _new_table(self) -> Any:
+        if self.accelerator is None:
+            return None
+        return self.accelerator.Table(
+            self._capstone.csh.value,
+            [(s.virtual_address, s.data, s.executable) for s in self._segments],
+            DECODE_WINDOW_BYTES,
+            self._address_mask,
+            self._shared,
+            self._analysis,
+            self._analyse,
+            _BRANCH_MNEMONICS,
+            Instruction,
+        )
 
     def release_caches(self) -> None:
         """Forget every decoded instruction and per-sample text analysis.
 
         For when recovery is over: the caches are the largest part of a sample's analysis
-        memory, and the instructions the bodies keep stay alive through them. Decoding still
-        works afterwards, starting from empty caches.
+        memory. Bodies explored by the compiled table keep that table (and only it) alive
+        until they are dropped. Decoding still works afterwards, starting from empty caches.
         """
         self.decoded = {}
         self._analysis = {}
         self._operands = {}
-        self._memo = self.accelerator.new_memo() if self.accelerator is not None else None
+        # Not a fresh table: this one holds the decoder's ``_analyse`` (a cycle until the
+        # collector runs). Decoding after this takes the Python loop: slower, same answers.
+        self.table = None
+
+    def cached_instructions(self) -> dict[int, Instruction | None]:
+        """Every address decoded so far and its instruction (None: not code); for tests."""
+        if self.table is not None:
+            cached: dict[int, Instruction | None] = self.table.cached()
+            return cached
+        return dict(self.decoded)
 
     # --- address space -------------------------------------------------------------------
 
@@ -312,6 +337,9 @@ class InstructionDecoder:
 
     def decode(self, address: int) -> Instruction | None:
         """The instruction at ``address``, or None for invalid bytes / outside code."""
+        if self.table is not None:
+            found: Instruction | None = self.table.decode(address)
+            return found
         instruction = self.decoded.get(address)
         if instruction is not None or address in self.decoded:
             return instruction
@@ -331,23 +359,6 @@ class InstructionDecoder:
         if segment is None or not segment.executable:
             return
         offset = address - segment.virtual_address
-        if self.accelerator is not None:
-            self.accelerator.decode_window(
-                self._capstone.csh.value,
-                segment.data,
-                offset,
-                DECODE_WINDOW_BYTES,
-                address,
-                self.decoded,
-                self._shared,
-                self._analysis,
-                self._analyse,
-                _BRANCH_MNEMONICS,
-                self._address_mask,
-                Instruction,
-                self._memo,
-            )
-            return
         window = segment.data[offset : offset + DECODE_WINDOW_BYTES]
         decoded = self.decoded
         shared = self._shared

@@ -10,9 +10,9 @@ bodies are dropped once it is done.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from earmark.extract.disasm import KIND_CALL, KIND_PLAIN, Instruction, InstructionDecoder
 from earmark.extract.minhash import exact_hash, stream_minhash_signatures
@@ -31,13 +31,33 @@ MIN_REFERENCED_STRING_CHARS: Final = 4
 FEATURE_BATCH_TOKENS: Final = 1 << 16
 
 
+class CompiledBody(Protocol):
+    """A function's instructions as rows of the compiled instruction table (``_native.Body``,
+    made by FunctionRecovery.explore): a read-only mapping address -> Instruction whose
+    Instructions are built on demand, plus the per-instruction passes done in C."""
+
+    def __len__(self) -> int: ...
+    def __contains__(self, address: object) -> bool: ...
+    def __getitem__(self, address: int) -> Instruction: ...
+    def __iter__(self) -> Iterator[int]: ...
+    def values(self) -> list[Instruction]: ...
+    def own(self, start: int) -> None: ...
+    def disown(self, start: int) -> None: ...
+    def referenced_code(self) -> list[int]: ...
+    def describe(
+        self, leaders: set[int], successors: dict[int, tuple[int, ...]], start: int
+    ) -> tuple[tuple[str, ...], int, int, list[int], list[int]]: ...
+
+
 @dataclass(slots=True)
 class FunctionBody:
     """The instructions reached from one start, with the control flow needed for features."""
 
     start: int
     source: str
-    instructions: dict[int, Instruction] = field(default_factory=dict)
+    # A dict on the pure-Python path; with the compiled table (disasm.ACCELERATOR) the rows
+    # FunctionRecovery.explore took from it.
+    instructions: dict[int, Instruction] | CompiledBody = field(default_factory=dict)
     leaders: set[int] = field(default_factory=set)
     successors: dict[int, tuple[int, ...]] = field(default_factory=dict)
     calls: list[int] = field(default_factory=list)
@@ -83,41 +103,39 @@ def _describe_batch(
     strings_at: dict[int, str | None],
 ) -> list[FunctionFeatures]:
     """Features of a batch of bodies; MinHash runs once over the whole batch."""
-    ordered_bodies: list[list[Instruction]] = []
     streams: list[tuple[str, ...]] = []
+    # Per body: (end, edge count, referenced strings, distinctive constants).
+    described: list[tuple[int, int, list[str], list[int]]] = []
     for body in bodies:
         check_deadline()
         instructions = body.instructions
-        ordered = [instructions[address] for address in sorted(instructions)]
-        ordered_bodies.append(ordered)
-        streams.append(tuple([instruction.token for instruction in ordered]))
+        if isinstance(instructions, dict):
+            ordered = [instructions[address] for address in sorted(instructions)]
+            streams.append(tuple([instruction.token for instruction in ordered]))
+            described.append(_describe_in_python(body, ordered, decoder, strings_at))
+        else:  # rows of the compiled table: the same pass in C
+            stream, end, edge_count, references, large = instructions.describe(
+                body.leaders, body.successors, body.start
+            )
+            streams.append(stream)
+            strings = _referenced_strings(decoder, references, strings_at)
+            described.append((end, edge_count, strings, [v for v in large if _is_distinctive(v)]))
     signatures = stream_minhash_signatures(streams).tolist()
     robust_signatures = stream_minhash_signatures([robust_stream(s) for s in streams]).tolist()
     functions: list[FunctionFeatures] = []
-    describe = decoder.accelerator.describe_body if decoder.accelerator is not None else None
-    for body, ordered, stream, signature, robust_signature in zip(
-        bodies, ordered_bodies, streams, signatures, robust_signatures, strict=True
+    for body, stream, (end, edge_count, strings, constants), signature, robust_signature in zip(
+        bodies, streams, described, signatures, robust_signatures, strict=True
     ):
         check_deadline()
         instructions = body.instructions
         leaders = body.leaders
-        if describe is not None:
-            end, edge_count, references, large = describe(
-                ordered, instructions, leaders, body.successors, body.start
-            )
-            strings = _referenced_strings(decoder, references, strings_at)
-            constants = [v for v in large if _is_distinctive(v)]
-        else:
-            end, edge_count, strings, constants = _describe_in_python(
-                body, ordered, decoder, strings_at
-            )
         functions.append(
             FunctionFeatures(
                 address=body.start,
                 size=end - body.start,
                 block_count=sum(1 for a in leaders if a in instructions),
                 edge_count=edge_count,
-                instruction_count=len(ordered),
+                instruction_count=len(stream),
                 exact_hash=exact_hash(stream),
                 minhash=tuple(signature),
                 normalized=stream,
@@ -155,7 +173,7 @@ def _describe_in_python(
     strings_at: dict[int, str | None],
 ) -> tuple[int, int, list[str], list[int]]:
     """(end, edge count, referenced strings, distinctive constants) of one function: the
-    reference for the compiled ``describe_body`` (same pass, strings read the same way)."""
+    reference for the compiled ``Body.describe`` (same pass, strings read the same way)."""
     instructions = body.instructions
     leaders = body.leaders
     successors_of = body.successors

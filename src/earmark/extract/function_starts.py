@@ -64,17 +64,35 @@ class CodeCoverage:
         self._bases = [segment.virtual_address for segment in code]
         self._maps = [np.zeros(len(segment.data), dtype=bool) for segment in code]
         # Address of an instruction -> start of the function that reaches it (SHARED_OWNER
-        # when several do).
+        # when several do). With the compiled instruction table (disasm.ACCELERATOR) the
+        # owners are kept in its rows instead and this dict stays empty.
         self.owners: dict[int, int] = {}
+        self._table = decoder.table
+        accelerator = decoder.accelerator
+        self._spans = (
+            accelerator.body_spans if accelerator is not None and self._table is not None else None
+        )
         self._pending: list[FunctionBody] = []
         self._extent_ends: dict[int, int] = {}  # function start -> end of its last byte
         self._sorted_extents: list[tuple[int, int]] | None = None
         self._extent_starts: list[int] = []
 
+    def owner_of(self, address: int) -> int | None:
+        """Start of the function owning the instruction at ``address`` (SHARED_OWNER when
+        several do), or None."""
+        owner = self.owners.get(address)
+        if owner is None and self._table is not None:
+            owner = self._table.owner(address)
+        return owner
+
     def add(self, body: FunctionBody) -> None:
         start = body.start
         owners = self.owners
         instructions = body.instructions
+        if not isinstance(instructions, dict):  # rows of the compiled table
+            instructions.own(start)
+            self._pending.append(body)
+            return
         # Set operations and dict.update run in C; only addresses two functions share (a few
         # per cent) are looked at one by one.
         common = owners.keys() & instructions.keys()
@@ -89,6 +107,9 @@ class CodeCoverage:
         """Forget ``body``'s ownership (before replacing it with a re-explored version)."""
         owners = self.owners
         start = body.start
+        if not isinstance(body.instructions, dict):
+            body.instructions.disown(start)
+            return
         for address in body.instructions:
             if owners.get(address) == start:
                 del owners[address]
@@ -110,19 +131,12 @@ class CodeCoverage:
     def _mark(self, pending: list[FunctionBody]) -> None:
         counts = [len(body.instructions) for body in pending]
         total = sum(counts)
-        # uint64: a hostile 64-bit image may map code at or above 2**63 (int64 overflows).
-        addresses = np.fromiter(
-            itertools.chain.from_iterable(body.instructions for body in pending),
-            dtype=np.uint64,
-            count=total,
-        )
-        sizes = np.fromiter(
-            itertools.chain.from_iterable(
-                map(_SIZE_OF, body.instructions.values()) for body in pending
-            ),
-            dtype=np.uint64,
-            count=total,
-        )
+        if self._spans is not None and not any(isinstance(b.instructions, dict) for b in pending):
+            address_bytes, size_bytes = self._spans([body.instructions for body in pending])
+            addresses = np.frombuffer(address_bytes, dtype=np.uint64)
+            sizes = np.frombuffer(size_bytes, dtype=np.uint64)
+        else:
+            addresses, sizes = _spans_in_python(pending, total)
         with np.errstate(over="ignore"):  # an instruction ending past 2**64 wraps; harmless
             ends = addresses + sizes
         if total:
@@ -179,6 +193,26 @@ class CodeCoverage:
         return found
 
 
+def _spans_in_python(
+    pending: list[FunctionBody], total: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """(addresses, sizes) of every instruction of ``pending``, body after body."""
+    # uint64: a hostile 64-bit image may map code at or above 2**63 (int64 overflows).
+    addresses = np.fromiter(
+        itertools.chain.from_iterable(body.instructions for body in pending),
+        dtype=np.uint64,
+        count=total,
+    )
+    sizes = np.fromiter(
+        itertools.chain.from_iterable(
+            map(_SIZE_OF, body.instructions.values()) for body in pending
+        ),
+        dtype=np.uint64,
+        count=total,
+    )
+    return addresses, sizes
+
+
 def _mark_intervals(
     coverage: npt.NDArray[np.bool_], lows: npt.NDArray[np.int64], highs: npt.NDArray[np.int64]
 ) -> None:
@@ -212,12 +246,13 @@ def tail_call_targets(
 ) -> list[int]:
     """Targets of jmps that cross another function's start: they leave their function."""
     found: list[int] = []
-    owners = coverage.owners
+    owner_of = coverage.owner_of
     for body in bodies:
         for address, target in body.direct_jumps:
             # A target another function reaches by its own flow is a shared tail or a cold
             # fragment jumping home, not a function entry.
-            if owners.get(target, body.start) != body.start:
+            owner = owner_of(target)
+            if owner is not None and owner != body.start:
                 continue
             low, high = (address, target) if address < target else (target, address)
             first = bisect.bisect_right(starts, low)
@@ -228,6 +263,8 @@ def tail_call_targets(
 
 def referenced_code(body: FunctionBody, decoder: InstructionDecoder) -> list[int]:
     """Code addresses ``body`` takes as data: ``lea r, [rip+X]``, ``push imm``, ``mov r, imm``."""
+    if not isinstance(body.instructions, dict):  # rows of the compiled table: same pass in C
+        return body.instructions.referenced_code()
     found: list[int] = []
     for instruction in body.instructions.values():
         if instruction.address_immediates:

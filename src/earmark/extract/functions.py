@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 
 from earmark.config import Limits
 from earmark.errors import AnalysisTimeoutError
@@ -220,11 +220,14 @@ class FunctionRecovery:
     # --- descent within one function -----------------------------------------------------
 
     def explore(self, start: int, source: str) -> FunctionBody:
+        table = self.decoder.table
+        if table is not None:
+            return self._explore_compiled(table, start, source)
         decoder = self.decoder
         decoded = decoder.decoded.get  # inline cache hit: skips a method call per instruction
         known = self.sources
-        body = FunctionBody(start, source)
-        instructions = body.instructions
+        instructions: dict[int, Instruction] = {}
+        body = FunctionBody(start, source, instructions)
         body.leaders.add(start)
         pending = [start]
         # Parts the unwind table assigns to this function, explored once its own flow is done
@@ -232,11 +235,6 @@ class FunctionRecovery:
         fragments = list(self._fragments_of.get(start, ()))
         max_instructions = self.limits.max_instructions_per_function
         import_slots = self.image.import_slots
-        # The compiled walk over plain instructions (disasm.ACCELERATOR); the loop below then
-        # sees only the instructions it stops at, and does exactly what it did without it.
-        walk = decoder.accelerator.walk_plain if decoder.accelerator is not None else None
-        if not isinstance(import_slots, dict):
-            walk = None
         while pending or fragments:
             if not pending:
                 fragment = fragments.pop()
@@ -248,18 +246,6 @@ class FunctionRecovery:
             trail: list[Instruction] = []
             import_registers: dict[str, str] = {}
             while True:
-                if walk is not None:
-                    address = walk(
-                        address,
-                        start,
-                        instructions,
-                        known,
-                        decoder.decoded,
-                        max_instructions,
-                        trail,
-                        import_slots,
-                        import_registers,
-                    )
                 if address in instructions:
                     body.leaders.add(address)
                     break
@@ -311,6 +297,26 @@ class FunctionRecovery:
                 break  # KIND_END and every jump end the run
         return body
 
+    def _explore_compiled(self, table: Any, start: int, source: str) -> FunctionBody:
+        """``explore`` over the compiled instruction table (same rules, step by step; the
+        loop above is the reference): the body's instructions stay rows of the table."""
+        body = FunctionBody(start, source)
+        import_slots = self.image.import_slots
+        instructions, body.invalid, body.truncated = table.explore(
+            start,
+            self.sources,
+            self.limits.max_instructions_per_function,
+            list(self._fragments_of.get(start, ())),
+            import_slots if isinstance(import_slots, dict) else dict(import_slots),
+            NO_RETURN_IMPORTS,
+            self.import_thunk,
+            self._follow_indirect_jump,
+            body,
+            JUMP_TABLE_LOOKBACK,
+        )
+        body.instructions = instructions
+        return body
+
     def _called_import(self, call: Instruction, import_registers: dict[str, str]) -> str | None:
         if call.target is not None:
             return self.import_thunk(call.target)
@@ -341,6 +347,19 @@ class FunctionRecovery:
             body.direct_jumps.append((jump.address, target))
             pending.append(target)
             return
+        recent = trail[-JUMP_TABLE_LOOKBACK:]
+        self._follow_indirect_jump(body, jump, recent, import_registers, pending)
+
+    def _follow_indirect_jump(
+        self,
+        body: FunctionBody,
+        jump: Instruction,
+        recent: list[Instruction],
+        import_registers: dict[str, str],
+        pending: list[int],
+    ) -> None:
+        """A jmp through a register or memory: an import, or a jump table's cases, or nothing
+        (``recent``: the run's last JUMP_TABLE_LOOKBACK instructions, the jump last)."""
         if jump.memory_address is not None:
             name = self.image.import_slots.get(jump.memory_address)
             if name is not None:
@@ -349,7 +368,7 @@ class FunctionRecovery:
         elif jump.op_str in import_registers:
             body.called_imports.append(import_registers[jump.op_str])
             return
-        cases = jump_table_targets(self.decoder, jump, trail[-JUMP_TABLE_LOOKBACK:])
+        cases = jump_table_targets(self.decoder, jump, recent)
         if cases:
             unique = tuple(dict.fromkeys(cases))
             body.successors[jump.address] = unique
@@ -422,7 +441,7 @@ class FunctionRecovery:
         for start in new_starts:
             if start not in self.sources:
                 continue  # a rejected guess
-            owner = self.coverage.owners.get(start)
+            owner = self.coverage.owner_of(start)
             if owner is None or owner == start:
                 continue
             if owner == SHARED_OWNER:

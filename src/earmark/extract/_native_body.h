@@ -1,0 +1,781 @@
+/* Function bodies over the instruction table: the descent of FunctionRecovery.explore, the
+ * Body type it returns (a read-only mapping address -> Instruction over table rows), ownership
+ * for CodeCoverage, and the per-instruction passes of function_starts.referenced_code and
+ * function_features.build_features. Part of _native.c (included once, after the table), kept
+ * in its own file so each part reads in one sitting. */
+
+/* --- growable row arrays ------------------------------------------------------------------ */
+
+typedef struct {
+    uint32_t *rows;
+    Py_ssize_t length, capacity;
+} Rows;
+
+static int
+rows_push(Rows *rows, uint32_t row)
+{
+    if (rows->length == rows->capacity) {
+        Py_ssize_t capacity = rows->capacity ? rows->capacity * 2 : 64;
+        uint32_t *grown = PyMem_Realloc(rows->rows, (size_t)capacity * sizeof(uint32_t));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        rows->rows = grown;
+        rows->capacity = capacity;
+    }
+    rows->rows[rows->length++] = row;
+    return 0;
+}
+
+/* --- Body ----------------------------------------------------------------------------------- */
+
+typedef struct {
+    uint64_t address;
+    uint32_t row;
+} AddressRow;
+
+static int
+compare_address_rows(const void *first, const void *second)
+{
+    uint64_t a = ((const AddressRow *)first)->address, b = ((const AddressRow *)second)->address;
+    return (a > b) - (a < b);
+}
+
+/* A Body over ``rows`` (taken over: freed with the body), or NULL. */
+static PyObject *
+body_from_rows(TableObject *table, Rows *rows)
+{
+    BodyObject *body = PyObject_New(BodyObject, &BodyType);
+    if (body == NULL) {
+        PyMem_Free(rows->rows);
+        return NULL;
+    }
+    body->table = (TableObject *)Py_NewRef(table);
+    body->length = rows->length;
+    body->order = rows->rows; /* may be NULL when empty */
+    body->sorted = NULL;
+    rows->rows = NULL;
+    if (body->length) {
+        AddressRow *pairs = PyMem_Malloc((size_t)body->length * sizeof(AddressRow));
+        body->sorted = PyMem_Malloc((size_t)body->length * sizeof(uint32_t));
+        if (pairs == NULL || body->sorted == NULL) {
+            PyMem_Free(pairs);
+            Py_DECREF(body);
+            return PyErr_NoMemory();
+        }
+        for (Py_ssize_t i = 0; i < body->length; i++) {
+            pairs[i].address = table->records[body->order[i]].address;
+            pairs[i].row = body->order[i];
+        }
+        qsort(pairs, (size_t)body->length, sizeof(AddressRow), compare_address_rows);
+        for (Py_ssize_t i = 0; i < body->length; i++) {
+            body->sorted[i] = pairs[i].row;
+        }
+        PyMem_Free(pairs);
+    }
+    return (PyObject *)body;
+}
+
+static void
+body_dealloc(BodyObject *self)
+{
+    PyMem_Free(self->order);
+    PyMem_Free(self->sorted);
+    Py_XDECREF(self->table);
+    PyObject_Free(self);
+}
+
+/* Position of ``address`` in the sorted rows, or -1. */
+static Py_ssize_t
+body_position(BodyObject *self, uint64_t address)
+{
+    Py_ssize_t low = 0, high = self->length;
+    const Record *records = self->table->records;
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        uint64_t found = records[self->sorted[middle]].address;
+        if (found == address) {
+            return middle;
+        }
+        if (found < address) {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    return -1;
+}
+
+static Py_ssize_t
+body_length(BodyObject *self)
+{
+    return self->length;
+}
+
+static int
+body_contains(BodyObject *self, PyObject *key)
+{
+    uint64_t address;
+    if (!PyLong_Check(key)) {
+        return 0;
+    }
+    int valid = address_value(key, &address);
+    if (valid <= 0) {
+        return valid;
+    }
+    return body_position(self, address) >= 0;
+}
+
+static PyObject *
+body_subscript(BodyObject *self, PyObject *key)
+{
+    uint64_t address;
+    int valid = PyLong_Check(key) ? address_value(key, &address) : 0;
+    if (valid < 0) {
+        return NULL;
+    }
+    Py_ssize_t position = valid ? body_position(self, address) : -1;
+    if (position < 0) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return instruction_object(self->table, self->sorted[position]);
+}
+
+/* Addresses in the order explore took them (dict iteration order on the Python path). */
+static PyObject *
+body_iter(BodyObject *self)
+{
+    PyObject *addresses = PyList_New(self->length);
+    for (Py_ssize_t i = 0; addresses != NULL && i < self->length; i++) {
+        PyObject *address = u64_object(self->table->records[self->order[i]].address);
+        if (address == NULL) {
+            Py_CLEAR(addresses);
+            break;
+        }
+        PyList_SET_ITEM(addresses, i, address);
+    }
+    PyObject *iterator = addresses ? PyObject_GetIter(addresses) : NULL;
+    Py_XDECREF(addresses);
+    return iterator;
+}
+
+static PyObject *
+body_values(BodyObject *self, PyObject *unused)
+{
+    PyObject *values = PyList_New(self->length);
+    for (Py_ssize_t i = 0; values != NULL && i < self->length; i++) {
+        PyObject *instruction = instruction_object(self->table, self->order[i]);
+        if (instruction == NULL) {
+            Py_CLEAR(values);
+            break;
+        }
+        PyList_SET_ITEM(values, i, instruction);
+    }
+    return values;
+}
+
+/* own(start): CodeCoverage.add's ownership update (shared when another function owns it). */
+static PyObject *
+body_own(BodyObject *self, PyObject *start_object)
+{
+    uint64_t start;
+    if (address_value(start_object, &start) <= 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "a function start is an address");
+        }
+        return NULL;
+    }
+    Record *records = self->table->records;
+    for (Py_ssize_t i = 0; i < self->length; i++) {
+        Record *record = &records[self->order[i]];
+        if (!(record->flags & FLAG_OWNED)) {
+            record->flags |= FLAG_OWNED;
+            record->owner = start;
+        } else if (record->owner != start) {
+            record->flags |= FLAG_SHARED;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* disown(start): CodeCoverage.remove (only what ``start`` alone owns is released). */
+static PyObject *
+body_disown(BodyObject *self, PyObject *start_object)
+{
+    uint64_t start;
+    if (address_value(start_object, &start) <= 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "a function start is an address");
+        }
+        return NULL;
+    }
+    Record *records = self->table->records;
+    for (Py_ssize_t i = 0; i < self->length; i++) {
+        Record *record = &records[self->order[i]];
+        if ((record->flags & (FLAG_OWNED | FLAG_SHARED)) == FLAG_OWNED && record->owner == start) {
+            record->flags &= (uint8_t)~FLAG_OWNED;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* referenced_code() -> code addresses taken as data: address immediates into code, then a
+ * lea's memory operand into code, instruction by instruction (function_starts.referenced_code). */
+static PyObject *
+body_referenced_code(BodyObject *self, PyObject *unused)
+{
+    TableObject *table = self->table;
+    PyObject *found = PyList_New(0);
+    for (Py_ssize_t i = 0; found != NULL && i < self->length; i++) {
+        const Record *record = &table->records[self->order[i]];
+        const Text *text = &table->texts[record->text];
+        PyObject *immediates = text->address_immediates;
+        for (Py_ssize_t j = 0; found != NULL && j < PyTuple_GET_SIZE(immediates); j++) {
+            PyObject *value = PyTuple_GET_ITEM(immediates, j);
+            uint64_t address;
+            int valid = address_value(value, &address);
+            if (valid < 0 || (valid && table_is_code(table, address) &&
+                              PyList_Append(found, value) < 0)) {
+                Py_CLEAR(found);
+            }
+        }
+        if (found != NULL && record->flags & FLAG_MEMORY && text->is_lea &&
+            table_is_code(table, record->memory)) {
+            PyObject *value = u64_object(record->memory);
+            if (value == NULL || PyList_Append(found, value) < 0) {
+                Py_CLEAR(found);
+            }
+            Py_XDECREF(value);
+        }
+    }
+    return found;
+}
+
+/* describe(leaders, successors, start) -> (tokens, end, edge_count, references, large)
+ *
+ * The per-instruction pass of function_features.build_features, in address order: the token
+ * stream, the end of the last instruction (at least ``start``), the CFG edge count, the
+ * addresses the code references (address immediates, then a plain instruction's memory
+ * operand) and all large immediates, each in instruction order. */
+static PyObject *
+body_describe(BodyObject *self, PyObject *args)
+{
+    PyObject *leaders, *successors_of, *start;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PySet_Type, &leaders, &PyDict_Type, &successors_of,
+                          &start)) {
+        return NULL;
+    }
+    TableObject *table = self->table;
+    PyObject *tokens = PyTuple_New(self->length);
+    PyObject *references = PyList_New(0);
+    PyObject *large = PyList_New(0);
+    PyObject *end = Py_NewRef(start);
+    Py_ssize_t edges = 0;
+    uint64_t furthest = 0;
+    int failed = tokens == NULL || references == NULL || large == NULL;
+    for (Py_ssize_t i = 0; !failed && i < self->length; i++) {
+        const Record *record = &table->records[self->sorted[i]];
+        const Text *text = &table->texts[record->text];
+        PyTuple_SET_ITEM(tokens, i, Py_NewRef(text->token));
+        uint64_t following = record->address + record->size;
+        int past_end = following < record->address; /* beyond 2**64: in no body, no leader */
+        if (past_end) {
+            PyObject *candidate = following_object(record);
+            int later = candidate ? PyObject_RichCompareBool(candidate, end, Py_GT) : -1;
+            if (later > 0) {
+                Py_SETREF(end, Py_NewRef(candidate));
+            }
+            Py_XDECREF(candidate);
+            failed = later < 0;
+        } else if (following > furthest) {
+            furthest = following; /* not the last one's end: instructions may overlap */
+        }
+        uint8_t kind = text->kind;
+        if (!failed && (kind == KIND_CONDITIONAL || kind == KIND_JUMP)) {
+            /* Only branches carry successors (explore sets them nowhere else). */
+            PyObject *address = u64_object(record->address);
+            PyObject *successors =
+                address ? PyDict_GetItemWithError(successors_of, address) : NULL;
+            Py_XDECREF(address);
+            if (successors != NULL) {
+                PyObject *iterator = PyObject_GetIter(successors);
+                PyObject *successor;
+                while (iterator != NULL && (successor = PyIter_Next(iterator)) != NULL) {
+                    int inside = body_contains(self, successor);
+                    Py_DECREF(successor);
+                    if (inside < 0) {
+                        break;
+                    }
+                    edges += inside;
+                }
+                Py_XDECREF(iterator);
+            }
+            failed = PyErr_Occurred() != NULL;
+        } else if (!failed && (kind == KIND_PLAIN || kind == KIND_CALL) && !past_end &&
+                   body_position(self, following) >= 0) {
+            PyObject *next = u64_object(following);
+            int leader = next ? PySet_Contains(leaders, next) : -1;
+            Py_XDECREF(next);
+            if (leader < 0) {
+                failed = 1;
+            }
+            edges += leader > 0;
+        }
+        PyObject *immediates = text->address_immediates;
+        for (Py_ssize_t j = 0; !failed && j < PyTuple_GET_SIZE(immediates); j++) {
+            failed = PyList_Append(references, PyTuple_GET_ITEM(immediates, j)) < 0;
+        }
+        if (!failed && record->flags & FLAG_MEMORY && kind == KIND_PLAIN) {
+            PyObject *memory = u64_object(record->memory);
+            failed = memory == NULL || PyList_Append(references, memory) < 0;
+            Py_XDECREF(memory);
+        }
+        PyObject *values = text->large_immediates;
+        for (Py_ssize_t j = 0; !failed && j < PyTuple_GET_SIZE(values); j++) {
+            failed = PyList_Append(large, PyTuple_GET_ITEM(values, j)) < 0;
+        }
+    }
+    if (!failed && self->length) {
+        /* max(start, every end), compared as Python ints (start may be any int). */
+        PyObject *candidate = u64_object(furthest);
+        int later = candidate ? PyObject_RichCompareBool(candidate, end, Py_GT) : -1;
+        if (later > 0) {
+            Py_SETREF(end, Py_NewRef(candidate));
+        }
+        Py_XDECREF(candidate);
+        failed = later < 0;
+    }
+    PyObject *result = NULL;
+    if (!failed) {
+        result = Py_BuildValue("(OOnOO)", tokens, end, edges, references, large);
+    }
+    Py_XDECREF(tokens);
+    Py_DECREF(end);
+    Py_XDECREF(references);
+    Py_XDECREF(large);
+    return result;
+}
+
+/* body_spans(bodies) -> (addresses, sizes): uint64 bytes of every instruction of the Body
+ * objects in ``bodies``, body after body, each in explore order (CodeCoverage._mark). */
+static PyObject *
+body_spans(PyObject *module, PyObject *bodies)
+{
+    if (!PyList_Check(bodies)) {
+        PyErr_SetString(PyExc_TypeError, "expected a list of bodies");
+        return NULL;
+    }
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(bodies); i++) {
+        PyObject *body = PyList_GET_ITEM(bodies, i);
+        if (!PyObject_TypeCheck(body, &BodyType)) {
+            PyErr_SetString(PyExc_TypeError, "expected a list of bodies");
+            return NULL;
+        }
+        total += ((BodyObject *)body)->length;
+    }
+    PyObject *addresses = PyBytes_FromStringAndSize(NULL, total * 8);
+    PyObject *sizes = addresses ? PyBytes_FromStringAndSize(NULL, total * 8) : NULL;
+    if (sizes == NULL) {
+        Py_XDECREF(addresses);
+        return NULL;
+    }
+    uint64_t *address_out = (uint64_t *)PyBytes_AS_STRING(addresses);
+    uint64_t *size_out = (uint64_t *)PyBytes_AS_STRING(sizes);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(bodies); i++) {
+        BodyObject *body = (BodyObject *)PyList_GET_ITEM(bodies, i);
+        const Record *records = body->table->records;
+        for (Py_ssize_t j = 0; j < body->length; j++) {
+            const Record *record = &records[body->order[j]];
+            *address_out++ = record->address;
+            *size_out++ = record->size;
+        }
+    }
+    PyObject *result = PyTuple_Pack(2, addresses, sizes);
+    Py_DECREF(addresses);
+    Py_DECREF(sizes);
+    return result;
+}
+
+static PyMappingMethods body_mapping = {
+    .mp_length = (lenfunc)body_length,
+    .mp_subscript = (binaryfunc)body_subscript,
+};
+
+static PySequenceMethods body_sequence = {
+    .sq_contains = (objobjproc)body_contains,
+};
+
+static PyMethodDef body_methods[] = {
+    {"values", (PyCFunction)body_values, METH_NOARGS, "values() -> Instructions in explore order"},
+    {"own", (PyCFunction)body_own, METH_O, "own(start): take ownership of the instructions"},
+    {"disown", (PyCFunction)body_disown, METH_O, "disown(start): release what start owns"},
+    {"referenced_code", (PyCFunction)body_referenced_code, METH_NOARGS,
+     "referenced_code() -> code addresses the body takes as data"},
+    {"describe", (PyCFunction)body_describe, METH_VARARGS,
+     "describe(leaders, successors, start) -> (tokens, end, edge_count, references, large)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject BodyType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "earmark.extract._native.Body",
+    .tp_basicsize = sizeof(BodyObject),
+    .tp_dealloc = (destructor)body_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The instructions of one explored function: address -> Instruction, read-only",
+    .tp_as_mapping = &body_mapping,
+    .tp_as_sequence = &body_sequence,
+    .tp_iter = (getiterfunc)body_iter,
+    .tp_methods = body_methods,
+};
+
+/* --- explore ------------------------------------------------------------------------------- */
+
+#define EXPLORE_DOC                                                                           \
+    "explore(start, known, max_instructions, fragments, import_slots, no_return, import_thunk, " \
+    "follow_indirect, body, lookback) -> (Body, invalid, truncated)"
+
+/* The name after the last "!" of an import name is in ``no_return``: 1, 0, or -1. */
+static int
+never_returns(PyObject *name, PyObject *no_return)
+{
+    if (!PyUnicode_Check(name)) {
+        return 0;
+    }
+    Py_ssize_t length = PyUnicode_GET_LENGTH(name);
+    Py_ssize_t bang = PyUnicode_FindChar(name, '!', 0, length, -1);
+    if (bang == -2) {
+        return -1;
+    }
+    PyObject *base = PyUnicode_Substring(name, bang + 1, length);
+    int found = base ? PySet_Contains(no_return, base) : -1;
+    Py_XDECREF(base);
+    return found;
+}
+
+/* The first operand of an op_str (up to the first ", "). */
+static PyObject *
+first_operand(PyObject *op_str)
+{
+    Py_ssize_t length = PyUnicode_GET_LENGTH(op_str);
+    for (Py_ssize_t i = 0; i + 1 < length; i++) {
+        if (PyUnicode_READ_CHAR(op_str, i) == ',' && PyUnicode_READ_CHAR(op_str, i + 1) == ' ') {
+            return PyUnicode_Substring(op_str, 0, i);
+        }
+    }
+    return Py_NewRef(op_str);
+}
+
+/* Set item helpers that give 0 or -1. */
+static int
+add_leader(PyObject *leaders, PyObject *address)
+{
+    return PySet_Add(leaders, address);
+}
+
+/* The descent of FunctionRecovery.explore over the table; see functions.py for the rules, which
+ * this follows step by step (the Python loop there is the reference). */
+static PyObject *
+table_explore(TableObject *self, PyObject *args)
+{
+    PyObject *start_object, *known, *fragments, *import_slots, *no_return, *import_thunk;
+    PyObject *follow_indirect, *body_object;
+    Py_ssize_t max_instructions, lookback;
+    if (!PyArg_ParseTuple(args, "OO!nO!O!OOOOn", &start_object, &PyDict_Type, &known,
+                          &max_instructions, &PyList_Type, &fragments, &PyDict_Type,
+                          &import_slots, &no_return, &import_thunk, &follow_indirect,
+                          &body_object, &lookback)) {
+        return NULL;
+    }
+    uint64_t start;
+    if (address_value(start_object, &start) <= 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "a function start is an address");
+        }
+        return NULL;
+    }
+    PyObject *leaders = PyObject_GetAttrString(body_object, "leaders");
+    PyObject *successors = PyObject_GetAttrString(body_object, "successors");
+    PyObject *calls = PyObject_GetAttrString(body_object, "calls");
+    PyObject *tail_jumps = PyObject_GetAttrString(body_object, "tail_jumps");
+    PyObject *direct_jumps = PyObject_GetAttrString(body_object, "direct_jumps");
+    PyObject *called_imports = PyObject_GetAttrString(body_object, "called_imports");
+    PyObject *pending = PyList_New(0);
+    Rows rows = {NULL, 0, 0};
+    uint32_t *trail = lookback > 0 ? PyMem_Calloc((size_t)lookback, sizeof(uint32_t)) : NULL;
+    int failed = !leaders || !successors || !calls || !tail_jumps || !direct_jumps ||
+                 !called_imports || !pending || (lookback > 0 && trail == NULL) ||
+                 !PySet_Check(leaders) || !PyDict_Check(successors) || !PyList_Check(calls) ||
+                 !PyList_Check(tail_jumps) || !PyList_Check(direct_jumps) ||
+                 !PyList_Check(called_imports);
+    if (failed && !PyErr_Occurred()) {
+        PyErr_SetString(PyExc_TypeError, "malformed function body");
+    }
+    int invalid = 0, truncated = 0;
+    if (++self->serial == 0) { /* stamps wrapped: forget them all */
+        for (uint32_t row = 0; row < self->count; row++) {
+            self->records[row].stamp = 0;
+        }
+        self->serial = 1;
+    }
+    uint32_t serial = self->serial;
+    if (!failed) {
+        failed = add_leader(leaders, start_object) < 0 || PyList_Append(pending, start_object) < 0;
+    }
+    while (!failed && (PyList_GET_SIZE(pending) || PyList_GET_SIZE(fragments))) {
+        if (!PyList_GET_SIZE(pending)) {
+            Py_ssize_t last = PyList_GET_SIZE(fragments) - 1;
+            PyObject *fragment = Py_NewRef(PyList_GET_ITEM(fragments, last));
+            failed = PyList_SetSlice(fragments, last, last + 1, NULL) < 0;
+            uint64_t value;
+            int valid = failed ? -1 : address_value(fragment, &value);
+            int64_t row = valid > 0 ? table_find(self, value) : -1;
+            int inside = row >= 0 && !(self->records[row].flags & FLAG_INVALID) &&
+                         self->records[row].stamp == serial;
+            int other = valid < 0 ? -1 : PyDict_Contains(known, fragment);
+            if (valid < 0 || other < 0) {
+                failed = 1;
+            } else if (!inside && !other && !truncated) {
+                failed = add_leader(leaders, fragment) < 0 || PyList_Append(pending, fragment) < 0;
+            }
+            Py_DECREF(fragment);
+            continue;
+        }
+        Py_ssize_t last = PyList_GET_SIZE(pending) - 1;
+        PyObject *popped = Py_NewRef(PyList_GET_ITEM(pending, last));
+        failed = PyList_SetSlice(pending, last, last + 1, NULL) < 0;
+        uint64_t address = 0;
+        int valid = failed ? -1 : address_value(popped, &address);
+        Py_DECREF(popped);
+        if (valid < 0) {
+            failed = 1;
+            break;
+        }
+        /* ``valid == 0``: past 2**64 (after an instruction at the very top of a hostile image):
+         * in no body, no known function and no segment, so it ends the run as invalid. */
+        PyObject *import_registers = NULL;
+        Py_ssize_t trail_length = 0;
+        for (;;) {
+            int64_t row = valid ? table_find(self, address) : -1;
+            if (row >= 0 && !(self->records[row].flags & FLAG_INVALID) &&
+                self->records[row].stamp == serial) {
+                PyObject *leader = u64_object(address);
+                failed = leader == NULL || add_leader(leaders, leader) < 0;
+                Py_XDECREF(leader);
+                break;
+            }
+            if (valid && address != start) {
+                PyObject *key = u64_object(address);
+                int other = key ? PyDict_Contains(known, key) : -1;
+                Py_XDECREF(key);
+                if (other != 0) {
+                    failed = other < 0;
+                    break; /* flowed into another function */
+                }
+            }
+            if (rows.length >= max_instructions) {
+                truncated = 1;
+                failed = PyList_SetSlice(pending, 0, PyList_GET_SIZE(pending), NULL) < 0;
+                break;
+            }
+            row = valid ? table_decode(self, address) : -2;
+            if (row == -1) {
+                failed = 1;
+                break;
+            }
+            if (row == -2 || self->records[row].flags & FLAG_INVALID) {
+                invalid = 1;
+                break;
+            }
+            Record *record = &self->records[row];
+            record->stamp = serial;
+            if (rows_push(&rows, (uint32_t)row) < 0) {
+                failed = 1;
+                break;
+            }
+            if (lookback > 0) {
+                trail[trail_length % lookback] = (uint32_t)row;
+            }
+            trail_length++;
+            const Text *text = &self->texts[record->text];
+            uint64_t following = address + record->size;
+            int following_valid = following >= address;
+            if (text->kind == KIND_PLAIN) {
+                if (record->flags & FLAG_MEMORY && text->is_mov) {
+                    PyObject *memory = u64_object(record->memory);
+                    PyObject *name = memory ? PyDict_GetItemWithError(import_slots, memory) : NULL;
+                    Py_XDECREF(memory);
+                    if (name != NULL && name != Py_None) { /* mov esi, [IAT]; call esi */
+                        if (import_registers == NULL) {
+                            import_registers = PyDict_New();
+                        }
+                        PyObject *reg = import_registers ? first_operand(text->op_str) : NULL;
+                        failed = reg == NULL || PyDict_SetItem(import_registers, reg, name) < 0;
+                        Py_XDECREF(reg);
+                    } else if (PyErr_Occurred()) {
+                        failed = 1;
+                    }
+                    if (failed) {
+                        break;
+                    }
+                }
+                address = following;
+                valid = following_valid;
+                continue;
+            }
+            if (text->kind == KIND_CALL) {
+                PyObject *name = NULL; /* new reference or NULL */
+                if (record->flags & FLAG_TARGET) {
+                    PyObject *target = u64_object(record->target);
+                    name = target ? PyObject_CallOneArg(import_thunk, target) : NULL;
+                    Py_XDECREF(target);
+                } else if (record->flags & FLAG_MEMORY) {
+                    PyObject *memory = u64_object(record->memory);
+                    name = memory ? PyDict_GetItemWithError(import_slots, memory) : NULL;
+                    Py_XINCREF(name);
+                    Py_XDECREF(memory);
+                } else if (import_registers != NULL && text->op_str != NULL) {
+                    name = PyDict_GetItemWithError(import_registers, text->op_str);
+                    Py_XINCREF(name);
+                }
+                if (PyErr_Occurred()) {
+                    Py_XDECREF(name);
+                    failed = 1;
+                    break;
+                }
+                if (name != NULL && name != Py_None) {
+                    int ends = PyList_Append(called_imports, name) < 0 ? -1
+                                                                         : never_returns(name, no_return);
+                    Py_DECREF(name);
+                    if (ends != 0) {
+                        failed = ends < 0;
+                        break;
+                    }
+                } else {
+                    Py_XDECREF(name);
+                    record = &self->records[row]; /* the callback may have grown the table */
+                    if (record->flags & FLAG_TARGET && table_is_code(self, record->target)) {
+                        PyObject *target = u64_object(record->target);
+                        failed = target == NULL || PyList_Append(calls, target) < 0;
+                        Py_XDECREF(target);
+                        if (failed) {
+                            break;
+                        }
+                    }
+                }
+                address = following;
+                valid = following_valid;
+                continue;
+            }
+            if (text->kind == KIND_CONDITIONAL) {
+                PyObject *here = u64_object(address);
+                PyObject *next = following_object(record);
+                PyObject *pair = NULL;
+                failed = here == NULL || next == NULL;
+                if (!failed && record->flags & FLAG_TARGET &&
+                    table_is_code(self, record->target)) {
+                    PyObject *target = u64_object(record->target);
+                    failed = target == NULL || add_leader(leaders, target) < 0 ||
+                             PyList_Append(pending, target) < 0;
+                    pair = failed ? NULL : PyTuple_Pack(2, target, next);
+                    Py_XDECREF(target);
+                } else if (!failed) {
+                    pair = PyTuple_Pack(1, next);
+                }
+                failed = failed || pair == NULL || PyDict_SetItem(successors, here, pair) < 0 ||
+                         add_leader(leaders, next) < 0;
+                Py_XDECREF(pair);
+                Py_XDECREF(here);
+                Py_XDECREF(next);
+                if (failed) {
+                    break;
+                }
+                address = following;
+                valid = following_valid;
+                continue;
+            }
+            if (text->kind == KIND_JUMP && record->flags & FLAG_TARGET) {
+                uint64_t target_value = record->target;
+                PyObject *target = u64_object(target_value);
+                int other = target ? PyDict_Contains(known, target) : -1;
+                if (other < 0) {
+                    failed = 1;
+                } else if ((other && target_value != start) || !table_is_code(self, target_value)) {
+                    failed = PyList_Append(tail_jumps, target) < 0;
+                } else {
+                    PyObject *name = PyObject_CallOneArg(import_thunk, target);
+                    if (name == NULL) {
+                        failed = 1;
+                    } else if (name != Py_None) {
+                        failed = PyList_Append(called_imports, name) < 0;
+                    } else {
+                        PyObject *here = u64_object(address);
+                        PyObject *single = here ? PyTuple_Pack(1, target) : NULL;
+                        PyObject *jump = single ? PyTuple_Pack(2, here, target) : NULL;
+                        failed = jump == NULL || add_leader(leaders, target) < 0 ||
+                                 PyDict_SetItem(successors, here, single) < 0 ||
+                                 PyList_Append(direct_jumps, jump) < 0 ||
+                                 PyList_Append(pending, target) < 0;
+                        Py_XDECREF(here);
+                        Py_XDECREF(single);
+                        Py_XDECREF(jump);
+                    }
+                    Py_XDECREF(name);
+                }
+                Py_XDECREF(target);
+                break;
+            }
+            if (text->kind == KIND_JUMP) {
+                /* Indirect: import slot, import register or jump table, decided in Python
+                 * (FunctionRecovery._follow_indirect_jump) from the jump and its run. */
+                Py_ssize_t recent = trail_length < lookback ? trail_length : lookback;
+                PyObject *trail_list = PyList_New(recent);
+                for (Py_ssize_t i = 0; trail_list != NULL && i < recent; i++) {
+                    Py_ssize_t position = (trail_length - recent + i) % lookback;
+                    PyObject *instruction = instruction_object(self, trail[position]);
+                    if (instruction == NULL) {
+                        Py_CLEAR(trail_list);
+                        break;
+                    }
+                    PyList_SET_ITEM(trail_list, i, instruction);
+                }
+                PyObject *jump = trail_list ? instruction_object(self, (uint32_t)row) : NULL;
+                if (jump != NULL && import_registers == NULL) {
+                    import_registers = PyDict_New();
+                }
+                PyObject *answer =
+                    jump && import_registers
+                        ? PyObject_CallFunctionObjArgs(follow_indirect, body_object, jump,
+                                                       trail_list, import_registers, pending,
+                                                       NULL)
+                        : NULL;
+                failed = answer == NULL;
+                Py_XDECREF(answer);
+                Py_XDECREF(jump);
+                Py_XDECREF(trail_list);
+            }
+            break; /* KIND_END and every jump end the run */
+        }
+        Py_XDECREF(import_registers);
+    }
+    PyObject *result = NULL;
+    if (!failed) {
+        PyObject *body = body_from_rows(self, &rows);
+        if (body != NULL) {
+            result = Py_BuildValue("(Nii)", body, invalid, truncated);
+        }
+    } else {
+        PyMem_Free(rows.rows);
+    }
+    PyMem_Free(trail);
+    Py_XDECREF(leaders);
+    Py_XDECREF(successors);
+    Py_XDECREF(calls);
+    Py_XDECREF(tail_jumps);
+    Py_XDECREF(direct_jumps);
+    Py_XDECREF(called_imports);
+    Py_XDECREF(pending);
+    return result;
+}
