@@ -14,7 +14,6 @@ function) and answers one query at a time; we need 10^7 functions and 10^3-funct
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 import numpy as np
@@ -111,30 +110,26 @@ def locate_keys(
     per function per band); this search reads them through the permutation instead.
     """
     total = keys.shape[0]
-    low = np.zeros(len(targets), dtype=np.int64)
-    high = np.full(len(targets), total, dtype=np.int64)
-    upper_low = np.zeros(len(targets), dtype=np.int64)
-    upper_high = np.full(len(targets), total, dtype=np.int64)
+    count = len(targets)
+    if total == 0:
+        return np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
     column = keys[:, band]
-    for _ in range(max(1, math.ceil(math.log2(total + 1)))):
-        middle = (low + high) >> 1
-        upper_middle = (upper_low + upper_high) >> 1
-        probe = np.minimum(np.concatenate((middle, upper_middle)), total - 1)
+    # Both bounds as one lower-bound search: the upper bound of t is the lower bound of t + 1
+    # (int64, so 2^32 - 1 + 1 does not wrap). Branchless halving (every target's range has the
+    # same length, so no per-target "still open" mask): ~6 array operations per step rather
+    # than ~16 for two masked bisections, on 2 x (query functions) entries per band.
+    wanted = np.concatenate((targets, targets.astype(np.int64) + 1), dtype=np.int64)
+    base = np.zeros(2 * count, dtype=np.int64)
+    remaining = total
+    while remaining > 1:
+        half = remaining // 2
+        probe = base + half
         rows = probe if order is None else order[probe]
-        values = column[rows]
-        lower_values = values[: len(targets)]
-        upper_values = values[len(targets) :]
-        lower_open = low < high
-        below = lower_open & (lower_values < targets)
-        low = np.where(below, middle + 1, low)
-        high = np.where(lower_open & ~below, middle, high)
-        upper_open = upper_low < upper_high
-        not_above = upper_open & (upper_values <= targets)
-        upper_low = np.where(not_above, upper_middle + 1, upper_low)
-        upper_high = np.where(upper_open & ~not_above, upper_middle, upper_high)
-        if not (lower_open.any() or upper_open.any()):
-            break
-    return low, upper_low
+        base = np.where(column[rows] < wanted, probe, base)
+        remaining -= half
+    rows = base if order is None else order[base]
+    bounds = base + (column[rows] < wanted)
+    return bounds[:count], bounds[count:]
 
 
 def expand_ranges(

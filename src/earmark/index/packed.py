@@ -10,7 +10,7 @@ is a (count, width) uint8 matrix, little-endian, widened to int64 only for the e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, overload
 
 import numpy as np
@@ -41,11 +41,26 @@ def _widen(raw: npt.NDArray[np.uint8]) -> Int64Array:
     return padded.view("<i8").reshape(count).copy()
 
 
+# numpy dtypes whose items are exactly 1, 2, 4 or 8 little-endian bytes (as ``_widen`` reads them).
+_NATIVE_DTYPES: Final = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<i8"}
+
+
 @dataclass(frozen=True)
 class PackedUInts:
     """A column of non-negative integers, ``width`` bytes each (``data`` is (count, width))."""
 
     data: npt.NDArray[np.uint8]
+    # For widths numpy has a dtype for (1, 2, 4, 8 bytes) and contiguous data: the column as
+    # that dtype, a view without a copy, so reading entries is one gather instead of
+    # ``_widen``'s padded copy (index look-ups read entries ~250 times per query).
+    _native: npt.NDArray[Any] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        native = None
+        dtype = _NATIVE_DTYPES.get(int(self.data.shape[1])) if self.data.ndim == 2 else None
+        if dtype is not None and self.data.flags.c_contiguous:
+            native = self.data.view(dtype).reshape(-1)
+        object.__setattr__(self, "_native", native)
 
     @classmethod
     def pack(cls, values: npt.ArrayLike, width: int | None = None) -> PackedUInts:
@@ -83,7 +98,12 @@ class PackedUInts:
         self, index: int | np.integer[Any] | npt.NDArray[np.integer[Any]] | slice
     ) -> int | Int64Array:
         if isinstance(index, int | np.integer):
+            if self._native is not None:
+                return int(self._native[int(index)])
             return int(_widen(self.data[int(index)].reshape(1, -1))[0])
+        if self._native is not None:
+            values: Int64Array = self._native[index].reshape(-1).astype(np.int64)
+            return values
         return _widen(self.data[index].reshape(-1, self.width))
 
     def unpack(self) -> Int64Array:

@@ -21,6 +21,7 @@ bounded for samples with thousands of functions.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -106,15 +107,26 @@ def shape_scores(closeness: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 
 def _shape_similarity(first: npt.NDArray[np.float32], second: npt.NDArray[np.float32]) -> float:
-    return float(shape_scores(shape_closeness(first, second)))
+    # ``shape_scores`` of one pair, its float64 sum in Python floats (four numpy calls fewer).
+    products = (shape_closeness(first, second) * _SHAPE_COMPONENTS).tolist()
+    total = products[0]
+    for product in products[1:]:
+        total += product
+    return float(np.float32(total))
+
+
+def _agreeing(first: tuple[int, ...], second: tuple[int, ...]) -> int:
+    """Equal slots of two signatures (``map`` compares in C: a generator took ~3 µs a pair)."""
+    if len(first) != len(second):
+        raise ValueError(f"signatures of {len(first)} and {len(second)} slots cannot be compared")
+    return sum(map(operator.eq, first, second))
 
 
 def minhash_jaccard(first: FunctionFeatures, second: FunctionFeatures) -> float:
     """Estimated Jaccard of the normalised instruction shingles (full 32-bit MinHash slots)."""
     if not first.minhash or not second.minhash:
         return 0.0
-    agreeing = sum(1 for a, b in zip(first.minhash, second.minhash, strict=True) if a == b)
-    return agreeing / len(first.minhash)
+    return _agreeing(first.minhash, second.minhash) / len(first.minhash)
 
 
 def robust_jaccard(first: FunctionFeatures, second: FunctionFeatures) -> float | None:
@@ -126,8 +138,7 @@ def robust_jaccard(first: FunctionFeatures, second: FunctionFeatures) -> float |
         value == _EMPTY_SLOT for value in (*first.robust_minhash, *second.robust_minhash)
     ):
         return None
-    pairs = zip(first.robust_minhash, second.robust_minhash, strict=True)
-    return sum(1 for a, b in pairs if a == b) / len(first.robust_minhash)
+    return _agreeing(first.robust_minhash, second.robust_minhash) / len(first.robust_minhash)
 
 
 def _import_names(function: FunctionFeatures) -> frozenset[object]:

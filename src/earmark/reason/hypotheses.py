@@ -177,15 +177,32 @@ def _independent_artefacts(
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class _Observations:
+    """Each evidence item's key and capped contribution, computed once per ranking: every item
+    is scored in its actor's and its family's group (and code evidence runs to thousands)."""
+
+    keys: list[EvidenceKey]
+    values: list[float]
+
+    @classmethod
+    def of(cls, evidence: Sequence[Evidence]) -> _Observations:
+        return cls([evidence_key(item) for item in evidence], list(map(_contribution, evidence)))
+
+
+_NO_NEIGHBOURS: Final[frozenset[EvidenceKey]] = frozenset()
+
+
 def _score_group(
     positions: Sequence[int],
-    evidence: Sequence[Evidence],
+    observations: _Observations,
     neighbours: Mapping[EvidenceKey, set[EvidenceKey]],
 ) -> tuple[float, list[tuple[EvidenceKey, int, float]]]:
+    keys, values = observations.keys, observations.values
     best: dict[EvidenceKey, tuple[float, int]] = {}
     for position in positions:
-        key = evidence_key(evidence[position])
-        value = _contribution(evidence[position])
+        key = keys[position]
+        value = values[position]
         if key not in best or value > best[key][0]:
             best[key] = (value, position)
     ordered = sorted(best.items(), key=lambda entry: (-entry[1][0], entry[0]))
@@ -193,7 +210,7 @@ def _score_group(
     seen: set[EvidenceKey] = set()
     remaining = 1.0
     for key, (value, position) in ordered:
-        if neighbours.get(key, set()) & seen:
+        if not seen.isdisjoint(neighbours.get(key, _NO_NEIGHBOURS)):
             value *= DEPENDENT_DISCOUNT
         seen.add(key)
         remaining *= 1.0 - value
@@ -221,13 +238,15 @@ class _ArtefactScore:
         return min(1.0 - (1.0 - author) * (1.0 - toolchain), MAX_ARTEFACT_SCORE)
 
 
-def _score_artefacts(positions: Sequence[int], evidence: Sequence[Evidence]) -> _ArtefactScore:
+def _score_artefacts(
+    positions: Sequence[int], evidence: Sequence[Evidence], observations: _Observations
+) -> _ArtefactScore:
     strings = [p for p in positions if evidence[p].pivot == "string"]
     toolchain = [p for p in positions if evidence[p].pivot in TOOLCHAIN_ARTEFACTS]
     identity = [p for p in positions if p not in strings and p not in toolchain]
-    string_link, strings_counted = _score_group(strings, evidence, {})
-    identity_link, identity_counted = _score_group(identity, evidence, {})
-    toolchain_link, toolchain_counted = _score_group(toolchain, evidence, {})
+    string_link, strings_counted = _score_group(strings, observations, {})
+    identity_link, identity_counted = _score_group(identity, observations, {})
+    toolchain_link, toolchain_counted = _score_group(toolchain, observations, {})
     share = max((evidence[p].match_share or 0.0 for p in strings), default=0.0)
     return _ArtefactScore(
         strings=string_link * min(1.0, share / ARTEFACT_SHARE),
@@ -266,10 +285,11 @@ def rank_hypotheses(
         actors = family_actors[family]
         groups.append((next(iter(actors)) if len(actors) == 1 else None, family, positions))
     shared_library = any(is_shared_library(item) for item in evidence)
+    observations = _Observations.of(evidence)
     for group_actor, group_family, positions in groups:
         artefact_positions = [p for p in positions if evidence[p].kind == "artefact"]
         other_positions = [p for p in positions if evidence[p].kind != "artefact"]
-        link_score, counted = _score_group(other_positions, evidence, neighbours)
+        link_score, counted = _score_group(other_positions, observations, neighbours)
         code_counted = [entry for entry in counted if entry[0][0] == "code"]
         counted_code = {
             address
@@ -277,7 +297,9 @@ def rank_hypotheses(
             if (address := evidence[index].query_address) is not None
         }
         artefacts = _score_artefacts(
-            _independent_artefacts(artefact_positions, evidence, counted_code), evidence
+            _independent_artefacts(artefact_positions, evidence, counted_code),
+            evidence,
+            observations,
         )
         rare_functions = sum(
             1 for _, index, _ in code_counted if evidence[index].weight >= RARE_WEIGHT
