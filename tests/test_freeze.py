@@ -18,7 +18,14 @@ from earmark import freeze
 from earmark.errors import FeaturesFileError, FeaturesVersionError
 from earmark.extract import analyze_file
 from earmark.freeze import dump_features, features_from_bytes, features_to_bytes, load_features
-from earmark.model.sample import ElfInfo, PeInfo, SampleFeatures, Section, StringRef
+from earmark.model.sample import (
+    ElfInfo,
+    FunctionFeatures,
+    PeInfo,
+    SampleFeatures,
+    Section,
+    StringRef,
+)
 from fixtures.build import FixtureBuilder
 
 _finite = st.floats(allow_nan=False)
@@ -198,3 +205,37 @@ def _string_blob(odd: str) -> bytes:
 def test_lone_surrogates_are_read_exactly() -> None:
     read = features_from_bytes(_string_blob("w\ud800x"))
     assert read.strings[1].value == "w\ud800x"
+
+
+def _emptied(features: SampleFeatures) -> SampleFeatures:
+    functions = tuple(dataclasses.replace(f, normalized=()) for f in features.functions)
+    return dataclasses.replace(features, functions=functions)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_features, _odd_strings)
+def test_reading_without_instructions_empties_only_the_tokens(
+    features: SampleFeatures, strings: tuple[StringRef, ...]
+) -> None:
+    # With lone surrogates in the strings msgspec refuses the payload: the stdlib path then
+    # drops the tokens itself, so both paths are covered.
+    features = dataclasses.replace(features, strings=strings)
+    blob = features_to_bytes(features)
+    assert features_from_bytes(blob, instructions=False) == _emptied(features)
+
+
+def test_real_sample_without_instructions(builder: FixtureBuilder) -> None:
+    features = analyze_file(builder.build("meta_hello.c", "mingw64", "O2").stripped)
+    assert any(function.normalized for function in features.functions)
+    outline = features_from_bytes(features_to_bytes(features), instructions=False)
+    assert outline == _emptied(features)
+    assert all(type(function) is FunctionFeatures for function in outline.functions)
+
+
+def test_damaged_file_without_instructions_is_refused() -> None:
+    blob = _sample_blob()
+    payload = zlib.decompress(blob[24:]).replace(b'"bits":64', b'"bits":"64"')
+    compressed = zlib.compress(payload)
+    header = struct.pack("<8sHHQI", freeze.MAGIC, 1, 0, len(payload), zlib.crc32(compressed))
+    with pytest.raises(FeaturesFileError):
+        features_from_bytes(header + compressed, instructions=False)

@@ -53,9 +53,9 @@ def _count_decodes(kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> Counte
     decoded: Counter[str] = Counter()
     load = kb.store.load_features
 
-    def counting(sha256: str) -> SampleFeatures:
+    def counting(sha256: str, *, instructions: bool = True) -> SampleFeatures:
         decoded[sha256] += 1
-        return load(sha256)
+        return load(sha256, instructions=instructions)
 
     monkeypatch.setattr(kb.store, "load_features", counting)
     return decoded

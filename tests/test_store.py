@@ -105,6 +105,10 @@ def test_features_round_trip(store: SqlStore) -> None:
     features = make_features(2, 20)
     store.add_sample(features, make_label())
     assert store.load_features(features.sha256) == features
+    outline = store.load_features(features.sha256, instructions=False)
+    assert outline.functions and all(not f.normalized for f in outline.functions)
+    emptied = tuple(dataclasses.replace(f, normalized=()) for f in features.functions)
+    assert outline == dataclasses.replace(features, functions=emptied)
     with pytest.raises(StoreError):
         store.load_features("f" * 64)
 

@@ -27,7 +27,9 @@ class FeaturesCodec(Protocol):
 
     def to_bytes(self, features: SampleFeatures) -> bytes: ...
 
-    def from_bytes(self, data: bytes) -> SampleFeatures: ...
+    def from_bytes(self, data: bytes, *, instructions: bool = True) -> SampleFeatures:
+        """``instructions=False``: every function's ``normalized`` left empty (cheaper)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +141,10 @@ class Store(Protocol):
         """Every sample keyed by ``sample_id``, the key used in ``FunctionTable.sample_id``."""
         ...
 
-    def load_features(self, sha256: str) -> SampleFeatures:
-        """The stored frozen features; raises ``StoreError`` when the sample is not stored."""
+    def load_features(self, sha256: str, *, instructions: bool = True) -> SampleFeatures:
+        """The stored frozen features; raises ``StoreError`` when the sample is not stored.
+        ``instructions=False`` leaves every function's ``normalized`` empty, for KB-wide
+        builds that never read the instruction tokens (half the cost of decoding)."""
         ...
 
     def load_function_table(self) -> FunctionTable:

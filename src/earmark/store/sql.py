@@ -84,8 +84,9 @@ class FreezeCodec:
     def to_bytes(self, features: SampleFeatures) -> bytes:
         return cast(bytes, self._freeze().features_to_bytes(features))
 
-    def from_bytes(self, data: bytes) -> SampleFeatures:
-        return cast(SampleFeatures, self._freeze().features_from_bytes(data))
+    def from_bytes(self, data: bytes, *, instructions: bool = True) -> SampleFeatures:
+        decoded = self._freeze().features_from_bytes(data, instructions=instructions)
+        return cast(SampleFeatures, decoded)
 
 
 def resolve_database_url(url_or_path: str | None) -> URL:
@@ -456,14 +457,14 @@ class SqlStore:
             for row in sample_rows
         ]
 
-    def load_features(self, sha256: str) -> SampleFeatures:
+    def load_features(self, sha256: str, *, instructions: bool = True) -> SampleFeatures:
         with _database_errors("read features"), self._engine.connect() as connection:
             blob = connection.scalar(
                 select(schema.samples.c.features).where(schema.samples.c.sha256 == sha256.lower())
             )
         if blob is None:
             raise StoreError(f"sample {sha256} is not in the knowledge base")
-        return self._codec.from_bytes(bytes(blob))
+        return self._codec.from_bytes(bytes(blob), instructions=instructions)
 
     def load_function_table(self) -> FunctionTable:
         """All functions as numpy arrays, ordered by function id; the arrays are read-only."""
