@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from earmark.errors import IntelError
-from earmark.intel.warninglist_tables import compile_warninglists, load_tables, save_tables
+from earmark.intel.warninglist_tables import (
+    WARNINGLIST_BLOCK_KEYS,
+    KeyFile,
+    compile_warninglists,
+    load_tables,
+    save_tables,
+    table_key,
+)
 from earmark.intel.warninglists import (
     CACHE_DIR_ENV_VAR,
     BenignInfrastructure,
@@ -116,7 +123,7 @@ def test_compiled_tables_round_trip_through_the_cache(tmp_path: Path) -> None:
     save_tables(compiled, tmp_path / "tables", "source-1")
     loaded = load_tables(tmp_path / "tables", "source-1")
     assert loaded is not None
-    assert isinstance(loaded.keys.base, np.memmap)  # mapped, not read into the process
+    assert isinstance(loaded.keys, KeyFile)  # read by block, not into the process
     assert load_tables(tmp_path / "tables", "source-2") is None  # other lists: recompile
     benign = BenignInfrastructure(loaded)
     check = benign.is_benign_value
@@ -143,7 +150,38 @@ def test_default_lists_are_compiled_once_into_the_cache(
     first = default_warninglist_tables()
     (cached,) = tmp_path.glob("warninglists-*")
     again = default_warninglist_tables()
-    assert isinstance(again.keys.base, np.memmap)
+    assert isinstance(again.keys, KeyFile)
     assert again.names == first.names and len(again.keys) == len(first.keys)
     assert "List of disposable email domains" not in again.names  # exclusions hold
     assert (cached / "keys.npy").is_file()
+
+
+def test_saved_tables_answer_like_the_compiled_ones_across_blocks(tmp_path: Path) -> None:
+    # Several blocks of WARNINGLIST_BLOCK_KEYS keys, so probes land at block edges too.
+    entries = tuple(f"host{i}.example" for i in range(3 * WARNINGLIST_BLOCK_KEYS + 7))
+    lists = [
+        WarninglistData("first", "string", entries[::2], ("domain",)),
+        WarninglistData("second", "string", entries, ("domain",)),
+    ]
+    compiled = compile_warninglists(lists)
+    save_tables(compiled, tmp_path / "tables", "source")
+    loaded = load_tables(tmp_path / "tables", "source")
+    assert loaded is not None
+    probes = [table_key("exact", "domain", e) for e in entries]
+    probes += [table_key("exact", "domain", f"absent{i}.example") for i in range(200)]
+    probes += [0, 2**64 - 1]  # below the first key and above the last
+    assert loaded.find(probes) == compiled.find(probes)
+    assert loaded.find(probes)[:4] == ["first", "second", "first", "second"]
+    mapped = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    assert "keys.npy" not in mapped  # read by block: nothing of the table stays mapped
+
+
+def test_truncated_keys_file_raises_a_typed_error(tmp_path: Path) -> None:
+    compiled = compile_warninglists(
+        [WarninglistData("one", "string", ("a.example", "b.example"), ("domain",))]
+    )
+    save_tables(compiled, tmp_path / "tables", "source")
+    keys = tmp_path / "tables" / "keys.npy"
+    keys.write_bytes(keys.read_bytes()[:-8])
+    with pytest.raises(IntelError):
+        load_tables(tmp_path / "tables", "source")

@@ -10,10 +10,14 @@ installation into:
   where several lists hold an entry the first list wins, as the dict version's ``setdefault``;
 * the few substring and regex entries and the order of network prefix lengths, in JSON.
 
-A lookup is a hash and a binary search in the memory-mapped arrays: only the pages touched are
-read, so a process pays a few pages instead of the whole table. Two different entries share a
-64-bit key with probability ~1e-7 over the whole table, a value is wrongly found with
-probability ~1e-13 per lookup: far below the lists' own error.
+A saved table is not mapped: a small ``fence`` (the first key of each block of
+``WARNINGLIST_BLOCK_KEYS`` keys) is read into memory, and a lookup is a hash, a binary search in
+the fence, then one ``pread`` of the single block that can hold the key (and two bytes of
+``owners`` on a hit). Mapping the arrays instead made the kernel map whole runs of neighbouring
+pages on each fault (fault-around works on mapped files whatever ``madvise`` says): the first
+query's ~400 probes left all 13 MB of ``keys`` resident in every query process. Two different
+entries share a 64-bit key with probability ~1e-7 over the whole table, a value is wrongly found
+with probability ~1e-13 per lookup: far below the lists' own error.
 
 Nothing is unpickled (``allow_pickle=False``); a damaged cache raises ``IntelError`` and the
 caller recompiles.
@@ -26,12 +30,13 @@ import ipaddress
 import json
 import os
 import shutil
+import weakref
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -40,11 +45,15 @@ from earmark.errors import IntelError
 
 WARNINGLIST_TABLES_FORMAT: Final = "earmark-warninglists"
 # Bump whenever the keys or the matching rules compiled into them change.
-# 2: key = hash(kind, value) XOR hash(attribute).
-WARNINGLIST_TABLES_VERSION: Final = 2
+# 2: key = hash(kind, value) XOR hash(attribute). 3: fence.npy, the first key of each block.
+WARNINGLIST_TABLES_VERSION: Final = 3
 _MANIFEST: Final = "manifest.json"
 # Lists per table: list indexes are stored as uint16 (MISP ships ~120 lists).
 MAX_WARNINGLISTS: Final = 65_535
+# Keys per block read by one lookup: 512 uint64 keys are one 4 KiB page, the unit the disk and
+# the page cache read anyway; the fence that finds the block is then 8 bytes per 512 keys
+# (27 KB for the 1.7 M keys of the MISP lists).
+WARNINGLIST_BLOCK_KEYS: Final = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +103,127 @@ def network_key(version: int, prefix: int, network: int) -> int:
     return table_key("net", str(version), f"{prefix}/{network}")
 
 
-@dataclass(frozen=True)
-class WarninglistTables:
-    """The compiled lists; arrays may be memory-mapped."""
+class KeyColumn(Protocol):
+    """Sorted unique 64-bit keys and the list index of each: in memory or in a saved table."""
 
-    names: tuple[str, ...]
+    def __len__(self) -> int: ...
+
+    def owners_of(self, probes: npt.NDArray[np.uint64]) -> list[int | None]:
+        """The list index stored with each probe, or None where the key is absent."""
+        ...
+
+
+@dataclass(frozen=True)
+class KeyArrays:
+    """Keys and owners as arrays (a table just compiled)."""
+
     keys: npt.NDArray[np.uint64]  # sorted, unique
     owners: npt.NDArray[np.uint16]  # list index per key
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def owners_of(self, probes: npt.NDArray[np.uint64]) -> list[int | None]:
+        if len(self.keys) == 0:
+            return [None] * len(probes)
+        positions = np.searchsorted(self.keys, probes)
+        np.minimum(positions, len(self.keys) - 1, out=positions)
+        found = self.keys[positions] == probes
+        owners = self.owners[positions]
+        return [
+            owner if hit else None
+            for hit, owner in zip(found.tolist(), owners.tolist(), strict=True)
+        ]
+
+
+class KeyFile:
+    """Keys and owners of a saved table, read one block per probe (see the module docstring).
+
+    Holds two read-only file descriptors, closed when the object is collected.
+    """
+
+    def __init__(self, path: Path, fence: npt.NDArray[np.uint64]) -> None:
+        self._keys_fd, self._keys_offset, keys_shape = _open_array(path / "keys.npy", "u8")
+        weakref.finalize(self, os.close, self._keys_fd)
+        self._owners_fd, self._owners_offset, owners_shape = _open_array(
+            path / "owners.npy", "u2"
+        )
+        weakref.finalize(self, os.close, self._owners_fd)
+        if owners_shape != keys_shape or len(keys_shape) != 1:
+            raise IntelError(f"{path}: warninglist arrays have the wrong length")
+        self._count = keys_shape[0]
+        blocks = -(-self._count // WARNINGLIST_BLOCK_KEYS)
+        if fence.dtype != np.uint64 or fence.shape != (blocks,):
+            raise IntelError(f"{path}: warninglist fence has the wrong shape")
+        self._fence = fence
+
+    def __len__(self) -> int:
+        return self._count
+
+    def owners_of(self, probes: npt.NDArray[np.uint64]) -> list[int | None]:
+        # Block b holds keys in [fence[b], fence[b + 1]); below fence[0] nothing is stored.
+        blocks = np.searchsorted(self._fence, probes, side="right") - 1
+        found: list[int | None] = []
+        cached_block, block_keys = -1, np.zeros(0, np.uint64)
+        for probe, block in zip(probes.tolist(), blocks.tolist(), strict=True):
+            if block < 0:
+                found.append(None)
+                continue
+            if block != cached_block:
+                block_keys = self._read_block(block)
+                cached_block = block
+            position = int(np.searchsorted(block_keys, probe))
+            if position == len(block_keys) or int(block_keys[position]) != probe:
+                found.append(None)
+                continue
+            index = block * WARNINGLIST_BLOCK_KEYS + position
+            raw = os.pread(self._owners_fd, 2, self._owners_offset + 2 * index)
+            found.append(int.from_bytes(raw, "little"))
+        return found
+
+    def _read_block(self, block: int) -> npt.NDArray[np.uint64]:
+        start = block * WARNINGLIST_BLOCK_KEYS
+        count = min(WARNINGLIST_BLOCK_KEYS, self._count - start)
+        raw = os.pread(self._keys_fd, 8 * count, self._keys_offset + 8 * start)
+        if len(raw) != 8 * count:
+            raise IntelError("the warninglist keys file is shorter than its header says")
+        return np.frombuffer(raw, dtype="<u8")
+
+    def arrays(self) -> KeyArrays:
+        """Every key and owner read into memory (to save the table elsewhere)."""
+        keys = os.pread(self._keys_fd, 8 * self._count, self._keys_offset)
+        owners = os.pread(self._owners_fd, 2 * self._count, self._owners_offset)
+        return KeyArrays(
+            keys=np.frombuffer(keys, dtype="<u8").astype(np.uint64),
+            owners=np.frombuffer(owners, dtype="<u2").astype(np.uint16),
+        )
+
+
+def _open_array(path: Path, kind: str) -> tuple[int, int, tuple[int, ...]]:
+    """A read-only descriptor of the ``.npy`` file at ``path``, the offset of its data and its
+    shape; the header must describe a little-endian C-order array of ``kind``."""
+    with path.open("rb") as file:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        offset = file.tell()
+    if fortran or dtype != np.dtype(f"<{kind}"):
+        raise IntelError(f"{path}: warninglist array has the wrong type")
+    size = path.stat().st_size
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size != expected:
+        raise IntelError(f"{path}: {size} bytes where the header says {expected}")
+    return os.open(path, os.O_RDONLY), offset, tuple(shape)
+
+
+@dataclass(frozen=True)
+class WarninglistTables:
+    """The compiled lists."""
+
+    names: tuple[str, ...]
+    keys: KeyColumn
     # attribute -> (fragment, list index), in list order
     substrings: dict[str, tuple[tuple[str, int], ...]]
     # attribute -> (PCRE expression as published, list index), in list order
@@ -109,19 +232,14 @@ class WarninglistTables:
     prefixes: dict[int, tuple[int, ...]]
 
     def find(self, keys: Sequence[int]) -> list[str | None]:
-        """The list name holding each key, or None; one binary search for all of them."""
+        """The list name holding each key, or None; one pass over all of them."""
         if not keys or len(self.keys) == 0:
             return [None] * len(keys)
-        probes = np.array(keys, dtype=np.uint64)
-        positions = np.searchsorted(self.keys, probes)
-        np.minimum(positions, len(self.keys) - 1, out=positions)
-        found = self.keys[positions] == probes
-        owners = self.owners[positions]
         names: list[str | None] = []
-        for hit, owner in zip(found.tolist(), owners.tolist(), strict=True):
-            if hit and owner >= len(self.names):
+        for owner in self.keys.owners_of(np.array(keys, dtype=np.uint64)):
+            if owner is not None and owner >= len(self.names):
                 raise IntelError("the warninglist table names an unknown list (damaged cache)")
-            names.append(self.names[owner] if hit else None)
+            names.append(None if owner is None else self.names[owner])
         return names
 
 
@@ -200,8 +318,7 @@ class _TableBuilder:
         first[1:] = keys[1:] != keys[:-1]
         return WarninglistTables(
             names=tuple(self.names),
-            keys=keys[first],
-            owners=owners[first],
+            keys=KeyArrays(keys=keys[first], owners=owners[first]),
             substrings={a: tuple(v) for a, v in self.substrings.items()},
             regexes={a: tuple(v) for a, v in self.regexes.items()},
             prefixes={v: tuple(p) for v, p in self.prefixes.items()},
@@ -223,8 +340,11 @@ def save_tables(tables: WarninglistTables, path: Path, source: str) -> None:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    np.save(staging / "keys.npy", tables.keys, allow_pickle=False)
-    np.save(staging / "owners.npy", tables.owners, allow_pickle=False)
+    arrays = tables.keys if isinstance(tables.keys, KeyArrays) else _read_all(tables.keys)
+    np.save(staging / "keys.npy", arrays.keys.astype("<u8"), allow_pickle=False)
+    np.save(staging / "owners.npy", arrays.owners.astype("<u2"), allow_pickle=False)
+    fence = arrays.keys[::WARNINGLIST_BLOCK_KEYS].astype("<u8")
+    np.save(staging / "fence.npy", fence, allow_pickle=False)
     manifest = {
         "format": WARNINGLIST_TABLES_FORMAT,
         "version": WARNINGLIST_TABLES_VERSION,
@@ -243,9 +363,16 @@ def save_tables(tables: WarninglistTables, path: Path, source: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _read_all(column: KeyColumn) -> KeyArrays:
+    if isinstance(column, KeyFile):
+        return column.arrays()
+    raise TypeError(f"unknown key column {type(column).__name__}")  # a bug, not input
+
+
 def load_tables(path: Path, source: str) -> WarninglistTables | None:
-    """The tables saved at ``path`` for ``source``, memory-mapped; None when absent or
-    compiled from other lists. Raises ``IntelError`` when the directory is damaged."""
+    """The tables saved at ``path`` for ``source``, read block by block (``KeyFile``); None
+    when absent or compiled from other lists. Raises ``IntelError`` when the directory is
+    damaged."""
     manifest_path = path / _MANIFEST
     if not manifest_path.is_file():
         return None
@@ -257,14 +384,12 @@ def load_tables(path: Path, source: str) -> WarninglistTables | None:
             or manifest.get("source") != source
         ):
             return None
-        # Plain ndarray views of the maps (``np.memmap`` indexing runs Python subclass hooks).
-        keys = np.load(path / "keys.npy", mmap_mode="r", allow_pickle=False).view(np.ndarray)
-        owners = np.load(path / "owners.npy", mmap_mode="r", allow_pickle=False).view(np.ndarray)
+        fence = np.load(path / "fence.npy", allow_pickle=False)
+        keys = KeyFile(path, fence)
         names = tuple(str(name) for name in manifest["names"])
         tables = WarninglistTables(
             names=names,
             keys=keys,
-            owners=owners,
             substrings=_pairs(manifest["substrings"], len(names)),
             regexes=_pairs(manifest["regexes"], len(names)),
             prefixes={int(v): tuple(int(p) for p in ps) for v, ps in manifest["prefixes"].items()},
@@ -291,11 +416,9 @@ def _pairs(raw: dict[str, list[list[object]]], names: int) -> _Pairs:
 
 
 def _check_tables(tables: WarninglistTables, path: Path, entries: object) -> None:
-    """Shape checks only: scanning the arrays (sortedness, owner range) would read every page
-    of them into memory, which is what mapping them avoids. An owner out of range is caught
-    at lookup (``find``); the tables are written by ``save_tables`` alone, staged and renamed."""
-    keys, owners = tables.keys, tables.owners
-    if keys.dtype != np.uint64 or keys.ndim != 1 or owners.dtype != np.uint16:
-        raise IntelError(f"{path}: warninglist arrays have the wrong type")
-    if owners.shape != keys.shape or entries != len(keys):
+    """Shape checks only (``KeyFile`` checked types and lengths against the headers): scanning
+    the arrays (sortedness, owner range) would read all of them, which reading by block
+    avoids. An owner out of range is caught at lookup (``find``); the tables are written by
+    ``save_tables`` alone, staged and renamed."""
+    if entries != len(tables.keys):
         raise IntelError(f"{path}: warninglist arrays have the wrong length")
