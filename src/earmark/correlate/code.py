@@ -231,41 +231,65 @@ def _feature_stage_matches(
     return kept, library
 
 
-def _code_evidence_items(
-    query_function: FunctionFeatures,
-    matched_address: int,
-    matched_size: int,
-    rarity: FunctionRarity,
-    min_instructions: int,
-    weight: float,
-    record: SampleRecord,
-    claims: Sequence[tuple[str | None, str | None]],
-    similarity: float,
-    stage: str,
-) -> list[Evidence]:
-    size_factor = specificity(query_function, min_instructions)
-    reason = rarity.reason + stage
-    if size_factor < 1.0:
-        reason += (
-            f"; {query_function.instruction_count} instructions: small code is less "
-            f"distinctive, counted x{size_factor:.2f}"
-        )
-    return [
-        Evidence(
-            kind="code",
-            actor=actor,
-            family=family,
-            similarity=round(similarity, 4),
-            weight=round(weight * size_factor, 4),
-            reason=reason,
-            query_address=query_function.address,
-            query_size=query_function.size,
-            match_sha256=record.sha256,
-            match_address=matched_address,
-            match_size=matched_size,
-        )
-        for actor, family in claims
-    ]
+class _CodeEvidenceWriter:
+    """Writes the evidence items of matched functions, one per claim of the matched sample.
+    The reason text depends only on (rarity reason, stage, query function size), and the
+    claims only on the sample; both repeat across the ~1,500 matches of a query, so each is
+    worked out once."""
+
+    def __init__(self, min_instructions: int) -> None:
+        self.min_instructions = min_instructions
+        self.items: list[Evidence] = []
+        self._reasons: dict[tuple[str, str, int], tuple[str, float]] = {}
+        self._claims: dict[int, list[tuple[str | None, str | None]]] = {}  # by sample id
+
+    def _reason(
+        self, rarity: str, stage: str, query_function: FunctionFeatures
+    ) -> tuple[str, float]:
+        key = (rarity, stage, query_function.instruction_count)
+        known = self._reasons.get(key)
+        if known is None:
+            size_factor = specificity(query_function, self.min_instructions)
+            reason = rarity + stage
+            if size_factor < 1.0:
+                reason += (
+                    f"; {query_function.instruction_count} instructions: small code is less "
+                    f"distinctive, counted x{size_factor:.2f}"
+                )
+            known = self._reasons[key] = (reason, size_factor)
+        return known
+
+    def add(
+        self,
+        query_function: FunctionFeatures,
+        matched_address: int,
+        matched_size: int,
+        rarity: FunctionRarity,
+        weight: float,
+        record: SampleRecord,
+        similarity: float,
+        stage: str = "",
+    ) -> None:
+        reason, size_factor = self._reason(rarity.reason, stage, query_function)
+        claims = self._claims.get(record.sample_id)
+        if claims is None:
+            claims = self._claims[record.sample_id] = record.claims
+        for actor, family in claims:
+            self.items.append(
+                Evidence(
+                    kind="code",
+                    actor=actor,
+                    family=family,
+                    similarity=round(similarity, 4),
+                    weight=round(weight * size_factor, 4),
+                    reason=reason,
+                    query_address=query_function.address,
+                    query_size=query_function.size,
+                    match_sha256=record.sha256,
+                    match_address=matched_address,
+                    match_size=matched_size,
+                )
+            )
 
 
 @dataclass(frozen=True)
@@ -437,25 +461,19 @@ def find_code_evidence(
     candidates = _select_candidates(index, samples, matches, weights, best_similarity)
     reranked = _rerank(store, index, samples, functions, candidates, feature_index)
     kept = reranked.candidates
-    explained = index.rarity.explain_rows(kept.row)
-    claims = {sample_id: samples[sample_id].claims for sample_id in set(kept.sample_id.tolist())}
-    evidence: list[Evidence] = []
-    for position, (query_position, sample_id, weight) in enumerate(
-        zip(kept.query.tolist(), kept.sample_id.tolist(), kept.weight.tolist(), strict=True)
+    writer = _CodeEvidenceWriter(index.min_instructions)
+    for query_position, sample_id, address, size, rarity, weight, similarity in zip(
+        kept.query.tolist(),
+        kept.sample_id.tolist(),
+        reranked.address,
+        reranked.size,
+        index.rarity.explain_rows(kept.row),
+        kept.weight.tolist(),
+        reranked.similarity,
+        strict=True,
     ):
-        evidence.extend(
-            _code_evidence_items(
-                functions[query_position],
-                reranked.address[position],
-                reranked.size[position],
-                explained[position],
-                index.min_instructions,
-                weight,
-                samples[sample_id],
-                claims[sample_id],
-                reranked.similarity[position],
-                "",
-            )
+        writer.add(
+            functions[query_position], address, size, rarity, weight, samples[sample_id], similarity
         )
 
     unmatched = [
@@ -472,21 +490,17 @@ def find_code_evidence(
     for (match, _), weight, rarity in zip(
         feature_matches, feature_weights.tolist(), feature_explained, strict=True
     ):
-        record = samples[match.sample_id]
-        evidence.extend(
-            _code_evidence_items(
-                functions[match.query],
-                match.function.address,
-                match.function.size,
-                rarity,
-                index.min_instructions,
-                weight,
-                record,
-                record.claims,
-                match.similarity,
-                f"; found by {match.shared_keys} shared optimisation-robust features",
-            )
+        writer.add(
+            functions[match.query],
+            match.function.address,
+            match.function.size,
+            rarity,
+            weight,
+            samples[match.sample_id],
+            match.similarity,
+            f"; found by {match.shared_keys} shared optimisation-robust features",
         )
+    evidence = writer.items
     evidence.sort(
         key=lambda item: (
             -(item.similarity * item.weight),
