@@ -39,11 +39,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date
-from functools import cache
 from urllib.parse import urlsplit
 
-import tldextract
-
+from earmark.intel.public_suffixes import host_parts
 from earmark.intel.warninglists import BenignInfrastructure, default_benign_infrastructure
 from earmark.model.evidence import Evidence
 from earmark.model.intel import Indicator, IndicatorType, IntelReport
@@ -114,14 +112,6 @@ class ActorScore:
     actor: str
     score: float  # 0..1, noisy-OR of evidence weights over distinct matched keys
     evidence_count: int
-
-
-@cache
-def _registered_domain_extractor() -> tldextract.TLDExtract:
-    # Offline: the public-suffix snapshot bundled with tldextract, never a download. Private
-    # suffixes (blogspot.com, github.io…) are included: customers under them are unrelated.
-    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None,
-                                 include_psl_private_domains=True)
 
 
 def _url_parts(url: str) -> tuple[str, str] | None:
@@ -216,7 +206,9 @@ class InfrastructureIndex:
     def _registered_domain_keys(self, host: str) -> list[tuple[str, str]]:
         if self._benign.customer_suffix(host):
             return []  # under free hosting / dynamic DNS each name is its own registrant
-        registered = _registered_domain_extractor()(host).top_domain_under_public_suffix
+        # Private suffixes (blogspot.com, github.io…) count: customers under them are
+        # unrelated.
+        registered = host_parts(host, private=True).top_domain
         if not registered:
             return []
         # Indexed even when the name *is* the registered domain, so ``evil.com`` and

@@ -2,7 +2,7 @@
 
 ``extract_indicators`` runs one compiled alternation over the (refanged) text, left to right, and
 validates each candidate with the rule of its type: ``ipaddress`` for IPs, the public-suffix list
-(tldextract's bundled snapshot, no network) for domains, Base58Check / bech32 checksums for
+(``intel.public_suffixes``, no network) for domains, Base58Check / bech32 checksums for
 Bitcoin, the v3 checksum for .onion. Then it rejects look-alikes that fill reports and binaries:
 version numbers, OIDs, file names whose extension is also a top-level domain (``main.py``,
 ``README.md``), code identifiers (``System.Net``, ``window.top``).
@@ -26,11 +26,9 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
 from urllib.parse import urlsplit
 
-import tldextract
-
+from earmark.intel.public_suffixes import host_parts
 from earmark.model.intel import Indicator, IndicatorType
 from earmark.model.sample import StringRef
 
@@ -146,21 +144,14 @@ _CODE_ROOTS_ALLOWED_TLDS = frozenset({"com"})  # microsoft.com, windows.com are 
 _BORING_HEX = re.compile(r"^(?:(.)\1+|[0-9]+|[a-f]+)$", re.IGNORECASE)
 
 
-@lru_cache(maxsize=1)
-def _suffix_extractor() -> tldextract.TLDExtract:
-    # suffix_list_urls=() makes tldextract use the snapshot bundled with the package: no network
-    # call at any time (verified by a test that blocks sockets); cache_dir=None writes nothing.
-    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
-
-
 def _is_public_domain(name: str) -> bool:
-    parts = _suffix_extractor()(name)
+    parts = host_parts(name)
     return bool(parts.suffix) and bool(parts.domain)
 
 
 def _domain_is_lookalike(original: str, value: str) -> bool:
     labels = value.split(".")
-    parts = _suffix_extractor()(value)
+    parts = host_parts(value)
     if len(labels) == 2 and parts.suffix in _FILE_EXTENSION_TLDS:
         return True
     if labels[0] in _CODE_ROOTS and parts.suffix not in _CODE_ROOTS_ALLOWED_TLDS:
