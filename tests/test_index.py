@@ -22,12 +22,14 @@ from earmark.index import (
 )
 from earmark.index.function_index import MAX_ROWS_PER_BUCKET
 from earmark.index.lsh import (
+    BAND_COUNT,
     count_agreeing_slots,
     estimate_jaccard_from_agreement,
     expand_ranges,
+    locate_keys,
     reduce_signatures,
 )
-from earmark.index.packed import PackedUInts, byte_width
+from earmark.index.packed import PackedColumns, PackedUInts, byte_width
 from earmark.model.kb import FunctionTable
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
@@ -365,6 +367,48 @@ def test_packed_columns_widen_to_the_stored_values() -> None:
         PackedUInts.pack(values, width=4)
     with pytest.raises(ValueError):
         PackedUInts.pack(np.array([-1, 2]))
+
+
+@given(st.lists(st.integers(0, (1 << 63) - 1), min_size=1, max_size=40), st.data())
+def test_packed_reads_equal_for_every_width(values: list[int], data: st.DataObject) -> None:
+    """Widths numpy has a dtype for are read through a view, the others widened: same values,
+    also for a column sliced out of a ``PackedColumns`` block."""
+    array = np.array(values, dtype=np.int64)
+    picks = np.array(
+        data.draw(st.lists(st.integers(0, len(values) - 1), max_size=10)), dtype=np.int64
+    )
+    for width in range(byte_width(max(values)), 9):
+        packed = PackedUInts.pack(array, width)
+        column = PackedColumns.pack([array, array[::-1].copy()], width).column(0)
+        for column_view in (packed, column):
+            assert column_view.tolist() == values
+            assert column_view[picks].tolist() == array[picks].tolist()
+            assert column_view[len(values) - 1] == values[-1]
+            assert column_view[1:3].tolist() == values[1:3]
+
+
+@given(
+    st.lists(st.integers(0, (1 << 32) - 1) | st.sampled_from([0, 7, (1 << 32) - 1]), max_size=60),
+    st.lists(st.integers(0, (1 << 32) - 1) | st.sampled_from([0, 7, (1 << 32) - 1]), max_size=9),
+)
+def test_band_bounds_equal_searchsorted(keys: list[int], targets: list[int]) -> None:
+    """``locate_keys`` through a permutation (plain or packed) or over sorted rows gives
+    numpy's lower and upper bounds of the sorted band."""
+    matrix = np.zeros((len(keys), BAND_COUNT), dtype=np.uint32)
+    matrix[:, 3] = keys
+    wanted = np.array(targets, dtype=np.uint32)
+    ordered = np.sort(matrix[:, 3])
+    expected = (
+        np.searchsorted(ordered, wanted, side="left").tolist(),
+        np.searchsorted(ordered, wanted, side="right").tolist(),
+    )
+    order = np.argsort(matrix[:, 3], kind="stable").astype(np.uint32)
+    for permutation in (order, PackedUInts.pack(order.astype(np.int64))):
+        low, high = locate_keys(matrix, 3, permutation, wanted)
+        assert (low.tolist(), high.tolist()) == expected
+    matrix[:, 3] = ordered
+    low, high = locate_keys(matrix, 3, None, wanted)
+    assert (low.tolist(), high.tolist()) == expected
 
 
 @given(st.lists(st.integers(0, (1 << 63) - 1), max_size=40))

@@ -225,6 +225,7 @@ def test_stored_profiles_equal_counts_per_cluster() -> None:
         }
         goodware = sum(1 for r in records if r.goodware)
         explained = index.rarity.explain(row)
+        assert index.rarity.explain_rows([row, row]) == [explained, explained]
         described.add(
             (
                 explained.family_count,
