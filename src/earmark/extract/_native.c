@@ -246,6 +246,11 @@ typedef struct {
     PyObject *op_str; /* owned; NULL for a direct branch: printed from the record's target */
     uint64_t target, memory; /* memory: absolute address, or RIP displacement mod 2**64 */
     uint8_t kind, has_target, memory_kind, is_mov, is_lea; /* memory_kind 0 none 1 fixed 2 rip */
+    /* What build_features derives from the token (function_features.token_features), asked
+     * once per text: MinHash token id, the robust token's id, the token's immediates. */
+    uint8_t has_features, has_robust;
+    uint64_t token_id, robust_id;
+    PyObject *immediates; /* owned once has_features */
 } Text;
 
 /* One decoded address (48 bytes, against ~350 for the tuple and dict entries it replaces). */
@@ -847,6 +852,7 @@ table_dealloc(TableObject *self)
         Py_DECREF(text->address_immediates);
         Py_DECREF(text->large_immediates);
         Py_XDECREF(text->op_str);
+        Py_XDECREF(text->immediates);
     }
     PyMem_Free(self->texts);
     PyMem_Free(self->records);

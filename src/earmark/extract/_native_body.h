@@ -176,6 +176,37 @@ body_values(BodyObject *self, PyObject *unused)
     return values;
 }
 
+/* conditional(addresses) -> the addresses (of instructions in the body) whose instruction is a
+ * conditional branch, in the given order (FunctionRecovery.drop_unwind_fragments). */
+static PyObject *
+body_conditional(BodyObject *self, PyObject *addresses)
+{
+    if (!PyList_Check(addresses)) {
+        PyErr_SetString(PyExc_TypeError, "expected a list of addresses");
+        return NULL;
+    }
+    PyObject *found = PyList_New(0);
+    for (Py_ssize_t i = 0; found != NULL && i < PyList_GET_SIZE(addresses); i++) {
+        PyObject *key = PyList_GET_ITEM(addresses, i);
+        uint64_t address;
+        int valid = address_value(key, &address);
+        Py_ssize_t position = valid > 0 ? body_position(self, address) : -1;
+        if (valid < 0) {
+            Py_CLEAR(found);
+        } else if (position < 0) {
+            PyErr_SetObject(PyExc_KeyError, key); /* as body[address] would */
+            Py_CLEAR(found);
+        } else {
+            const Record *record = &self->table->records[self->sorted[position]];
+            if (self->table->texts[record->text].kind == KIND_CONDITIONAL &&
+                PyList_Append(found, key) < 0) {
+                Py_CLEAR(found);
+            }
+        }
+    }
+    return found;
+}
+
 /* own(start): CodeCoverage.add's ownership update (shared when another function owns it). */
 static PyObject *
 body_own(BodyObject *self, PyObject *start_object)
@@ -253,18 +284,52 @@ body_referenced_code(BodyObject *self, PyObject *unused)
     return found;
 }
 
-/* describe(leaders, successors, start) -> (tokens, end, edge_count, references, large)
+/* The token features of a text row, asked of ``token_features`` the first time; 0 or -1. */
+static int
+text_features(Text *text, PyObject *token_features)
+{
+    if (text->has_features) {
+        return 0;
+    }
+    PyObject *answer = PyObject_CallOneArg(token_features, text->token);
+    if (answer == NULL) {
+        return -1;
+    }
+    if (!PyTuple_Check(answer) || PyTuple_GET_SIZE(answer) != 3 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(answer, 2))) {
+        Py_DECREF(answer);
+        PyErr_SetString(PyExc_TypeError, "token_features must return (id, robust id, values)");
+        return -1;
+    }
+    PyObject *robust = PyTuple_GET_ITEM(answer, 1);
+    text->token_id = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(answer, 0));
+    text->robust_id = robust == Py_None ? 0 : PyLong_AsUnsignedLongLong(robust);
+    if (PyErr_Occurred()) {
+        Py_DECREF(answer);
+        return -1;
+    }
+    text->has_robust = robust != Py_None;
+    text->immediates = Py_NewRef(PyTuple_GET_ITEM(answer, 2));
+    text->has_features = 1;
+    Py_DECREF(answer);
+    return 0;
+}
+
+/* describe(leaders, successors, start, token_features)
+ *     -> (tokens, end, edge_count, references, large, token_ids, robust_ids, immediates)
  *
  * The per-instruction pass of function_features.build_features, in address order: the token
  * stream, the end of the last instruction (at least ``start``), the CFG edge count, the
  * addresses the code references (address immediates, then a plain instruction's memory
- * operand) and all large immediates, each in instruction order. */
+ * operand) and all large immediates, each in instruction order; then the MinHash ids of the
+ * tokens and of the robust tokens that are kept (uint64 bytes) and the stream's distinct
+ * immediates in first-seen order (function_features.stream_immediates). */
 static PyObject *
 body_describe(BodyObject *self, PyObject *args)
 {
-    PyObject *leaders, *successors_of, *start;
-    if (!PyArg_ParseTuple(args, "O!O!O", &PySet_Type, &leaders, &PyDict_Type, &successors_of,
-                          &start)) {
+    PyObject *leaders, *successors_of, *start, *token_features;
+    if (!PyArg_ParseTuple(args, "O!O!OO", &PySet_Type, &leaders, &PyDict_Type, &successors_of,
+                          &start, &token_features)) {
         return NULL;
     }
     TableObject *table = self->table;
@@ -274,11 +339,27 @@ body_describe(BodyObject *self, PyObject *args)
     PyObject *end = Py_NewRef(start);
     Py_ssize_t edges = 0;
     uint64_t furthest = 0;
-    int failed = tokens == NULL || references == NULL || large == NULL;
+    PyObject *token_ids = PyBytes_FromStringAndSize(NULL, self->length * 8);
+    PyObject *robust_ids = PyBytes_FromStringAndSize(NULL, self->length * 8);
+    PyObject *seen = PyDict_New(); /* immediates in first-seen order */
+    Py_ssize_t robust_count = 0;
+    int failed = tokens == NULL || references == NULL || large == NULL || token_ids == NULL ||
+                 robust_ids == NULL || seen == NULL;
     for (Py_ssize_t i = 0; !failed && i < self->length; i++) {
         const Record *record = &table->records[self->sorted[i]];
-        const Text *text = &table->texts[record->text];
+        Text *text = &table->texts[record->text];
         PyTuple_SET_ITEM(tokens, i, Py_NewRef(text->token));
+        if (text_features(text, token_features) < 0) {
+            failed = 1;
+            break;
+        }
+        ((uint64_t *)PyBytes_AS_STRING(token_ids))[i] = text->token_id;
+        if (text->has_robust) {
+            ((uint64_t *)PyBytes_AS_STRING(robust_ids))[robust_count++] = text->robust_id;
+        }
+        for (Py_ssize_t j = 0; !failed && j < PyTuple_GET_SIZE(text->immediates); j++) {
+            failed = PyDict_SetItem(seen, PyTuple_GET_ITEM(text->immediates, j), Py_None) < 0;
+        }
         uint64_t following = record->address + record->size;
         int past_end = following < record->address; /* beyond 2**64: in no body, no leader */
         if (past_end) {
@@ -348,9 +429,16 @@ body_describe(BodyObject *self, PyObject *args)
         failed = later < 0;
     }
     PyObject *result = NULL;
-    if (!failed) {
-        result = Py_BuildValue("(OOnOO)", tokens, end, edges, references, large);
+    if (!failed && _PyBytes_Resize(&robust_ids, robust_count * 8) == 0) {
+        PyObject *immediates = PySequence_Tuple(seen);
+        if (immediates != NULL) {
+            result = Py_BuildValue("(OOnOOOON)", tokens, end, edges, references, large, token_ids,
+                                   robust_ids, immediates);
+        }
     }
+    Py_XDECREF(token_ids);
+    Py_XDECREF(robust_ids);
+    Py_XDECREF(seen);
     Py_XDECREF(tokens);
     Py_DECREF(end);
     Py_XDECREF(references);
@@ -410,12 +498,15 @@ static PySequenceMethods body_sequence = {
 
 static PyMethodDef body_methods[] = {
     {"values", (PyCFunction)body_values, METH_NOARGS, "values() -> Instructions in explore order"},
+    {"conditional", (PyCFunction)body_conditional, METH_O,
+     "conditional(addresses) -> those of them that hold a conditional branch"},
     {"own", (PyCFunction)body_own, METH_O, "own(start): take ownership of the instructions"},
     {"disown", (PyCFunction)body_disown, METH_O, "disown(start): release what start owns"},
     {"referenced_code", (PyCFunction)body_referenced_code, METH_NOARGS,
      "referenced_code() -> code addresses the body takes as data"},
     {"describe", (PyCFunction)body_describe, METH_VARARGS,
-     "describe(leaders, successors, start) -> (tokens, end, edge_count, references, large)"},
+     "describe(leaders, successors, start, token_features) -> (tokens, end, edge_count, "
+     "references, large, token_ids, robust_ids, immediates)"},
     {NULL, NULL, 0, NULL},
 };
 

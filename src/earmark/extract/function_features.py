@@ -14,8 +14,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from earmark.extract.disasm import KIND_CALL, KIND_PLAIN, Instruction, InstructionDecoder
-from earmark.extract.minhash import exact_hash, stream_minhash_signatures
+from earmark.extract.minhash import (
+    exact_hash,
+    id_minhash_signatures,
+    stream_minhash_signatures,
+    token_id,
+)
 from earmark.model.sample import FunctionFeatures
 
 # Longest string read at a referenced address; longer runs are data blobs, not messages.
@@ -41,12 +49,17 @@ class CompiledBody(Protocol):
     def __getitem__(self, address: int) -> Instruction: ...
     def __iter__(self) -> Iterator[int]: ...
     def values(self) -> list[Instruction]: ...
+    def conditional(self, addresses: list[int]) -> list[int]: ...
     def own(self, start: int) -> None: ...
     def disown(self, start: int) -> None: ...
     def referenced_code(self) -> list[int]: ...
     def describe(
-        self, leaders: set[int], successors: dict[int, tuple[int, ...]], start: int
-    ) -> tuple[tuple[str, ...], int, int, list[int], list[int]]: ...
+        self,
+        leaders: set[int],
+        successors: dict[int, tuple[int, ...]],
+        start: int,
+        token_features: Callable[[str], tuple[int, int | None, tuple[int, ...]]],
+    ) -> tuple[tuple[str, ...], int, int, list[int], list[int], bytes, bytes, tuple[int, ...]]: ...
 
 
 @dataclass(slots=True)
@@ -104,28 +117,43 @@ def _describe_batch(
 ) -> list[FunctionFeatures]:
     """Features of a batch of bodies; MinHash runs once over the whole batch."""
     streams: list[tuple[str, ...]] = []
-    # Per body: (end, edge count, referenced strings, distinctive constants).
-    described: list[tuple[int, int, list[str], list[int]]] = []
+    # Per body: (end, edge count, referenced strings, distinctive constants, immediates).
+    described: list[tuple[int, int, list[str], list[int], tuple[int, ...]]] = []
+    compiled = [not isinstance(body.instructions, dict) for body in bodies]
+    # The compiled pass gives each stream's token ids and kept robust-token ids directly.
+    token_ids: list[bytes] = []
+    robust_ids: list[bytes] = []
     for body in bodies:
         check_deadline()
         instructions = body.instructions
         if isinstance(instructions, dict):
             ordered = [instructions[address] for address in sorted(instructions)]
-            streams.append(tuple([instruction.token for instruction in ordered]))
-            described.append(_describe_in_python(body, ordered, decoder, strings_at))
-        else:  # rows of the compiled table: the same pass in C
-            stream, end, edge_count, references, large = instructions.describe(
-                body.leaders, body.successors, body.start
+            stream = tuple([instruction.token for instruction in ordered])
+            end, edge_count, strings, constants = _describe_in_python(
+                body, ordered, decoder, strings_at
             )
-            streams.append(stream)
+            immediates = stream_immediates(stream)
+        else:  # rows of the compiled table: the same pass in C
+            (stream, end, edge_count, references, large, ids, robust, immediates) = (
+                instructions.describe(body.leaders, body.successors, body.start, token_features)
+            )
+            token_ids.append(ids)
+            robust_ids.append(robust)
             strings = _referenced_strings(decoder, references, strings_at)
-            described.append((end, edge_count, strings, [v for v in large if _is_distinctive(v)]))
-    signatures = stream_minhash_signatures(streams).tolist()
-    robust_signatures = stream_minhash_signatures([robust_stream(s) for s in streams]).tolist()
+            constants = [v for v in large if _is_distinctive(v)]
+        streams.append(stream)
+        described.append((end, edge_count, strings, constants, immediates))
+    if all(compiled):
+        signatures = _id_signatures(token_ids).tolist()
+        robust_signatures = _id_signatures(robust_ids).tolist()
+    else:
+        signatures = stream_minhash_signatures(streams).tolist()
+        robust_signatures = stream_minhash_signatures([robust_stream(s) for s in streams]).tolist()
     functions: list[FunctionFeatures] = []
-    for body, stream, (end, edge_count, strings, constants), signature, robust_signature in zip(
+    for body, stream, description, signature, robust_signature in zip(
         bodies, streams, described, signatures, robust_signatures, strict=True
     ):
+        end, edge_count, strings, constants, immediates = description
         check_deadline()
         instructions = body.instructions
         leaders = body.leaders
@@ -146,10 +174,32 @@ def _describe_batch(
                 name=names.get(body.start),
                 source=body.source,
                 robust_minhash=tuple(robust_signature),
-                immediates=stream_immediates(stream),
+                immediates=immediates,
             )
         )
     return functions
+
+
+def _id_signatures(streams: list[bytes]) -> npt.NDArray[np.uint32]:
+    """MinHash signatures of streams given as uint64 token-id bytes."""
+    lengths = np.fromiter((len(s) // 8 for s in streams), dtype=np.int64, count=len(streams))
+    return id_minhash_signatures(np.frombuffer(b"".join(streams), dtype=np.uint64), lengths)
+
+
+_TOKEN_FEATURES: dict[str, tuple[int, int | None, tuple[int, ...]]] = {}
+
+
+def token_features(token: str) -> tuple[int, int | None, tuple[int, ...]]:
+    """(MinHash id, robust token's id or None when dropped, immediates) of one token: what the
+    compiled feature pass asks once per instruction text (same functions as the Python path).
+    Memoised: ~85k texts of a large DLL share a few thousand tokens."""
+    found = _TOKEN_FEATURES.get(token)
+    if found is None:
+        robust = robust_token(token)
+        robust_id = None if robust is None else token_id(robust)
+        found = (token_id(token), robust_id, token_immediates(token))
+        _TOKEN_FEATURES[token] = found
+    return found
 
 
 def _referenced_strings(
@@ -272,16 +322,24 @@ def stream_immediates(tokens: Sequence[str]) -> tuple[int, ...]:
     for token in tokens:
         found = _TOKEN_IMMEDIATES.get(token)
         if found is None:
-            _, _, operands = token.partition(" ")
-            if "[stack]" in operands or "sp" in operands.split(",")[0]:
-                found = ()
-            else:
-                numbers = (int(text, 0) for text in _IMMEDIATE_PATTERN.findall(operands))
-                found = tuple(v for v in numbers if v not in _UBIQUITOUS_IMMEDIATES)
-            _TOKEN_IMMEDIATES[token] = found
+            found = token_immediates(token)
         for value in found:
             values[value] = None
     return tuple(values)
+
+
+def token_immediates(token: str) -> tuple[int, ...]:
+    """The immediates ``stream_immediates`` takes from one token (memoised)."""
+    found = _TOKEN_IMMEDIATES.get(token)
+    if found is None:
+        _, _, operands = token.partition(" ")
+        if "[stack]" in operands or "sp" in operands.split(",")[0]:
+            found = ()
+        else:
+            numbers = (int(text, 0) for text in _IMMEDIATE_PATTERN.findall(operands))
+            found = tuple(v for v in numbers if v not in _UBIQUITOUS_IMMEDIATES)
+        _TOKEN_IMMEDIATES[token] = found
+    return found
 
 
 def _is_distinctive(value: int) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import numpy as np
@@ -68,6 +68,12 @@ class CodeCoverage:
         # owners are kept in its rows instead and this dict stays empty.
         self.owners: dict[int, int] = {}
         self._table = decoder.table
+        # owner_of(address): start of the function owning the instruction at ``address``
+        # (SHARED_OWNER when several do), or None. One lookup, bound once: heuristics ask it
+        # ~10^5 times per sample. A coverage's bodies are all of its decoder's kind.
+        self.owner_of: Callable[[int], int | None] = (
+            self.owners.get if self._table is None else self._table.owner
+        )
         accelerator = decoder.accelerator
         self._spans = (
             accelerator.body_spans if accelerator is not None and self._table is not None else None
@@ -76,14 +82,6 @@ class CodeCoverage:
         self._extent_ends: dict[int, int] = {}  # function start -> end of its last byte
         self._sorted_extents: list[tuple[int, int]] | None = None
         self._extent_starts: list[int] = []
-
-    def owner_of(self, address: int) -> int | None:
-        """Start of the function owning the instruction at ``address`` (SHARED_OWNER when
-        several do), or None."""
-        owner = self.owners.get(address)
-        if owner is None and self._table is not None:
-            owner = self._table.owner(address)
-        return owner
 
     def add(self, body: FunctionBody) -> None:
         start = body.start

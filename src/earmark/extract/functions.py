@@ -423,11 +423,20 @@ class FunctionRecovery:
         called: set[int] = set()
         for body in self.bodies.values():
             called.update(body.calls)
-            for address, successors in body.successors.items():
+            instructions = body.instructions
+            if isinstance(instructions, dict):
+                conditional = [
+                    address
+                    for address in body.successors
+                    if instructions[address].kind == KIND_CONDITIONAL
+                ]
+            else:  # rows of the compiled table: kinds looked up in C
+                conditional = instructions.conditional(list(body.successors))
+            successors_of = body.successors
+            for address in conditional:
                 # Only conditional jumps: an unconditional jmp to an unwind start is a tail
                 # call (MSVC emits many), while cold blocks are entered by a jcc.
-                if body.instructions[address].kind == KIND_CONDITIONAL:
-                    jumped.update(s for s in successors if s != body.start)
+                jumped.update(s for s in successors_of[address] if s != body.start)
         for start in list(self.bodies):
             if self.sources[start] == "unwind" and start in jumped and start not in called:
                 del self.bodies[start]

@@ -169,6 +169,19 @@ def stream_minhash_signatures(
         dtype=np.uint64,
         count=total,
     )
+    return id_minhash_signatures(ids, lengths)
+
+
+def id_minhash_signatures(
+    ids: npt.NDArray[np.uint64], lengths: npt.NDArray[np.int64]
+) -> npt.NDArray[np.uint32]:
+    """``stream_minhash_signatures`` of streams given as their token ids (``token_id``), laid
+    end to end: stream i is the next ``lengths[i]`` ids. The compiled feature pass hands ids
+    over directly, so no token is looked up per occurrence."""
+    count = len(lengths)
+    if count == 0:
+        return np.full((0, MINHASH_PERMUTATIONS), 0xFFFFFFFF, dtype=np.uint32)
+    total = len(ids)
     ends = np.cumsum(lengths)
     owner = np.repeat(np.arange(count, dtype=np.int64), lengths)
     parts: list[npt.NDArray[np.uint64]] = []
