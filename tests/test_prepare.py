@@ -27,6 +27,7 @@ from earmark.index.compact_functions import (
 from earmark.index.feature_candidates import (
     FeatureCandidateIndex,
     StoredFunctionIds,
+    TextKeys,
     feature_key_rows,
     feature_keys,
 )
@@ -200,6 +201,9 @@ def test_feature_keys_of_many_functions_equal_those_of_each_alone(corpus: DemoCo
     functions[2] = replace(functions[2], robust_minhash=(0xFFFFFFFF,) * MINHASH_PERMUTATIONS)
     rows = feature_key_rows(functions)
     assert rows == [feature_keys(function) for function in functions]
+    # Text keys remembered across calls (as over a build's samples) are the same keys.
+    known = TextKeys()
+    assert feature_key_rows(functions[:5], known) + feature_key_rows(functions, known)[5:] == rows
     assert rows[2] == feature_keys(replace(functions[2], robust_minhash=()))
     banded = [
         row
