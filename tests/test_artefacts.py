@@ -279,6 +279,10 @@ def test_any_sample_text_gives_artefacts_and_printable_evidence(
     artefacts = sample_artefacts(features)
     assert len({a.key for a in artefacts}) == len(artefacts)
     assert all(0 <= a.key < 2**64 for a in artefacts)
+    # A build's memo of string keys, filled by another sample first, changes nothing.
+    known: dict[str, int] = {}
+    sample_artefacts(replace(features, strings=features.strings[::-1], sections=()), known)
+    assert sample_artefacts(features, known) == artefacts
     for artefact in artefacts:
         shown = escape_value(artefact.value)
         assert all(ch.isprintable() for ch in shown)
