@@ -216,9 +216,10 @@ def _within(values: tuple[int, ...], low: int, end: int) -> bool:
     return not values or (low <= min(values) and max(values) < end)
 
 
-# (request, same-hash function) pairs ``locate_positions`` compares per step: bounds its
-# gathered MinHash rows to 4 MB (16,384 x 64 x 4 B); the requests of a query usually fit one
-# step (~1,500 pairs), while one common stub hash could otherwise pull in ~100 MB.
+# (request, same-hash function) pairs ``locate_positions`` compares per step: its temporaries
+# stay near 10 MB (4 MB of them the gathered MinHash rows, 16,384 x 64 x 4 B). A query's
+# requests usually fit one step (~1,500 pairs); on the PE bench KB one query whose matches
+# hit a stub hash shared by many functions of a sample needed ~120 MB in one step.
 LOCATE_CHUNK: Final = 1 << 14
 
 _EMPTY_NUMBERS: Final = (0,) * 6
