@@ -277,8 +277,9 @@ class FeatureCandidateIndex:
             )  # fmt: skip
             # The loop name would keep this sample alive while the next one is decoded.
             del sample_functions
-        stored = builder.finish()
-        del builder, known
+        del known
+        # The keys are sorted before the builder's buffers become columns, so the sort's
+        # full-length temporaries and the columns' copies are not in memory together.
         # "Q"/"q" are C long long: 8 bytes on every platform numpy supports.
         key_array = np.frombuffer(keys, dtype=np.uint64) if keys else np.zeros(0, np.uint64)
         del keys  # key_array holds the buffer, freed with it below
@@ -302,7 +303,8 @@ class FeatureCandidateIndex:
         ends = np.cumsum(_column_of(key_counts))
         del key_counts
         postings = np.searchsorted(ends, kept_order, side="right").astype(np.int64, copy=False)
-        return cls(keys=kept_keys, postings=postings, stored=stored)
+        del ends, kept_order
+        return cls(keys=kept_keys, postings=postings, stored=builder.finish())
 
     def __len__(self) -> int:
         return len(self.stored)
