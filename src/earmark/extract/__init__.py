@@ -23,6 +23,7 @@ from earmark.extract.loader import LoadedSample, load_sample, parser_failures_as
 from earmark.extract.metadata import hash_file
 from earmark.extract.pe_image import PeHeader
 from earmark.extract.strings import extract_strings
+from earmark.memory import return_free_memory
 from earmark.model.sample import (
     FEATURES_FORMAT_VERSION,
     ElfInfo,
@@ -55,6 +56,16 @@ def analyze_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> SampleFea
 
 def analyze_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SampleFeatures:
     """Full extraction of one in-memory sample, bounded by ``limits``."""
+    try:
+        return _analyze_bytes(data, limits)
+    finally:
+        # The parse tree, decode tables and per-function work are freed by now; without a trim
+        # glibc keeps their pages, and a process analysing sample after sample (queries, an
+        # ingest worker) creeps towards its largest sample's size (``earmark.memory``).
+        return_free_memory()
+
+
+def _analyze_bytes(data: bytes, limits: Limits) -> SampleFeatures:
     started = time.monotonic()
     deadline = started + limits.max_seconds_per_sample
     loaded = load_sample(data, limits)

@@ -1,0 +1,34 @@
+"""Freed C-heap pages go back to the system when asked (glibc), and asking is harmless elsewhere."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+
+from earmark.memory import return_free_memory
+
+_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def _resident_bytes() -> int:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * 4096
+
+
+@pytest.mark.skipif(not _GLIBC, reason="malloc_trim is a glibc function")
+def test_freed_heap_below_a_live_block_is_returned() -> None:
+    blocks = [bytearray(2000) for _ in range(20_000)]  # ~40 MB of heap chunks, all touched
+    pin = bytearray(2000)  # allocated after them: the heap top stays in use
+    del blocks
+    before = _resident_bytes()
+    assert return_free_memory()
+    assert before - _resident_bytes() > 20_000_000
+    del pin
+
+
+def test_return_free_memory_answers_whether_it_could() -> None:
+    # glibc has malloc_trim; musl, macOS and Windows do not, and the call is then a no-op.
+    assert return_free_memory() is _GLIBC
