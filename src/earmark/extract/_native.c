@@ -287,6 +287,9 @@ typedef struct {
     uint32_t *order;  /* rows in the order explore took them */
     uint32_t *sorted; /* the same rows by address */
     Py_ssize_t length;
+    /* Kept by explore in place of leaders and successors (see Flow in _native_body.h). */
+    Py_ssize_t block_count, edge_count, conditional_count;
+    uint64_t *conditional; /* targets of its conditional branches other than its start */
 } BodyObject;
 
 static PyTypeObject TableType;

@@ -55,6 +55,8 @@ body_from_rows(TableObject *table, Rows *rows)
     body->length = rows->length;
     body->order = rows->rows; /* may be NULL when empty */
     body->sorted = NULL;
+    body->block_count = body->edge_count = body->conditional_count = 0;
+    body->conditional = NULL;
     rows->rows = NULL;
     if (body->length) {
         AddressRow *pairs = PyMem_Malloc((size_t)body->length * sizeof(AddressRow));
@@ -82,6 +84,7 @@ body_dealloc(BodyObject *self)
 {
     PyMem_Free(self->order);
     PyMem_Free(self->sorted);
+    PyMem_Free(self->conditional);
     Py_XDECREF(self->table);
     PyObject_Free(self);
 }
@@ -176,35 +179,28 @@ body_values(BodyObject *self, PyObject *unused)
     return values;
 }
 
-/* conditional(addresses) -> the addresses (of instructions in the body) whose instruction is a
- * conditional branch, in the given order (FunctionRecovery.drop_unwind_fragments). */
+/* conditional_targets() -> where its conditional branches lead (both ways), other than its
+ * own start, as FunctionRecovery.drop_unwind_fragments collects them from the successors. */
 static PyObject *
-body_conditional(BodyObject *self, PyObject *addresses)
+body_conditional_targets(BodyObject *self, PyObject *unused)
 {
-    if (!PyList_Check(addresses)) {
-        PyErr_SetString(PyExc_TypeError, "expected a list of addresses");
-        return NULL;
-    }
-    PyObject *found = PyList_New(0);
-    for (Py_ssize_t i = 0; found != NULL && i < PyList_GET_SIZE(addresses); i++) {
-        PyObject *key = PyList_GET_ITEM(addresses, i);
-        uint64_t address;
-        int valid = address_value(key, &address);
-        Py_ssize_t position = valid > 0 ? body_position(self, address) : -1;
-        if (valid < 0) {
+    PyObject *found = PyList_New(self->conditional_count);
+    for (Py_ssize_t i = 0; found != NULL && i < self->conditional_count; i++) {
+        PyObject *value = u64_object(self->conditional[i]);
+        if (value == NULL) {
             Py_CLEAR(found);
-        } else if (position < 0) {
-            PyErr_SetObject(PyExc_KeyError, key); /* as body[address] would */
-            Py_CLEAR(found);
-        } else {
-            const Record *record = &self->table->records[self->sorted[position]];
-            if (self->table->texts[record->text].kind == KIND_CONDITIONAL &&
-                PyList_Append(found, key) < 0) {
-                Py_CLEAR(found);
-            }
+            break;
         }
+        PyList_SET_ITEM(found, i, value);
     }
     return found;
+}
+
+/* counts() -> (block count, edge count) of the explored body. */
+static PyObject *
+body_counts(BodyObject *self, PyObject *unused)
+{
+    return Py_BuildValue("(nn)", self->block_count, self->edge_count);
 }
 
 /* own(start): CodeCoverage.add's ownership update (shared when another function owns it). */
@@ -315,21 +311,20 @@ text_features(Text *text, PyObject *token_features)
     return 0;
 }
 
-/* describe(leaders, successors, start, token_features)
- *     -> (tokens, end, edge_count, references, large, token_ids, robust_ids, immediates)
+/* describe(start, token_features)
+ *     -> (tokens, end, references, large, token_ids, robust_ids, immediates)
  *
  * The per-instruction pass of function_features.build_features, in address order: the token
- * stream, the end of the last instruction (at least ``start``), the CFG edge count, the
- * addresses the code references (address immediates, then a plain instruction's memory
- * operand) and all large immediates, each in instruction order; then the MinHash ids of the
- * tokens and of the robust tokens that are kept (uint64 bytes) and the stream's distinct
- * immediates in first-seen order (function_features.stream_immediates). */
+ * stream, the end of the last instruction (at least ``start``), the addresses the code
+ * references (address immediates, then a plain instruction's memory operand) and all large
+ * immediates, each in instruction order; then the MinHash ids of the tokens and of the robust
+ * tokens that are kept (uint64 bytes) and the stream's distinct immediates in first-seen order
+ * (function_features.stream_immediates). */
 static PyObject *
 body_describe(BodyObject *self, PyObject *args)
 {
-    PyObject *leaders, *successors_of, *start, *token_features;
-    if (!PyArg_ParseTuple(args, "O!O!OO", &PySet_Type, &leaders, &PyDict_Type, &successors_of,
-                          &start, &token_features)) {
+    PyObject *start, *token_features;
+    if (!PyArg_ParseTuple(args, "OO", &start, &token_features)) {
         return NULL;
     }
     TableObject *table = self->table;
@@ -337,7 +332,6 @@ body_describe(BodyObject *self, PyObject *args)
     PyObject *references = PyList_New(0);
     PyObject *large = PyList_New(0);
     PyObject *end = Py_NewRef(start);
-    Py_ssize_t edges = 0;
     uint64_t furthest = 0;
     PyObject *token_ids = PyBytes_FromStringAndSize(NULL, self->length * 8);
     PyObject *robust_ids = PyBytes_FromStringAndSize(NULL, self->length * 8);
@@ -374,36 +368,6 @@ body_describe(BodyObject *self, PyObject *args)
             furthest = following; /* not the last one's end: instructions may overlap */
         }
         uint8_t kind = text->kind;
-        if (!failed && (kind == KIND_CONDITIONAL || kind == KIND_JUMP)) {
-            /* Only branches carry successors (explore sets them nowhere else). */
-            PyObject *address = u64_object(record->address);
-            PyObject *successors =
-                address ? PyDict_GetItemWithError(successors_of, address) : NULL;
-            Py_XDECREF(address);
-            if (successors != NULL) {
-                PyObject *iterator = PyObject_GetIter(successors);
-                PyObject *successor;
-                while (iterator != NULL && (successor = PyIter_Next(iterator)) != NULL) {
-                    int inside = body_contains(self, successor);
-                    Py_DECREF(successor);
-                    if (inside < 0) {
-                        break;
-                    }
-                    edges += inside;
-                }
-                Py_XDECREF(iterator);
-            }
-            failed = PyErr_Occurred() != NULL;
-        } else if (!failed && (kind == KIND_PLAIN || kind == KIND_CALL) && !past_end &&
-                   body_position(self, following) >= 0) {
-            PyObject *next = u64_object(following);
-            int leader = next ? PySet_Contains(leaders, next) : -1;
-            Py_XDECREF(next);
-            if (leader < 0) {
-                failed = 1;
-            }
-            edges += leader > 0;
-        }
         PyObject *immediates = text->address_immediates;
         for (Py_ssize_t j = 0; !failed && j < PyTuple_GET_SIZE(immediates); j++) {
             failed = PyList_Append(references, PyTuple_GET_ITEM(immediates, j)) < 0;
@@ -432,7 +396,7 @@ body_describe(BodyObject *self, PyObject *args)
     if (!failed && _PyBytes_Resize(&robust_ids, robust_count * 8) == 0) {
         PyObject *immediates = PySequence_Tuple(seen);
         if (immediates != NULL) {
-            result = Py_BuildValue("(OOnOOOON)", tokens, end, edges, references, large, token_ids,
+            result = Py_BuildValue("(OOOOOON)", tokens, end, references, large, token_ids,
                                    robust_ids, immediates);
         }
     }
@@ -498,15 +462,16 @@ static PySequenceMethods body_sequence = {
 
 static PyMethodDef body_methods[] = {
     {"values", (PyCFunction)body_values, METH_NOARGS, "values() -> Instructions in explore order"},
-    {"conditional", (PyCFunction)body_conditional, METH_O,
-     "conditional(addresses) -> those of them that hold a conditional branch"},
+    {"conditional_targets", (PyCFunction)body_conditional_targets, METH_NOARGS,
+     "conditional_targets() -> where its conditional branches lead, other than its start"},
+    {"counts", (PyCFunction)body_counts, METH_NOARGS, "counts() -> (block count, edge count)"},
     {"own", (PyCFunction)body_own, METH_O, "own(start): take ownership of the instructions"},
     {"disown", (PyCFunction)body_disown, METH_O, "disown(start): release what start owns"},
     {"referenced_code", (PyCFunction)body_referenced_code, METH_NOARGS,
      "referenced_code() -> code addresses the body takes as data"},
     {"describe", (PyCFunction)body_describe, METH_VARARGS,
-     "describe(leaders, successors, start, token_features) -> (tokens, end, edge_count, "
-     "references, large, token_ids, robust_ids, immediates)"},
+     "describe(start, token_features) -> (tokens, end, references, large, token_ids, "
+     "robust_ids, immediates)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -527,6 +492,78 @@ static PyTypeObject BodyType = {
 #define EXPLORE_DOC                                                                           \
     "explore(start, known, max_instructions, fragments, import_slots, no_return, import_thunk, " \
     "follow_indirect, body, lookback) -> (Body, invalid, truncated)"
+
+/* Growable uint64 arrays; ``valid`` is 0 for a value past 2**64 (pending addresses only). */
+typedef struct {
+    uint64_t *values;
+    uint8_t *valid;
+    Py_ssize_t length, capacity;
+} Values;
+
+static int
+values_push(Values *values, uint64_t value, int valid)
+{
+    if (values->length == values->capacity) {
+        Py_ssize_t capacity = values->capacity ? values->capacity * 2 : 32;
+        uint64_t *grown = PyMem_Realloc(values->values, (size_t)capacity * sizeof(uint64_t));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        values->values = grown;
+        uint8_t *flags = PyMem_Realloc(values->valid, (size_t)capacity);
+        if (flags == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        values->valid = flags;
+        values->capacity = capacity;
+    }
+    values->values[values->length] = value;
+    values->valid[values->length++] = (uint8_t)valid;
+    return 0;
+}
+
+/* Pushes a Python int (any value) onto ``values``; 0 or -1. */
+static int
+values_push_object(Values *values, PyObject *object)
+{
+    uint64_t value = 0;
+    int valid = address_value(object, &value);
+    return valid < 0 ? -1 : values_push(values, value, valid);
+}
+
+static void
+values_free(Values *values)
+{
+    PyMem_Free(values->values);
+    PyMem_Free(values->valid);
+}
+
+static int
+compare_u64(const void *first, const void *second)
+{
+    uint64_t a = *(const uint64_t *)first, b = *(const uint64_t *)second;
+    return (a > b) - (a < b);
+}
+
+static int
+sorted_contains(const uint64_t *values, Py_ssize_t length, uint64_t value)
+{
+    Py_ssize_t low = 0, high = length;
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (values[middle] == value) {
+            return 1;
+        }
+        if (values[middle] < value) {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    return 0;
+}
 
 /* The name after the last "!" of an import name is in ``no_return``: 1, 0, or -1. */
 static int
@@ -559,15 +596,72 @@ first_operand(PyObject *op_str)
     return Py_NewRef(op_str);
 }
 
-/* Set item helpers that give 0 or -1. */
+/* What explore keeps in C instead of the body's leaders set and successors dict (they are only
+ * read back as the block and edge counts and the conditional targets, all fixed once the body
+ * is explored): measured ~8 MB of Python objects on zstandard _cffi. */
+typedef struct {
+    Values leaders, edges, conditional, pending;
+} Flow;
+
+/* Runs follow_indirect(body, jump, recent, import_registers, pending) with fresh leaders,
+ * successors and pending containers, and takes what it added into ``flow``; 0 or -1. */
 static int
-add_leader(PyObject *leaders, PyObject *address)
+call_follow_indirect(PyObject *follow_indirect, PyObject *body, PyObject *jump,
+                     PyObject *recent, PyObject *import_registers, Flow *flow)
 {
-    return PySet_Add(leaders, address);
+    PyObject *leaders = PySet_New(NULL);
+    PyObject *successors = PyDict_New();
+    PyObject *pending = PyList_New(0);
+    int failed = leaders == NULL || successors == NULL || pending == NULL ||
+                 PyObject_SetAttrString(body, "leaders", leaders) < 0 ||
+                 PyObject_SetAttrString(body, "successors", successors) < 0;
+    PyObject *answer =
+        failed ? NULL
+               : PyObject_CallFunctionObjArgs(follow_indirect, body, jump, recent,
+                                              import_registers, pending, NULL);
+    failed = answer == NULL;
+    Py_XDECREF(answer);
+    PyObject *iterator = failed ? NULL : PyObject_GetIter(leaders);
+    PyObject *item;
+    while (iterator != NULL && (item = PyIter_Next(iterator)) != NULL) {
+        uint64_t value;
+        int valid = address_value(item, &value);
+        Py_DECREF(item);
+        if (valid < 0 || (valid && values_push(&flow->leaders, value, 1) < 0)) {
+            break;
+        }
+    }
+    Py_XDECREF(iterator);
+    Py_ssize_t position = 0;
+    PyObject *key, *targets;
+    while (!failed && !PyErr_Occurred() && PyDict_Next(successors, &position, &key, &targets)) {
+        PyObject *sequence = PySequence_Fast(targets, "successors must be sequences");
+        for (Py_ssize_t i = 0; sequence != NULL && i < PySequence_Fast_GET_SIZE(sequence); i++) {
+            uint64_t value;
+            int valid = address_value(PySequence_Fast_GET_ITEM(sequence, i), &value);
+            if (valid < 0 || (valid && values_push(&flow->edges, value, 1) < 0)) {
+                break;
+            }
+        }
+        Py_XDECREF(sequence);
+    }
+    for (Py_ssize_t i = 0; !failed && !PyErr_Occurred() && i < PyList_GET_SIZE(pending); i++) {
+        values_push_object(&flow->pending, PyList_GET_ITEM(pending, i));
+    }
+    failed = failed || PyErr_Occurred() != NULL;
+    if (!failed) { /* taken into ``flow``: the body's own containers stay empty */
+        failed = PySet_Clear(leaders) < 0 || (PyDict_Clear(successors), 0);
+    }
+    Py_XDECREF(leaders);
+    Py_XDECREF(successors);
+    Py_XDECREF(pending);
+    return failed ? -1 : 0;
 }
 
 /* The descent of FunctionRecovery.explore over the table; see functions.py for the rules, which
- * this follows step by step (the Python loop there is the reference). */
+ * this follows step by step (the Python loop there is the reference). The body's leaders and
+ * successors stay in C: the Body returned carries the block and edge counts and the targets of
+ * its conditional branches instead. */
 static PyObject *
 table_explore(TableObject *self, PyObject *args)
 {
@@ -587,18 +681,16 @@ table_explore(TableObject *self, PyObject *args)
         }
         return NULL;
     }
-    PyObject *leaders = PyObject_GetAttrString(body_object, "leaders");
-    PyObject *successors = PyObject_GetAttrString(body_object, "successors");
     PyObject *calls = PyObject_GetAttrString(body_object, "calls");
     PyObject *tail_jumps = PyObject_GetAttrString(body_object, "tail_jumps");
     PyObject *direct_jumps = PyObject_GetAttrString(body_object, "direct_jumps");
     PyObject *called_imports = PyObject_GetAttrString(body_object, "called_imports");
-    PyObject *pending = PyList_New(0);
+    Flow flow;
+    memset(&flow, 0, sizeof flow);
     Rows rows = {NULL, 0, 0};
     uint32_t *trail = lookback > 0 ? PyMem_Calloc((size_t)lookback, sizeof(uint32_t)) : NULL;
-    int failed = !leaders || !successors || !calls || !tail_jumps || !direct_jumps ||
-                 !called_imports || !pending || (lookback > 0 && trail == NULL) ||
-                 !PySet_Check(leaders) || !PyDict_Check(successors) || !PyList_Check(calls) ||
+    int failed = !calls || !tail_jumps || !direct_jumps || !called_imports ||
+                 (lookback > 0 && trail == NULL) || !PyList_Check(calls) ||
                  !PyList_Check(tail_jumps) || !PyList_Check(direct_jumps) ||
                  !PyList_Check(called_imports);
     if (failed && !PyErr_Occurred()) {
@@ -613,14 +705,15 @@ table_explore(TableObject *self, PyObject *args)
     }
     uint32_t serial = self->serial;
     if (!failed) {
-        failed = add_leader(leaders, start_object) < 0 || PyList_Append(pending, start_object) < 0;
+        failed = values_push(&flow.leaders, start, 1) < 0 ||
+                 values_push(&flow.pending, start, 1) < 0;
     }
-    while (!failed && (PyList_GET_SIZE(pending) || PyList_GET_SIZE(fragments))) {
-        if (!PyList_GET_SIZE(pending)) {
+    while (!failed && (flow.pending.length || PyList_GET_SIZE(fragments))) {
+        if (!flow.pending.length) {
             Py_ssize_t last = PyList_GET_SIZE(fragments) - 1;
             PyObject *fragment = Py_NewRef(PyList_GET_ITEM(fragments, last));
             failed = PyList_SetSlice(fragments, last, last + 1, NULL) < 0;
-            uint64_t value;
+            uint64_t value = 0;
             int valid = failed ? -1 : address_value(fragment, &value);
             int64_t row = valid > 0 ? table_find(self, value) : -1;
             int inside = row >= 0 && !(self->records[row].flags & FLAG_INVALID) &&
@@ -629,21 +722,15 @@ table_explore(TableObject *self, PyObject *args)
             if (valid < 0 || other < 0) {
                 failed = 1;
             } else if (!inside && !other && !truncated) {
-                failed = add_leader(leaders, fragment) < 0 || PyList_Append(pending, fragment) < 0;
+                failed = (valid && values_push(&flow.leaders, value, 1) < 0) ||
+                         values_push(&flow.pending, value, valid) < 0;
             }
             Py_DECREF(fragment);
             continue;
         }
-        Py_ssize_t last = PyList_GET_SIZE(pending) - 1;
-        PyObject *popped = Py_NewRef(PyList_GET_ITEM(pending, last));
-        failed = PyList_SetSlice(pending, last, last + 1, NULL) < 0;
-        uint64_t address = 0;
-        int valid = failed ? -1 : address_value(popped, &address);
-        Py_DECREF(popped);
-        if (valid < 0) {
-            failed = 1;
-            break;
-        }
+        flow.pending.length--;
+        uint64_t address = flow.pending.values[flow.pending.length];
+        int valid = flow.pending.valid[flow.pending.length];
         /* ``valid == 0``: past 2**64 (after an instruction at the very top of a hostile image):
          * in no body, no known function and no segment, so it ends the run as invalid. */
         PyObject *import_registers = NULL;
@@ -652,9 +739,7 @@ table_explore(TableObject *self, PyObject *args)
             int64_t row = valid ? table_find(self, address) : -1;
             if (row >= 0 && !(self->records[row].flags & FLAG_INVALID) &&
                 self->records[row].stamp == serial) {
-                PyObject *leader = u64_object(address);
-                failed = leader == NULL || add_leader(leaders, leader) < 0;
-                Py_XDECREF(leader);
+                failed = values_push(&flow.leaders, address, 1) < 0;
                 break;
             }
             if (valid && address != start) {
@@ -668,7 +753,7 @@ table_explore(TableObject *self, PyObject *args)
             }
             if (rows.length >= max_instructions) {
                 truncated = 1;
-                failed = PyList_SetSlice(pending, 0, PyList_GET_SIZE(pending), NULL) < 0;
+                flow.pending.length = 0;
                 break;
             }
             row = valid ? table_decode(self, address) : -2;
@@ -694,7 +779,7 @@ table_explore(TableObject *self, PyObject *args)
             uint64_t following = address + record->size;
             int following_valid = following >= address;
             if (text->kind == KIND_PLAIN) {
-                if (record->flags & FLAG_MEMORY && text->is_mov) {
+                if (record->flags & FLAG_MEMORY && text->is_mov && text->op_str != NULL) {
                     PyObject *memory = u64_object(record->memory);
                     PyObject *name = memory ? PyDict_GetItemWithError(import_slots, memory) : NULL;
                     Py_XDECREF(memory);
@@ -737,8 +822,9 @@ table_explore(TableObject *self, PyObject *args)
                     break;
                 }
                 if (name != NULL && name != Py_None) {
-                    int ends = PyList_Append(called_imports, name) < 0 ? -1
-                                                                         : never_returns(name, no_return);
+                    int ends = PyList_Append(called_imports, name) < 0
+                                   ? -1
+                                   : never_returns(name, no_return);
                     Py_DECREF(name);
                     if (ends != 0) {
                         failed = ends < 0;
@@ -761,25 +847,20 @@ table_explore(TableObject *self, PyObject *args)
                 continue;
             }
             if (text->kind == KIND_CONDITIONAL) {
-                PyObject *here = u64_object(address);
-                PyObject *next = following_object(record);
-                PyObject *pair = NULL;
-                failed = here == NULL || next == NULL;
-                if (!failed && record->flags & FLAG_TARGET &&
-                    table_is_code(self, record->target)) {
-                    PyObject *target = u64_object(record->target);
-                    failed = target == NULL || add_leader(leaders, target) < 0 ||
-                             PyList_Append(pending, target) < 0;
-                    pair = failed ? NULL : PyTuple_Pack(2, target, next);
-                    Py_XDECREF(target);
-                } else if (!failed) {
-                    pair = PyTuple_Pack(1, next);
+                if (record->flags & FLAG_TARGET && table_is_code(self, record->target)) {
+                    uint64_t target = record->target;
+                    failed = values_push(&flow.leaders, target, 1) < 0 ||
+                             values_push(&flow.pending, target, 1) < 0 ||
+                             values_push(&flow.edges, target, 1) < 0 ||
+                             (target != start &&
+                              values_push(&flow.conditional, target, 1) < 0);
                 }
-                failed = failed || pair == NULL || PyDict_SetItem(successors, here, pair) < 0 ||
-                         add_leader(leaders, next) < 0;
-                Py_XDECREF(pair);
-                Py_XDECREF(here);
-                Py_XDECREF(next);
+                if (!failed && following_valid) {
+                    failed = values_push(&flow.edges, following, 1) < 0 ||
+                             values_push(&flow.leaders, following, 1) < 0 ||
+                             (following != start &&
+                              values_push(&flow.conditional, following, 1) < 0);
+                }
                 if (failed) {
                     break;
                 }
@@ -803,14 +884,12 @@ table_explore(TableObject *self, PyObject *args)
                         failed = PyList_Append(called_imports, name) < 0;
                     } else {
                         PyObject *here = u64_object(address);
-                        PyObject *single = here ? PyTuple_Pack(1, target) : NULL;
-                        PyObject *jump = single ? PyTuple_Pack(2, here, target) : NULL;
-                        failed = jump == NULL || add_leader(leaders, target) < 0 ||
-                                 PyDict_SetItem(successors, here, single) < 0 ||
+                        PyObject *jump = here ? PyTuple_Pack(2, here, target) : NULL;
+                        failed = jump == NULL || values_push(&flow.leaders, target_value, 1) < 0 ||
+                                 values_push(&flow.edges, target_value, 1) < 0 ||
                                  PyList_Append(direct_jumps, jump) < 0 ||
-                                 PyList_Append(pending, target) < 0;
+                                 values_push(&flow.pending, target_value, 1) < 0;
                         Py_XDECREF(here);
-                        Py_XDECREF(single);
                         Py_XDECREF(jump);
                     }
                     Py_XDECREF(name);
@@ -836,14 +915,9 @@ table_explore(TableObject *self, PyObject *args)
                 if (jump != NULL && import_registers == NULL) {
                     import_registers = PyDict_New();
                 }
-                PyObject *answer =
-                    jump && import_registers
-                        ? PyObject_CallFunctionObjArgs(follow_indirect, body_object, jump,
-                                                       trail_list, import_registers, pending,
-                                                       NULL)
-                        : NULL;
-                failed = answer == NULL;
-                Py_XDECREF(answer);
+                failed = jump == NULL || import_registers == NULL ||
+                         call_follow_indirect(follow_indirect, body_object, jump, trail_list,
+                                              import_registers, &flow) < 0;
                 Py_XDECREF(jump);
                 Py_XDECREF(trail_list);
             }
@@ -852,21 +926,52 @@ table_explore(TableObject *self, PyObject *args)
         Py_XDECREF(import_registers);
     }
     PyObject *result = NULL;
+    BodyObject *body = NULL;
     if (!failed) {
-        PyObject *body = body_from_rows(self, &rows);
-        if (body != NULL) {
-            result = Py_BuildValue("(Nii)", body, invalid, truncated);
-        }
+        body = (BodyObject *)body_from_rows(self, &rows);
     } else {
         PyMem_Free(rows.rows);
     }
+    if (body != NULL) {
+        /* Block and edge counts as function_features counted them from leaders/successors. */
+        Values *leaders = &flow.leaders;
+        qsort(leaders->values, (size_t)leaders->length, sizeof(uint64_t), compare_u64);
+        Py_ssize_t unique = 0;
+        for (Py_ssize_t i = 0; i < leaders->length; i++) {
+            if (unique == 0 || leaders->values[unique - 1] != leaders->values[i]) {
+                leaders->values[unique++] = leaders->values[i];
+            }
+        }
+        leaders->length = unique;
+        for (Py_ssize_t i = 0; i < unique; i++) {
+            body->block_count += body_position(body, leaders->values[i]) >= 0;
+        }
+        for (Py_ssize_t i = 0; i < flow.edges.length; i++) {
+            body->edge_count += body_position(body, flow.edges.values[i]) >= 0;
+        }
+        for (Py_ssize_t i = 0; i < body->length; i++) {
+            const Record *record = &self->records[body->sorted[i]];
+            uint8_t kind = self->texts[record->text].kind;
+            uint64_t following = record->address + record->size;
+            if ((kind == KIND_PLAIN || kind == KIND_CALL) && following > record->address &&
+                sorted_contains(leaders->values, unique, following) &&
+                body_position(body, following) >= 0) {
+                body->edge_count++;
+            }
+        }
+        body->conditional = flow.conditional.values; /* taken over */
+        body->conditional_count = flow.conditional.length;
+        flow.conditional.values = NULL;
+        result = Py_BuildValue("(Nii)", (PyObject *)body, invalid, truncated);
+    }
+    values_free(&flow.leaders);
+    values_free(&flow.edges);
+    values_free(&flow.conditional);
+    values_free(&flow.pending);
     PyMem_Free(trail);
-    Py_XDECREF(leaders);
-    Py_XDECREF(successors);
     Py_XDECREF(calls);
     Py_XDECREF(tail_jumps);
     Py_XDECREF(direct_jumps);
     Py_XDECREF(called_imports);
-    Py_XDECREF(pending);
     return result;
 }

@@ -49,17 +49,14 @@ class CompiledBody(Protocol):
     def __getitem__(self, address: int) -> Instruction: ...
     def __iter__(self) -> Iterator[int]: ...
     def values(self) -> list[Instruction]: ...
-    def conditional(self, addresses: list[int]) -> list[int]: ...
+    def conditional_targets(self) -> list[int]: ...
+    def counts(self) -> tuple[int, int]: ...
     def own(self, start: int) -> None: ...
     def disown(self, start: int) -> None: ...
     def referenced_code(self) -> list[int]: ...
     def describe(
-        self,
-        leaders: set[int],
-        successors: dict[int, tuple[int, ...]],
-        start: int,
-        token_features: Callable[[str], tuple[int, int | None, tuple[int, ...]]],
-    ) -> tuple[tuple[str, ...], int, int, list[int], list[int], bytes, bytes, tuple[int, ...]]: ...
+        self, start: int, token_features: Callable[[str], tuple[int, int | None, tuple[int, ...]]]
+    ) -> tuple[tuple[str, ...], int, list[int], list[int], bytes, bytes, tuple[int, ...]]: ...
 
 
 @dataclass(slots=True)
@@ -117,8 +114,9 @@ def _describe_batch(
 ) -> list[FunctionFeatures]:
     """Features of a batch of bodies; MinHash runs once over the whole batch."""
     streams: list[tuple[str, ...]] = []
-    # Per body: (end, edge count, referenced strings, distinctive constants, immediates).
-    described: list[tuple[int, int, list[str], list[int], tuple[int, ...]]] = []
+    # Per body: (end, block count, edge count, referenced strings, distinctive constants,
+    # immediates).
+    described: list[tuple[int, int, int, list[str], list[int], tuple[int, ...]]] = []
     compiled = [not isinstance(body.instructions, dict) for body in bodies]
     # The compiled pass gives each stream's token ids and kept robust-token ids directly.
     token_ids: list[bytes] = []
@@ -132,17 +130,19 @@ def _describe_batch(
             end, edge_count, strings, constants = _describe_in_python(
                 body, ordered, decoder, strings_at
             )
+            block_count = sum(1 for a in body.leaders if a in instructions)
             immediates = stream_immediates(stream)
         else:  # rows of the compiled table: the same pass in C
-            (stream, end, edge_count, references, large, ids, robust, immediates) = (
-                instructions.describe(body.leaders, body.successors, body.start, token_features)
+            (stream, end, references, large, ids, robust, immediates) = instructions.describe(
+                body.start, token_features
             )
+            block_count, edge_count = instructions.counts()
             token_ids.append(ids)
             robust_ids.append(robust)
             strings = _referenced_strings(decoder, references, strings_at)
             constants = [v for v in large if _is_distinctive(v)]
         streams.append(stream)
-        described.append((end, edge_count, strings, constants, immediates))
+        described.append((end, block_count, edge_count, strings, constants, immediates))
     if all(compiled):
         signatures = _id_signatures(token_ids).tolist()
         robust_signatures = _id_signatures(robust_ids).tolist()
@@ -153,15 +153,13 @@ def _describe_batch(
     for body, stream, description, signature, robust_signature in zip(
         bodies, streams, described, signatures, robust_signatures, strict=True
     ):
-        end, edge_count, strings, constants, immediates = description
+        end, block_count, edge_count, strings, constants, immediates = description
         check_deadline()
-        instructions = body.instructions
-        leaders = body.leaders
         functions.append(
             FunctionFeatures(
                 address=body.start,
                 size=end - body.start,
-                block_count=sum(1 for a in leaders if a in instructions),
+                block_count=block_count,
                 edge_count=edge_count,
                 instruction_count=len(stream),
                 exact_hash=exact_hash(stream),

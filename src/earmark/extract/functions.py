@@ -299,7 +299,10 @@ class FunctionRecovery:
 
     def _explore_compiled(self, table: Any, start: int, source: str) -> FunctionBody:
         """``explore`` over the compiled instruction table (same rules, step by step; the
-        loop above is the reference): the body's instructions stay rows of the table."""
+        loop above is the reference): the body's instructions stay rows of the table, and its
+        leaders and successors stay in C (``leaders``/``successors`` are left empty; what is
+        read from them later, the block and edge counts and the conditional branches'
+        targets, comes from the Body)."""
         body = FunctionBody(start, source)
         import_slots = self.image.import_slots
         instructions, body.invalid, body.truncated = table.explore(
@@ -424,19 +427,14 @@ class FunctionRecovery:
         for body in self.bodies.values():
             called.update(body.calls)
             instructions = body.instructions
-            if isinstance(instructions, dict):
-                conditional = [
-                    address
-                    for address in body.successors
-                    if instructions[address].kind == KIND_CONDITIONAL
-                ]
-            else:  # rows of the compiled table: kinds looked up in C
-                conditional = instructions.conditional(list(body.successors))
-            successors_of = body.successors
-            for address in conditional:
+            if not isinstance(instructions, dict):  # the compiled explore kept them in C
+                jumped.update(instructions.conditional_targets())
+                continue
+            for address, successors in body.successors.items():
                 # Only conditional jumps: an unconditional jmp to an unwind start is a tail
                 # call (MSVC emits many), while cold blocks are entered by a jcc.
-                jumped.update(s for s in successors_of[address] if s != body.start)
+                if instructions[address].kind == KIND_CONDITIONAL:
+                    jumped.update(s for s in successors if s != body.start)
         for start in list(self.bodies):
             if self.sources[start] == "unwind" and start in jumped and start not in called:
                 del self.bodies[start]
