@@ -131,7 +131,7 @@ def test_no_network_during_extraction(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     # Built again under the block, whatever earlier tests left in the per-process caches.
-    public_suffixes._extractor.cache_clear()
+    public_suffixes._table.cache_clear()
     public_suffixes.host_parts.cache_clear()
     assert found("visit evil.example.co.jp") == [("domain", "evil.example.co.jp")]
 
