@@ -28,6 +28,7 @@ from earmark.index.feature_candidates import (
     FeatureCandidateIndex,
     StoredFunctionIds,
     TextKeys,
+    _flat_feature_keys,
     feature_key_rows,
     feature_keys,
 )
@@ -204,6 +205,17 @@ def test_feature_keys_of_many_functions_equal_those_of_each_alone(corpus: DemoCo
     # Text keys remembered across calls (as over a build's samples) are the same keys.
     known = TextKeys()
     assert feature_key_rows(functions[:5], known) + feature_key_rows(functions, known)[5:] == rows
+    # The build's flat form: the same rows end to end, with their lengths.
+    flat, counts = _flat_feature_keys(functions, known)
+    assert flat.tolist() == [key for row in rows for key in row]
+    assert counts.tolist() == [len(row) for row in rows]
+    empty_flat, empty_counts = _flat_feature_keys([], known)
+    assert len(empty_flat) == 0 and len(empty_counts) == 0
+    bare = [
+        replace(f, robust_minhash=(), constants=(), strings=(), called_imports=())
+        for f in functions[:3]
+    ]
+    assert _flat_feature_keys(bare, known)[1].tolist() == [0, 0, 0]
     assert rows[2] == feature_keys(replace(functions[2], robust_minhash=()))
     banded = [
         row
