@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import date, datetime
 from pathlib import Path
 
@@ -217,3 +219,21 @@ def test_real_broken_json_and_missing_file(tmp_path: Path) -> None:
         import_file(BROKEN_JSON)
     with pytest.raises(IntelError, match="cannot read"):
         import_file(tmp_path / "missing.json")
+
+
+def test_importers_load_on_first_use() -> None:
+    # A fresh interpreter: the CLI reads TLP words through importers.common, and must not load
+    # stix2 for it; every public name still resolves.
+    code = (
+        "import sys\n"
+        "import earmark.cli\n"
+        "assert 'stix2' not in sys.modules, 'stix2 loaded by the CLI'\n"
+        "import earmark.intel.importers as importers\n"
+        "assert set(importers.__all__) <= set(dir(importers))\n"
+        "assert all(callable(getattr(importers, name)) for name in importers.__all__)\n"
+        "assert 'stix2' in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
