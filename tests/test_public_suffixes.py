@@ -22,9 +22,12 @@ def reference(host: str, private: bool) -> HostParts:
 
 
 def _rule_hosts() -> list[str]:
-    table = public_suffixes._table()
+    rules = [
+        suffix for suffix, flags in public_suffixes._table().nodes.items()
+        if flags & (public_suffixes._PUBLIC_RULE | public_suffixes._PRIVATE_RULE)
+    ]
     hosts = []
-    for rule in sorted(table.public_rules | table.private_rules):
+    for rule in sorted(rules):
         name = rule.replace("*", "wild").lstrip("!")
         hosts += [name, f"x.{name}", f"a.b.{name}", f"A.{name.upper()}."]
     return hosts
