@@ -1,0 +1,117 @@
+"""Cost of the index build (``KnowledgeBase.prepare``) on a copy of a knowledge base.
+
+Each run is a fresh process on a fresh copy of the KB without its caches, so the build starts
+from nothing, as after an ingest: CPU and wall seconds of ``prepare()``, the process's RSS
+before it, its peak (``ru_maxrss``) and its RSS after, and a digest of every cache file the
+build wrote (``<db>.index``, ``<db>.features``, ``<db>.artefacts``), which must not change
+when only the build's speed or memory does.
+
+    python -m bench.index_build --db /path/kb.db --runs 3
+    python -m bench.index_build --db /tmp/pe-a.db --build-pe-a   # ingest the PE bench KB first
+
+``--build-pe-a`` ingests the KB part of the PE attribution benchmark's setting (a), files of
+at most 1 MB (``bench.attribution_pe --max-file-mb 1.0``: 101 samples, 38.9k functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import load_release_corpus, split_all_but_newest
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 1e6
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
+
+
+def _cache_digest(db: Path) -> str:
+    digest = hashlib.sha256()
+    for cache in sorted(db.parent.glob(db.name + ".*")):
+        if cache.is_dir():
+            for item in sorted(cache.iterdir()):
+                digest.update(item.name.encode())
+                digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+def measure_once(source: Path) -> dict[str, float | str]:
+    """``prepare()`` on a copy of ``source`` (its caches left behind), in this process."""
+    from earmark.attribution import open_knowledge_base
+
+    with tempfile.TemporaryDirectory(prefix="earmark-index-build-") as temporary:
+        db = Path(temporary) / "kb.db"
+        shutil.copy(source, db)
+        with open_knowledge_base(str(db)) as kb:
+            kb.store.revision()  # the connection and schema check, not the build
+            before = _rss_mb()
+            cpu, wall = time.process_time(), time.perf_counter()
+            kb.prepare()
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            after = _rss_mb()
+        return {
+            "cpu_s": round(cpu, 3),
+            "wall_s": round(wall, 3),
+            "rss_before_mb": round(before, 1),
+            "peak_mb": round(_peak_mb(), 1),
+            "peak_over_before_mb": round(_peak_mb() - before, 1),
+            "rss_after_mb": round(after, 1),
+            "cache_digest": _cache_digest(db),
+        }
+
+
+def build_pe_a(db: Path) -> None:
+    """Ingest the KB files of PE setting (a), files of at most 1 MB, into ``db``."""
+    from earmark.attribution import open_knowledge_base
+    from earmark.ingest import LabelTemplate, ingest_paths
+
+    files = [f for f in load_release_corpus("pe") if f.size <= 1_000_000]
+    by_project: dict[str, list[str]] = {}
+    for file in split_all_but_newest(files).knowledge_base:
+        by_project.setdefault(file.project, []).append(str(file.path))
+    with open_knowledge_base(str(db)) as kb:
+        for project, paths in sorted(by_project.items()):
+            template = LabelTemplate(actor=project, family=project, source="bench")
+            ingest_paths(kb.store, paths, template, jobs=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", type=Path, required=True, help="SQLite KB to copy and build")
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes, one build each")
+    parser.add_argument("--build-pe-a", action="store_true", help="ingest the PE (a) KB first")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.one:
+        print(json.dumps(measure_once(arguments.db)))
+        return
+    if arguments.build_pe_a and not arguments.db.exists():
+        build_pe_a(arguments.db)
+    runs = []
+    for _ in range(arguments.runs):
+        command = [sys.executable, "-m", "bench.index_build", "--db", str(arguments.db), "--one"]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        runs.append(json.loads(output.strip().splitlines()[-1]))
+        print(runs[-1])
+    digests = {run["cache_digest"] for run in runs}
+    print(f"runs {len(runs)}; same caches in every run: {len(digests) == 1}")
+    for name in ("cpu_s", "wall_s", "peak_over_before_mb", "rss_after_mb"):
+        values = sorted(float(run[name]) for run in runs)
+        print(f"{name}: min {values[0]} median {values[len(values) // 2]} max {values[-1]}")
+
+
+if __name__ == "__main__":
+    main()
