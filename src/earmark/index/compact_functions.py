@@ -14,11 +14,18 @@ from __future__ import annotations
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final, TypeVar
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
+from earmark.index.compact_columns import (
+    IntColumn,
+    IntColumnBuilder,
+    TextColumn,
+    TextColumnBuilder,
+    column_of,
+)
 from earmark.index.lsh import expand_ranges, reduce_signatures
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
@@ -42,7 +49,6 @@ _INT64_END: Final = 1 << 63
 # Reference integers are stored as value mod 2**64 plus a sign flag: calls are addresses,
 # constants and immediates may be negative; both ends fit (as the features file allows).
 _INT_LOW: Final = -(1 << 64) + 1
-_UINT64_MASK: Final = (1 << 64) - 1
 
 NUMERIC_COLUMNS: Final = {
     "sample_id": np.int64,
@@ -59,130 +65,6 @@ NUMERIC_COLUMNS: Final = {
 SIGNATURE_COLUMNS: Final = ("minhash", "robust_minhash")
 INT_REFERENCES: Final = ("calls", "constants", "immediates")
 TEXT_REFERENCES: Final = ("called_imports", "strings")
-
-_Column = TypeVar("_Column", bound=np.generic)
-
-
-def _column(values: array[int], dtype: type[_Column]) -> npt.NDArray[_Column]:
-    """A numpy column over an ``array.array`` (its C item size varies by platform)."""
-    kind = "i" if values.typecode.islower() else "u"
-    raw = np.frombuffer(values, dtype=f"{kind}{values.itemsize}") if len(values) else None
-    if raw is None:
-        return np.zeros(0, dtype=dtype)
-    # No copy when the type already fits: the numpy column then shares the buffer's memory.
-    return raw.astype(dtype, copy=False)
-
-
-@dataclass(frozen=True)
-class IntColumn:
-    """Per-row integer tuples: row i is ``values[offsets[i]:offsets[i+1]]`` (minus 2**64
-    where ``negative``)."""
-
-    values: npt.NDArray[np.uint64]
-    negative: npt.NDArray[np.bool_]
-    offsets: npt.NDArray[np.int64]  # rows + 1
-    # Rows holding a negative value (few: most references are addresses and small constants),
-    # so the common row is one slice and one ``tolist``.
-    negative_rows: frozenset[int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        flagged = np.flatnonzero(self.negative)
-        rows = np.searchsorted(self.offsets, flagged, side="right") - 1
-        object.__setattr__(self, "negative_rows", frozenset(rows.tolist()))
-
-    def row(self, position: int) -> tuple[int, ...]:
-        start, stop = self.offsets[position : position + 2].tolist()
-        return self.between(position, start, stop)
-
-    def between(self, position: int, start: int, stop: int) -> tuple[int, ...]:
-        """Row ``position``, whose values are ``start:stop`` (from ``offsets``)."""
-        if start == stop:
-            return ()
-        values = self.values[start:stop].tolist()
-        if position not in self.negative_rows:
-            return tuple(values)
-        return tuple(
-            value - _UINT64_END if sign else value
-            for value, sign in zip(values, self.negative[start:stop].tolist(), strict=True)
-        )
-
-
-@dataclass(frozen=True)
-class TextColumn:
-    """Per-row string tuples over a vocabulary of distinct texts: distinct text k is
-    ``blob[starts[k]:starts[k+1]]`` (UTF-8, lone surrogates passed through), row i holds the
-    texts ``ids[offsets[i]:offsets[i+1]]``. Import names and strings repeat across functions
-    and versions, so each distinct text is decoded once per process, on first use."""
-
-    blob: npt.NDArray[np.uint8]
-    starts: npt.NDArray[np.int64]  # distinct texts + 1
-    ids: npt.NDArray[np.int64]  # one per text occurrence
-    offsets: npt.NDArray[np.int64]  # rows + 1
-    decoded: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
-
-    def row(self, position: int) -> tuple[str, ...]:
-        first, last = self.offsets[position : position + 2].tolist()
-        return self.between(first, last)
-
-    def between(self, first: int, last: int) -> tuple[str, ...]:
-        """The texts ``first:last`` (a row's range, from ``offsets``)."""
-        if first == last:
-            return ()
-        return tuple(self.text(k) for k in self.ids[first:last].tolist())
-
-    def text(self, k: int) -> str:
-        found = self.decoded.get(k)
-        if found is None:
-            start, stop = self.starts[k : k + 2].tolist()
-            found = self.blob[start:stop].tobytes().decode("utf-8", "surrogatepass")
-            self.decoded[k] = found
-        return found
-
-
-class _IntBuilder:
-    def __init__(self) -> None:
-        self.values = array("Q")
-        self.negative = array("B")
-        self.offsets = array("q", [0])
-
-    def add(self, values: tuple[int, ...]) -> None:
-        self.values.extend(value & _UINT64_MASK for value in values)
-        self.negative.extend(value < 0 for value in values)
-        self.offsets.append(len(self.values))
-
-    def finish(self) -> IntColumn:
-        return IntColumn(
-            _column(self.values, np.uint64),
-            _column(self.negative, np.uint8).astype(np.bool_),
-            _column(self.offsets, np.int64),
-        )
-
-
-class _TextBuilder:
-    def __init__(self) -> None:
-        self.blob = bytearray()
-        self.starts = array("q", [0])
-        self.known: dict[str, int] = {}
-        self.ids = array("q")
-        self.offsets = array("q", [0])
-
-    def add(self, texts: tuple[str, ...]) -> None:
-        for text in texts:
-            k = self.known.get(text)
-            if k is None:
-                k = self.known[text] = len(self.known)
-                self.blob += text.encode("utf-8", "surrogatepass")
-                self.starts.append(len(self.blob))
-            self.ids.append(k)
-        self.offsets.append(len(self.ids))
-
-    def finish(self) -> TextColumn:
-        return TextColumn(
-            np.frombuffer(bytes(self.blob), dtype=np.uint8).copy(),
-            _column(self.starts, np.int64),
-            _column(self.ids, np.int64),
-            _column(self.offsets, np.int64),
-        )
 
 
 def fits_columns(function: FunctionFeatures) -> bool:
@@ -237,8 +119,8 @@ class CompactBuilder:
         self.minhash = array("I")
         self.robust = array("I")
         self.signature_length = array("q")  # minhash length, robust minhash length
-        self.ints = {name: _IntBuilder() for name in INT_REFERENCES}
-        self.texts = {name: _TextBuilder() for name in TEXT_REFERENCES}
+        self.ints = {name: IntColumnBuilder() for name in INT_REFERENCES}
+        self.texts = {name: TextColumnBuilder() for name in TEXT_REFERENCES}
         self.source_codes = array("q")
         self.source_names: dict[str, int] = {}
         self.irregular: dict[int, FunctionFeatures] = {}
@@ -276,25 +158,25 @@ class CompactBuilder:
         return position
 
     def finish(self) -> CompactFunctions:
-        numbers = _column(self.numbers, np.uint64).reshape(-1, 6)
-        lengths = _column(self.signature_length, np.int64).reshape(-1, 2)
-        sample_ids = _column(self.sample_id, np.int64)
+        numbers = column_of(self.numbers, np.uint64).reshape(-1, 6)
+        lengths = column_of(self.signature_length, np.int64).reshape(-1, 2)
+        sample_ids = column_of(self.sample_id, np.int64)
         return CompactFunctions(
             sample_id=sample_ids,
-            function_id=_column(self.function_id, np.int64),
+            function_id=column_of(self.function_id, np.int64),
             address=numbers[:, 0].copy(),
             size=numbers[:, 1].astype(np.int64),
             block_count=numbers[:, 2].astype(np.int64),
             edge_count=numbers[:, 3].astype(np.int64),
             instruction_count=numbers[:, 4].astype(np.int64),
             exact_hash=numbers[:, 5].copy(),
-            minhash=_column(self.minhash, np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
+            minhash=column_of(self.minhash, np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
             minhash_length=lengths[:, 0].copy(),
-            robust_minhash=_column(self.robust, np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
+            robust_minhash=column_of(self.robust, np.uint32).reshape(-1, MINHASH_PERMUTATIONS),
             robust_length=lengths[:, 1].copy(),
             int_references={name: ints.finish() for name, ints in self.ints.items()},
             text_references={name: texts.finish() for name, texts in self.texts.items()},
-            source_codes=_column(self.source_codes, np.int64),
+            source_codes=column_of(self.source_codes, np.int64),
             source_names=tuple(self.source_names),
             irregular=dict(self.irregular),
             sample_ranges=sample_ranges(sample_ids),
