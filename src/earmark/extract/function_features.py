@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -87,92 +87,128 @@ def build_features(
 ) -> tuple[FunctionFeatures, ...]:
     """Features of ``bodies`` (already sorted by start); ``check_deadline`` may raise.
 
-    Consumes ``bodies``: the list is emptied batch by batch as features are built, so each
-    body's instructions are freed once its function is described instead of all living until
-    the end (they are most of the analysis memory by then).
+    Consumes ``bodies``. Bodies of the compiled table are all described first (token stream,
+    counts, references, token ids: compact) and dropped, so the table, which the last body
+    keeps alive, is freed before the features, most of what the analysis keeps, are built.
+    Python bodies are described batch by batch and dropped as they go, so each body's
+    instructions are freed once its function is described.
     """
     strings_at: dict[int, str | None] = {}
     functions: list[FunctionFeatures] = []
-    while bodies:
+    compiled = not any(isinstance(body.instructions, dict) for body in bodies)
+    descriptions: list[_Description] = []
+    if compiled:
+        # Popped one by one (from the end of the reversed list, so in order): each body, and
+        # with the last one the table, is freed as soon as it is described.
+        bodies.reverse()
+        while bodies:
+            check_deadline()
+            descriptions.append(_describe_compiled(bodies.pop(), decoder, strings_at))
+    while bodies or descriptions:
         tokens = 0
         count = 0
-        while count < len(bodies) and tokens < FEATURE_BATCH_TOKENS:
-            tokens += len(bodies[count].instructions)
-            count += 1
-        batch = bodies[:count]
-        del bodies[:count]
-        functions.extend(_describe_batch(batch, decoder, names, check_deadline, strings_at))
+        if compiled:
+            while count < len(descriptions) and tokens < FEATURE_BATCH_TOKENS:
+                tokens += len(descriptions[count].stream)
+                count += 1
+            batch = descriptions[:count]
+            del descriptions[:count]
+        else:
+            while count < len(bodies) and tokens < FEATURE_BATCH_TOKENS:
+                tokens += len(bodies[count].instructions)
+                count += 1
+            batch = []
+            for body in bodies[:count]:
+                check_deadline()
+                batch.append(_describe_in_python(body, decoder, strings_at))
+            del bodies[:count]
+        functions.extend(_features_of_batch(batch, names, check_deadline, compiled))
     return tuple(functions)
 
 
-def _describe_batch(
-    bodies: list[FunctionBody],
-    decoder: InstructionDecoder,
+class _Description(NamedTuple):
+    """What features are built from, for one function (its body already dropped)."""
+
+    start: int
+    source: str
+    calls: list[int]
+    called_imports: list[str]
+    stream: tuple[str, ...]
+    end: int
+    block_count: int
+    edge_count: int
+    strings: list[str]
+    constants: list[int]
+    immediates: tuple[int, ...]
+    token_ids: bytes  # uint64 MinHash ids of the stream (compiled path only)
+    robust_ids: bytes  # ... and of its robust tokens that are kept
+
+
+def _describe_compiled(
+    body: FunctionBody, decoder: InstructionDecoder, strings_at: dict[int, str | None]
+) -> _Description:
+    """The description of a body of the compiled table (one pass in C)."""
+    instructions = body.instructions
+    assert not isinstance(instructions, dict)
+    stream, end, references, large, ids, robust, immediates = instructions.describe(
+        body.start, token_features
+    )
+    block_count, edge_count = instructions.counts()
+    return _Description(
+        body.start,
+        body.source,
+        body.calls,
+        body.called_imports,
+        stream,
+        end,
+        block_count,
+        edge_count,
+        _referenced_strings(decoder, references, strings_at),
+        [v for v in large if _is_distinctive(v)],
+        immediates,
+        ids,
+        robust,
+    )
+
+
+def _features_of_batch(
+    batch: list[_Description],
     names: dict[int, str],
     check_deadline: Callable[[], None],
-    strings_at: dict[int, str | None],
+    compiled: bool,
 ) -> list[FunctionFeatures]:
-    """Features of a batch of bodies; MinHash runs once over the whole batch."""
-    streams: list[tuple[str, ...]] = []
-    # Per body: (end, block count, edge count, referenced strings, distinctive constants,
-    # immediates).
-    described: list[tuple[int, int, int, list[str], list[int], tuple[int, ...]]] = []
-    compiled = [not isinstance(body.instructions, dict) for body in bodies]
-    # The compiled pass gives each stream's token ids and kept robust-token ids directly.
-    token_ids: list[bytes] = []
-    robust_ids: list[bytes] = []
-    for body in bodies:
-        check_deadline()
-        instructions = body.instructions
-        if isinstance(instructions, dict):
-            ordered = [instructions[address] for address in sorted(instructions)]
-            stream = tuple([instruction.token for instruction in ordered])
-            end, edge_count, strings, constants = _describe_in_python(
-                body, ordered, decoder, strings_at
-            )
-            block_count = sum(1 for a in body.leaders if a in instructions)
-            immediates = stream_immediates(stream)
-        else:  # rows of the compiled table: the same pass in C
-            (stream, end, references, large, ids, robust, immediates) = instructions.describe(
-                body.start, token_features
-            )
-            block_count, edge_count = instructions.counts()
-            token_ids.append(ids)
-            robust_ids.append(robust)
-            strings = _referenced_strings(decoder, references, strings_at)
-            constants = [v for v in large if _is_distinctive(v)]
-        streams.append(stream)
-        described.append((end, block_count, edge_count, strings, constants, immediates))
-    if all(compiled):
-        signatures = _id_signatures(token_ids).tolist()
-        robust_signatures = _id_signatures(robust_ids).tolist()
+    """Features of a batch of described functions; MinHash runs once over the whole batch."""
+    if compiled:
+        signatures = _id_signatures([d.token_ids for d in batch]).tolist()
+        robust_signatures = _id_signatures([d.robust_ids for d in batch]).tolist()
     else:
+        streams = [d.stream for d in batch]
         signatures = stream_minhash_signatures(streams).tolist()
         robust_signatures = stream_minhash_signatures([robust_stream(s) for s in streams]).tolist()
     functions: list[FunctionFeatures] = []
-    for body, stream, description, signature, robust_signature in zip(
-        bodies, streams, described, signatures, robust_signatures, strict=True
+    for description, signature, robust_signature in zip(
+        batch, signatures, robust_signatures, strict=True
     ):
-        end, block_count, edge_count, strings, constants, immediates = description
         check_deadline()
+        stream = description.stream
         functions.append(
             FunctionFeatures(
-                address=body.start,
-                size=end - body.start,
-                block_count=block_count,
-                edge_count=edge_count,
+                address=description.start,
+                size=description.end - description.start,
+                block_count=description.block_count,
+                edge_count=description.edge_count,
                 instruction_count=len(stream),
                 exact_hash=exact_hash(stream),
                 minhash=tuple(signature),
                 normalized=stream,
-                calls=tuple(sorted(set(body.calls))),
-                called_imports=tuple(dict.fromkeys(body.called_imports)),
-                strings=tuple(dict.fromkeys(strings)),
-                constants=tuple(dict.fromkeys(constants)),
-                name=names.get(body.start),
-                source=body.source,
+                calls=tuple(sorted(set(description.calls))),
+                called_imports=tuple(dict.fromkeys(description.called_imports)),
+                strings=tuple(dict.fromkeys(description.strings)),
+                constants=tuple(dict.fromkeys(description.constants)),
+                name=names.get(description.start),
+                source=description.source,
                 robust_minhash=tuple(robust_signature),
-                immediates=immediates,
+                immediates=description.immediates,
             )
         )
     return functions
@@ -215,16 +251,15 @@ def _referenced_strings(
 
 
 def _describe_in_python(
-    body: FunctionBody,
-    ordered: list[Instruction],
-    decoder: InstructionDecoder,
-    strings_at: dict[int, str | None],
-) -> tuple[int, int, list[str], list[int]]:
-    """(end, edge count, referenced strings, distinctive constants) of one function: the
-    reference for the compiled ``Body.describe`` (same pass, strings read the same way)."""
+    body: FunctionBody, decoder: InstructionDecoder, strings_at: dict[int, str | None]
+) -> _Description:
+    """The description of a Python body: the reference for the compiled ``Body.describe`` and
+    ``Body.counts`` (same pass, strings read the same way)."""
     instructions = body.instructions
     leaders = body.leaders
     successors_of = body.successors
+    ordered = [instructions[address] for address in sorted(instructions)]
+    stream = tuple([instruction.token for instruction in ordered])
     end = body.start
     edge_count = 0
     strings: list[str] = []
@@ -246,7 +281,21 @@ def _describe_in_python(
         strings.extend(_referenced_strings(decoder, list(references), strings_at))
         if instruction.large_immediates:
             constants.extend(v for v in instruction.large_immediates if _is_distinctive(v))
-    return end, edge_count, strings, constants
+    return _Description(
+        body.start,
+        body.source,
+        body.calls,
+        body.called_imports,
+        stream,
+        end,
+        sum(1 for a in leaders if a in instructions),
+        edge_count,
+        strings,
+        constants,
+        stream_immediates(stream),
+        b"",
+        b"",
+    )
 
 
 # Instructions an unoptimised build adds and an optimised one drops: frame set-up and
