@@ -239,3 +239,13 @@ def test_damaged_file_without_instructions_is_refused() -> None:
     header = struct.pack("<8sHHQI", freeze.MAGIC, 1, 0, len(payload), zlib.crc32(compressed))
     with pytest.raises(FeaturesFileError):
         features_from_bytes(header + compressed, instructions=False)
+
+
+def test_invalid_deflate_stream_with_a_matching_checksum_is_refused() -> None:
+    blob = _sample_blob()
+    payload_size = struct.unpack_from("<Q", blob, 12)[0]
+    stream = bytearray(blob[24:])
+    stream[2:12] = b"\xff" * 10  # past the zlib header: invalid code lengths
+    header = struct.pack("<8sHHQI", freeze.MAGIC, 1, 0, payload_size, zlib.crc32(stream))
+    with pytest.raises(FeaturesFileError, match=r"damaged \(error\)"):
+        features_from_bytes(header + bytes(stream))

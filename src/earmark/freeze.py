@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, Union
 
 import msgspec
+from zlib_ng import zlib_ng
 
 from earmark.errors import FeaturesFileError, FeaturesVersionError
 from earmark.model.sample import FEATURES_FORMAT_VERSION, FunctionFeatures, SampleFeatures
@@ -51,6 +52,8 @@ MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
 # 6 (zlib's default) 0.60 s / 7.41 MB; 9 gains ~1 % over 6 for ~2x the time. Level 3 is the
 # knee: half of level 6's time for 17 % larger files (any level reads back the same).
 _COMPRESSION_LEVEL = 3
+# zlib-ng's error class (its type stub declares ``error`` as an instance, not a class).
+_INFLATE_ERROR: Final = typing.cast(type[Exception], zlib_ng.error)
 
 
 def _version_numbers(version: str) -> tuple[int, int]:
@@ -94,13 +97,16 @@ def features_from_bytes(blob: bytes, *, instructions: bool = True) -> SampleFeat
     if zlib.crc32(compressed) != checksum:
         raise FeaturesFileError("features file is damaged (checksum mismatch)")
     try:
-        decompressor = zlib.decompressobj()
+        # zlib-ng inflates the same stream twice as fast as the stdlib's zlib (PE bench KB,
+        # 101 samples: 0.14 against 0.26 CPU s); files are still written by the stdlib's
+        # zlib, whose output at a given level zlib-ng would not reproduce byte for byte.
+        decompressor = zlib_ng.decompressobj()
         # max_length bounds memory whatever the stream says: a bomb stops at the declared size.
         payload = decompressor.decompress(compressed, payload_size + 1)
         if len(payload) != payload_size or not decompressor.eof:
             raise FeaturesFileError("features file is damaged (length mismatch)")
         features = _decode_payload(payload, instructions)
-    except (zlib.error, ValueError, TypeError, KeyError, RecursionError) as e:
+    except (_INFLATE_ERROR, ValueError, TypeError, KeyError, RecursionError) as e:
         raise FeaturesFileError(f"features file is damaged ({type(e).__name__})") from e
     if not isinstance(features, SampleFeatures):
         raise FeaturesFileError("features file does not hold a sample")
