@@ -138,7 +138,7 @@ direct_target(const char *text, uint64_t *target)
 typedef struct {
     uint64_t hash;
     char *text; /* mnemonic, NUL, op_str; NULL for an empty slot */
-    size_t mnemonic_length, op_str_length;
+    uint16_t mnemonic_length, op_str_length; /* cs_insn fields hold 32 and 160 bytes */
     uint32_t value;
 } MemoEntry;
 
@@ -231,8 +231,8 @@ memo_add(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length
     text[mnemonic_length + 1 + op_str_length] = 0;
     entry->hash = hash;
     entry->text = text;
-    entry->mnemonic_length = mnemonic_length;
-    entry->op_str_length = op_str_length;
+    entry->mnemonic_length = (uint16_t)mnemonic_length;
+    entry->op_str_length = (uint16_t)op_str_length;
     entry->value = value;
     memo->used++;
     return 0;
@@ -253,10 +253,13 @@ typedef struct {
     PyObject *immediates; /* owned once has_features */
 } Text;
 
-/* One decoded address (48 bytes, against ~350 for the tuple and dict entries it replaces). */
+/* One decoded address (32 bytes, against ~350 for the tuple and dict entries it replaces).
+ * The memory operand's address is not stored: it follows from the text (fixed, or RIP-relative
+ * to the next instruction). */
 typedef struct {
-    uint64_t address, target, memory, owner;
+    uint64_t address, target;
     uint32_t text, stamp; /* stamp: serial of the last explore that took it into its body */
+    uint32_t owner;       /* coverage: index into the table's owner starts, with FLAG_OWNED */
     uint16_t size;
     uint8_t flags;
 } Record;
@@ -279,6 +282,9 @@ typedef struct {
     uint32_t text_count, text_capacity;
     Memo memo, branch_memo;
     uint32_t serial;
+    uint64_t *owner_starts; /* function starts that own instructions, by index */
+    uint32_t owner_count, owner_capacity;
+    PyObject *owner_indexes; /* start -> index into owner_starts */
 } TableObject;
 
 typedef struct {
@@ -625,11 +631,7 @@ table_decode_window(TableObject *self, uint64_t start)
             record->target = shape->target;
             record->flags |= FLAG_TARGET;
         }
-        if (shape->memory_kind == 2) {
-            record->memory = insn_address + insn_size + shape->memory;
-            record->flags |= FLAG_MEMORY;
-        } else if (shape->memory_kind == 1) {
-            record->memory = shape->memory;
+        if (shape->memory_kind != 0) {
             record->flags |= FLAG_MEMORY;
         }
     }
@@ -658,6 +660,14 @@ table_decode(TableObject *self, uint64_t address)
         self->records[row].flags = FLAG_INVALID;
     }
     return row;
+}
+
+/* The address of a row's memory operand (FLAG_MEMORY). */
+static inline uint64_t
+record_memory(const TableObject *self, const Record *record)
+{
+    const Text *text = &self->texts[record->text];
+    return text->memory_kind == 2 ? record->address + record->size + text->memory : text->memory;
 }
 
 static PyObject *
@@ -705,7 +715,8 @@ instruction_object(TableObject *self, uint32_t row)
     Py_INCREF(values[4]);
     values[5] = PyLong_FromLong(text->kind);
     values[6] = record->flags & FLAG_TARGET ? u64_object(record->target) : Py_NewRef(Py_None);
-    values[7] = record->flags & FLAG_MEMORY ? u64_object(record->memory) : Py_NewRef(Py_None);
+    values[7] = record->flags & FLAG_MEMORY ? u64_object(record_memory(self, record))
+                                            : Py_NewRef(Py_None);
     values[8] = Py_NewRef(text->address_immediates);
     values[9] = Py_NewRef(text->large_immediates);
     PyTypeObject *kind = (PyTypeObject *)self->instruction_type;
@@ -774,6 +785,12 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->branches = Py_NewRef(branches);
     self->instruction_type = Py_NewRef(kind);
     self->no_values = PyTuple_New(0);
+    self->owner_indexes = PyDict_New();
+    if (mnemonic_capacity > UINT16_MAX || op_str_capacity > UINT16_MAX) {
+        PyErr_SetString(PyExc_ValueError, "cs_insn text fields longer than expected");
+        Py_DECREF(self);
+        return NULL;
+    }
     Py_ssize_t count = PyList_GET_SIZE(segments);
     self->segment_starts = PyMem_Calloc((size_t)count + 1, sizeof(uint64_t));
     self->segment_lengths = PyMem_Calloc((size_t)count + 1, sizeof(uint64_t));
@@ -781,7 +798,7 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->segment_data = PyMem_Calloc((size_t)count + 1, sizeof(PyObject *));
     self->slot_capacity = 8192;
     self->slots = PyMem_Calloc(self->slot_capacity, sizeof(uint32_t));
-    if (self->no_values == NULL || !self->segment_starts || !self->segment_lengths ||
+    if (self->no_values == NULL || self->owner_indexes == NULL || !self->segment_starts || !self->segment_lengths ||
         !self->segment_executable || !self->segment_data || !self->slots ||
         memo_init(&self->memo) < 0 || memo_init(&self->branch_memo) < 0) {
         if (!PyErr_Occurred()) {
@@ -860,6 +877,8 @@ table_dealloc(TableObject *self)
     PyMem_Free(self->texts);
     PyMem_Free(self->records);
     PyMem_Free(self->slots);
+    PyMem_Free(self->owner_starts);
+    Py_XDECREF(self->owner_indexes);
     memo_clear(&self->memo);
     memo_clear(&self->branch_memo);
     table_clear(self);
@@ -916,7 +935,7 @@ table_owner(TableObject *self, PyObject *address_object)
     if (self->records[row].flags & FLAG_SHARED) {
         return PyLong_FromLong(-1);
     }
-    return u64_object(self->records[row].owner);
+    return u64_object(self->owner_starts[self->records[row].owner]);
 }
 
 #include "_native_body.h"

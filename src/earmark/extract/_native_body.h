@@ -203,6 +203,38 @@ body_counts(BodyObject *self, PyObject *unused)
     return Py_BuildValue("(nn)", self->block_count, self->edge_count);
 }
 
+/* Index of ``start`` in the table's owner starts (added when new), or -1 with an error. */
+static int64_t
+owner_index(TableObject *table, PyObject *start_object, uint64_t start)
+{
+    PyObject *found = PyDict_GetItemWithError(table->owner_indexes, start_object);
+    if (found != NULL) {
+        return PyLong_AsLongLong(found);
+    }
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    if (table->owner_count == table->owner_capacity) {
+        uint32_t capacity = table->owner_capacity ? table->owner_capacity * 2 : 256;
+        uint64_t *grown =
+            PyMem_Realloc(table->owner_starts, (size_t)capacity * sizeof(uint64_t));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        table->owner_starts = grown;
+        table->owner_capacity = capacity;
+    }
+    PyObject *index = PyLong_FromUnsignedLong(table->owner_count);
+    if (index == NULL || PyDict_SetItem(table->owner_indexes, start_object, index) < 0) {
+        Py_XDECREF(index);
+        return -1;
+    }
+    Py_DECREF(index);
+    table->owner_starts[table->owner_count] = start;
+    return table->owner_count++;
+}
+
 /* own(start): CodeCoverage.add's ownership update (shared when another function owns it). */
 static PyObject *
 body_own(BodyObject *self, PyObject *start_object)
@@ -214,13 +246,17 @@ body_own(BodyObject *self, PyObject *start_object)
         }
         return NULL;
     }
+    int64_t index = owner_index(self->table, start_object, start);
+    if (index < 0) {
+        return NULL;
+    }
     Record *records = self->table->records;
     for (Py_ssize_t i = 0; i < self->length; i++) {
         Record *record = &records[self->order[i]];
         if (!(record->flags & FLAG_OWNED)) {
             record->flags |= FLAG_OWNED;
-            record->owner = start;
-        } else if (record->owner != start) {
+            record->owner = (uint32_t)index;
+        } else if (record->owner != (uint32_t)index) {
             record->flags |= FLAG_SHARED;
         }
     }
@@ -238,10 +274,15 @@ body_disown(BodyObject *self, PyObject *start_object)
         }
         return NULL;
     }
+    int64_t index = owner_index(self->table, start_object, start);
+    if (index < 0) {
+        return NULL;
+    }
     Record *records = self->table->records;
     for (Py_ssize_t i = 0; i < self->length; i++) {
         Record *record = &records[self->order[i]];
-        if ((record->flags & (FLAG_OWNED | FLAG_SHARED)) == FLAG_OWNED && record->owner == start) {
+        if ((record->flags & (FLAG_OWNED | FLAG_SHARED)) == FLAG_OWNED &&
+            record->owner == (uint32_t)index) {
             record->flags &= (uint8_t)~FLAG_OWNED;
         }
     }
@@ -269,8 +310,8 @@ body_referenced_code(BodyObject *self, PyObject *unused)
             }
         }
         if (found != NULL && record->flags & FLAG_MEMORY && text->is_lea &&
-            table_is_code(table, record->memory)) {
-            PyObject *value = u64_object(record->memory);
+            table_is_code(table, record_memory(table, record))) {
+            PyObject *value = u64_object(record_memory(table, record));
             if (value == NULL || PyList_Append(found, value) < 0) {
                 Py_CLEAR(found);
             }
@@ -373,7 +414,7 @@ body_describe(BodyObject *self, PyObject *args)
             failed = PyList_Append(references, PyTuple_GET_ITEM(immediates, j)) < 0;
         }
         if (!failed && record->flags & FLAG_MEMORY && kind == KIND_PLAIN) {
-            PyObject *memory = u64_object(record->memory);
+            PyObject *memory = u64_object(record_memory(table, record));
             failed = memory == NULL || PyList_Append(references, memory) < 0;
             Py_XDECREF(memory);
         }
@@ -780,7 +821,7 @@ table_explore(TableObject *self, PyObject *args)
             int following_valid = following >= address;
             if (text->kind == KIND_PLAIN) {
                 if (record->flags & FLAG_MEMORY && text->is_mov && text->op_str != NULL) {
-                    PyObject *memory = u64_object(record->memory);
+                    PyObject *memory = u64_object(record_memory(self, record));
                     PyObject *name = memory ? PyDict_GetItemWithError(import_slots, memory) : NULL;
                     Py_XDECREF(memory);
                     if (name != NULL && name != Py_None) { /* mov esi, [IAT]; call esi */
@@ -808,7 +849,7 @@ table_explore(TableObject *self, PyObject *args)
                     name = target ? PyObject_CallOneArg(import_thunk, target) : NULL;
                     Py_XDECREF(target);
                 } else if (record->flags & FLAG_MEMORY) {
-                    PyObject *memory = u64_object(record->memory);
+                    PyObject *memory = u64_object(record_memory(self, record));
                     name = memory ? PyDict_GetItemWithError(import_slots, memory) : NULL;
                     Py_XINCREF(name);
                     Py_XDECREF(memory);
