@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earmark.intel import public_suffixes
+from earmark.intel import indicators, public_suffixes
 from earmark.intel.indicators import (
     classify_value,
     extract_indicators,
@@ -166,3 +166,18 @@ def test_binary_string_noise(text: str) -> None:
 def test_arbitrary_text_never_raises(text: str) -> None:
     for indicator in extract_indicators(text, offset_base=0):
         assert indicator.offset is not None and 0 <= indicator.offset <= len(text)
+
+
+# Characters and pieces every alternative starts from, plus look-alikes that case folding
+# matches (Kelvin sign, long s), so generated text reaches each rule.
+_PIECES = st.sampled_from(
+    ["a", "Z", "0", "7", "f", "\u212a", "\u017f", " ", "_", "-", "/", ".", ":", "@", "\\", "[",
+     "(", "{", "]", "bc1", "hxxp", "Global", "Mozilla", "evil", "com", "1A1zP1eP5QGefi2DMPTfTL5SL",
+     "qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq", "44d88612fea8a8f36de82e1278abb02f"]
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_PIECES, max_size=12).map("".join))
+def test_the_precheck_never_hides_an_indicator(text: str) -> None:
+    assert list(indicators._scan(text)) == list(indicators._scan_text(text))

@@ -356,8 +356,22 @@ def _classify(kind: str, candidate: str, text: str, start: int, defanged: bool
         yield Indicator(IndicatorType.MONERO, candidate), 0
 
 
+# What every indicator needs somewhere in the text: the punctuation of URLs, addresses, mail,
+# pipes, mutexes and defanged forms ("[.]", "(at)", "\."), or a run of 14 word characters (the
+# shortest wallet, "bc1" + 11; hashes and Base58 are longer). Half of a sample's strings have
+# neither (PE bench queries: 15,000 of 31,500) and skip refanging and the alternation, which cost
+# ~8 µs a string.
+_MAY_HOLD_INDICATOR = re.compile(r"[.:@\\\[({]|\w{14}")
+
+
 def _scan(text: str) -> Iterator[tuple[Indicator, int]]:
     """(indicator, position in ``text``) pairs, in order of appearance."""
+    if _MAY_HOLD_INDICATOR.search(text) is None:
+        return iter(())
+    return _scan_text(text)
+
+
+def _scan_text(text: str) -> Iterator[tuple[Indicator, int]]:
     refanged, index_map = _refang_with_map(text)
     starts = [] if index_map is None else [m.start() for m in _DEFANG_PATTERN.finditer(text)]
     for match in _CANDIDATE.finditer(refanged):
