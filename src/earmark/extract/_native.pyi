@@ -29,6 +29,11 @@ class Table:
         analyse: Callable[[str, str], Any],
         branches: dict[str, tuple[str, str, int]],
         kind: type[tuple[Any, ...]],
+        register_classes: dict[str, str],
+        memory_sizes: dict[str, str],
+        end_mnemonics: frozenset[str],
+        conditional_extra: frozenset[str],
+        small_limit: int,
         /,
     ) -> None: ...
     def decode(self, address: int, /) -> Any: ...

@@ -284,6 +284,11 @@ class InstructionDecoder:
             self._analyse,
             _BRANCH_MNEMONICS,
             Instruction,
+            REGISTER_CLASSES,
+            _MEMORY_SIZES,
+            _END_MNEMONICS,
+            _CONDITIONAL_EXTRA,
+            SMALL_IMMEDIATE_LIMIT,
         )
 
     def release_caches(self) -> None:
