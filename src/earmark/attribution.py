@@ -12,10 +12,8 @@ revision (rebuilt after every ingest); for in-memory or server databases it is b
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import re
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +45,7 @@ from earmark.index.similarity import compare_functions
 from earmark.ingest import IngestSummary, LabelTemplate, ingest_paths
 from earmark.intel import indicators_from_strings
 from earmark.intel.warninglists import default_warninglist_tables
+from earmark.memory import return_free_memory
 from earmark.model.evidence import Evidence
 from earmark.model.intel import Indicator
 from earmark.model.kb import SampleRecord
@@ -201,7 +200,7 @@ class KnowledgeBase:
                 yield record, features
                 del features  # not alive while the next sample is decoded
                 if decoded >= RETURN_MEMORY_EVERY_FUNCTIONS:
-                    _return_free_memory()
+                    return_free_memory()
                     decoded = 0
 
         kept = self._build_and_keep_feature_candidates(
@@ -246,7 +245,7 @@ class KnowledgeBase:
         if not save_feature_candidates(built, cache, index.revision, index.min_instructions):
             return built
         del built  # the only reference
-        _return_free_memory()
+        return_free_memory()
         mapped = self._cached_feature_candidates(index.revision, index.min_instructions)
         if mapped is None:  # just written, yet unreadable: built again, kept in memory
             return build_feature_candidates(self.store, self._samples, index.min_instructions)
@@ -290,21 +289,7 @@ def _build_pass() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-        _return_free_memory()
-
-
-def _return_free_memory() -> None:
-    """Ask glibc to give free heap pages back to the system (``malloc_trim``): the decoded
-    samples and the build's temporary arrays are freed, but glibc keeps freed heap memory for
-    reuse, so the process would stay at the build's size for the queries that follow.
-    A no-op where the C library has no ``malloc_trim`` (musl, macOS, Windows)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
+        return_free_memory()
 
 
 def index_cache_path(database: str | None) -> Path | None:
