@@ -96,3 +96,45 @@ def test_rip_relative_and_high_addresses() -> None:
         first = accelerated[base]
         assert first is not None
         assert first.memory_address == (base + 7 - 0x10) & (2**64 - 1)
+
+
+# Texts the compiled analysis leaves to the Python one (prefixed mnemonics, int 0x29) next to
+# ones it answers itself (a ret with an immediate, a 64-bit immediate, segment and RIP memory
+# operands, a far jump): both paths must decode each of them the same way.
+_MIXED_TEXTS = (
+    "f2e900000000"  # bnd jmp $+5
+    "3effe0"  # notrack jmp rax
+    "f3ab"  # rep stosd
+    "cd29"  # int 0x29 (__fastfail: never returns)
+    "f00103"  # lock add dword ptr [rbx], eax
+    "c21000"  # ret 0x10
+    "48b88877665544332211"  # movabs rax, 0x1122334455667788
+    "64488b042528000000"  # mov rax, qword ptr fs:[0x28]
+    "488b0d00100000"  # mov rcx, qword ptr [rip + 0x1000]
+    "ff2500f0ffff"  # jmp qword ptr [rip - 0x1000]
+    "c3"
+)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_texts_left_to_python_decode_identically(bits: int) -> None:
+    code = bytes.fromhex(_MIXED_TEXTS)
+    starts = list(range(len(code)))
+    accelerated = _decoded(code, bits, True, starts)
+    assert accelerated == _decoded(code, bits, False, starts)
+    if bits == 64:
+        assert accelerated[0x401000 + 6 + 3 + 2] is not None  # int 0x29 decoded, ends the run
+        assert accelerated[0x401000 + 6 + 3 + 2].kind == disasm.KIND_END  # type: ignore[union-attr]
+
+
+def test_dropping_shared_caches_keeps_features(builder: FixtureBuilder) -> None:
+    """Analysis refills the process-wide caches after drop_shared_caches, with the same answers."""
+    from earmark.extract import function_features, functions, minhash
+
+    build = builder.build("fx_codec.c", "gcc64", "O2")
+    before = dataclasses.replace(analyze_file(build.stripped), analysis_seconds=0.0)
+    functions.drop_shared_caches()
+    assert not minhash._TOKEN_IDS and not function_features._TOKEN_FEATURES
+    assert not any(disasm._SHARED_ANALYSES.values())
+    after = dataclasses.replace(analyze_file(build.stripped), analysis_seconds=0.0)
+    assert features_to_bytes(after) == features_to_bytes(before)

@@ -273,7 +273,7 @@ typedef struct {
     uint64_t *segment_starts, *segment_lengths;
     uint8_t *segment_executable;
     PyObject **segment_data; /* owned bytes objects */
-    PyObject *shared, *local, *analyse, *branches, *instruction_type, *no_values;
+    PyObject *shared, *local, *analyse, *instruction_type, *no_values;
     Record *records;
     uint32_t count, capacity;
     uint32_t *slots; /* address hash: row + 1, 0 empty */
@@ -1162,18 +1162,19 @@ row_object(TableObject *self, int64_t row)
     return instruction_object(self, (uint32_t)row);
 }
 
-/* Table(handle, segments, window, address_mask, shared, local, analyse, branches, kind) */
+/* Table(handle, segments, window, address_mask, shared, local, analyse, kind, register_classes,
+ *       memory_sizes, end_mnemonics, conditional_extra, small_limit) */
 static PyObject *
 table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     unsigned long long handle, address_mask;
     Py_ssize_t window;
-    PyObject *segments, *shared, *local, *analyse, *branches, *kind;
+    PyObject *segments, *shared, *local, *analyse, *kind;
     PyObject *register_classes, *memory_sizes, *end_mnemonics, *conditional_extra;
     long long small_limit;
-    if (!PyArg_ParseTuple(args, "KO!nKO!O!OO!O!O!O!OOL", &handle, &PyList_Type, &segments,
+    if (!PyArg_ParseTuple(args, "KO!nKO!O!OO!O!O!OOL", &handle, &PyList_Type, &segments,
                           &window, &address_mask, &PyDict_Type, &shared, &PyDict_Type, &local,
-                          &analyse, &PyDict_Type, &branches, &PyType_Type, &kind, &PyDict_Type,
+                          &analyse, &PyType_Type, &kind, &PyDict_Type,
                           &register_classes, &PyDict_Type, &memory_sizes, &end_mnemonics,
                           &conditional_extra, &small_limit)) {
         return NULL;
@@ -1201,7 +1202,6 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->shared = Py_NewRef(shared);
     self->local = Py_NewRef(local);
     self->analyse = Py_NewRef(analyse);
-    self->branches = Py_NewRef(branches);
     self->instruction_type = Py_NewRef(kind);
     self->register_classes = Py_NewRef(register_classes);
     self->memory_sizes = Py_NewRef(memory_sizes);
@@ -1262,7 +1262,6 @@ table_traverse(TableObject *self, visitproc visit, void *arg)
     Py_VISIT(self->shared);
     Py_VISIT(self->local);
     Py_VISIT(self->analyse);
-    Py_VISIT(self->branches);
     Py_VISIT(self->instruction_type);
     return 0;
 }
@@ -1273,7 +1272,6 @@ table_clear(TableObject *self)
     Py_CLEAR(self->shared);
     Py_CLEAR(self->local);
     Py_CLEAR(self->analyse);
-    Py_CLEAR(self->branches);
     Py_CLEAR(self->instruction_type);
     return 0;
 }
@@ -1386,7 +1384,7 @@ static PyTypeObject TableType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_traverse = (traverseproc)table_traverse,
     .tp_clear = (inquiry)table_clear,
-    .tp_doc = "Table(handle, segments, window, address_mask, shared, local, analyse, branches, "
+    .tp_doc = "Table(handle, segments, window, address_mask, shared, local, analyse, "
               "kind, register_classes, memory_sizes, end_mnemonics, conditional_extra, "
               "small_limit): the decoded instructions of one image",
     .tp_methods = table_methods,

@@ -27,7 +27,6 @@ class Table:
         shared: dict[tuple[str, str], Any],
         local: dict[tuple[str, str], Any],
         analyse: Callable[[str, str], Any],
-        branches: dict[str, tuple[str, str, int]],
         kind: type[tuple[Any, ...]],
         register_classes: dict[str, str],
         memory_sizes: dict[str, str],

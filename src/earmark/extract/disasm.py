@@ -178,10 +178,6 @@ class _OperandAnalysis(NamedTuple):
 # an entry this bounds the cache near 30 MB; it is emptied when a new sample finds it fuller.
 SHARED_ANALYSES_LIMIT: Final = 100_000
 _SHARED_ANALYSES: dict[int, dict[tuple[str, str], _OperandAnalysis]] = {32: {}, 64: {}}
-# Capstone mnemonic text -> (mnemonic, "mnemonic addr" token, kind) of every branch, call and
-# end mnemonic met so far: the compiled loop builds direct branches ("call 0x401000", a
-# different text per target) from it without a cache entry. Bounded by the x86 vocabulary.
-_BRANCH_MNEMONICS: dict[str, tuple[str, str, int]] = {}
 
 
 def _shared_analyses(bits: int) -> dict[tuple[str, str], _OperandAnalysis]:
@@ -189,6 +185,12 @@ def _shared_analyses(bits: int) -> dict[tuple[str, str], _OperandAnalysis]:
     if len(shared) > SHARED_ANALYSES_LIMIT:
         shared.clear()
     return shared
+
+
+def drop_shared_analyses() -> None:
+    """Empty the instruction-text analyses kept between samples (see SHARED_ANALYSES_LIMIT)."""
+    for shared in _SHARED_ANALYSES.values():
+        shared.clear()
 
 
 _HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
@@ -282,7 +284,6 @@ class InstructionDecoder:
             self._shared,
             self._analysis,
             self._analyse,
-            _BRANCH_MNEMONICS,
             Instruction,
             REGISTER_CLASSES,
             _MEMORY_SIZES,
@@ -420,9 +421,6 @@ class InstructionDecoder:
         if mnemonic_info is None:
             mnemonic_info = _classify_mnemonic(text_mnemonic)
             self._mnemonics[text_mnemonic] = mnemonic_info
-            if mnemonic_info[1] != KIND_PLAIN:
-                clean = mnemonic_info[0]
-                _BRANCH_MNEMONICS[text_mnemonic] = (clean, clean + " addr", mnemonic_info[1])
         mnemonic, kind = mnemonic_info
         if kind == KIND_PLAIN and op_str == "0x29" and mnemonic == "int":
             kind = KIND_END  # __fastfail never returns

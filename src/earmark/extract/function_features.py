@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from earmark.extract.disasm import KIND_CALL, KIND_PLAIN, Instruction, InstructionDecoder
 from earmark.extract.minhash import (
+    drop_token_ids,
     exact_hash,
     id_minhash_signatures,
     stream_minhash_signatures,
@@ -387,6 +388,14 @@ def token_immediates(token: str) -> tuple[int, ...]:
             found = tuple(v for v in numbers if v not in _UBIQUITOUS_IMMEDIATES)
         _TOKEN_IMMEDIATES[token] = found
     return found
+
+
+def drop_token_caches() -> None:
+    """Empty the per-token memos of this module and of minhash (refilled as tokens recur)."""
+    _ROBUST_TOKENS.clear()
+    _TOKEN_IMMEDIATES.clear()
+    _TOKEN_FEATURES.clear()
+    drop_token_ids()
 
 
 def _is_distinctive(value: int) -> bool:

@@ -29,8 +29,9 @@ from earmark.extract.disasm import (
     KIND_PLAIN,
     Instruction,
     InstructionDecoder,
+    drop_shared_analyses,
 )
-from earmark.extract.function_features import FunctionBody, build_features
+from earmark.extract.function_features import FunctionBody, build_features, drop_token_caches
 from earmark.extract.function_starts import (
     SHARED_OWNER,
     CodeCoverage,
@@ -543,6 +544,18 @@ def _recover_and_describe(
 
     functions = build_features(bodies, decoder, names, check_deadline)
     return functions, warnings
+
+
+def drop_shared_caches() -> None:
+    """Empty every cache function recovery and feature building keep between samples.
+
+    For a process that is done analysing (a query about to be matched, a worker going idle):
+    the instruction-text analyses of the Python path (disasm.SHARED_ANALYSES_LIMIT) and the
+    per-token answers of the feature pass (MinHash ids, robust tokens, immediates). Analysis
+    works the same afterwards, refilling them as it goes.
+    """
+    drop_shared_analyses()
+    drop_token_caches()
 
 
 @contextmanager

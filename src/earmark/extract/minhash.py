@@ -74,6 +74,11 @@ def token_id(token: str) -> int:
     return value
 
 
+def drop_token_ids() -> None:
+    """Forget the memoised token ids (they are recomputed, identically, on demand)."""
+    _TOKEN_IDS.clear()
+
+
 def exact_hash(tokens: Sequence[str]) -> int:
     """Unsigned 64-bit hash of the whole normalised stream (position-independent by design)."""
     digest = hashlib.blake2b("\n".join(tokens).encode(), digest_size=8).digest()
