@@ -172,11 +172,14 @@ class _OperandAnalysis(NamedTuple):
     large_immediates: tuple[int, ...]
 
 
-# Instruction-text analyses kept between samples of one process (an ingest worker analyses many
-# samples: 38 % of the per-sample cache misses on the corpus KB repeat an earlier sample's
-# text). Only analyses that do not depend on the image are shared (see _analyse). At ~300 bytes
-# an entry this bounds the cache near 30 MB; it is emptied when a new sample finds it fuller.
-SHARED_ANALYSES_LIMIT: Final = 100_000
+# Instruction-text analyses kept between samples of one process. Only analyses that do not
+# depend on the image are shared (see _analyse). With the compiled table almost every text is
+# analysed in C and only prefixed or odd ones come here (188 entries after 40 corpus DLLs). On
+# the pure-Python path, measured over 40 corpus DLLs in one process: keeping up to 100,000
+# (82k entries, ~25 MB) took 6.83-7.40 CPU s against 7.10-7.33 s emptied per sample, i.e. no
+# gain beyond noise, so the cache is held to about one large sample's texts (~3 MB). Emptied
+# when a new sample finds it fuller, or by drop_shared_analyses.
+SHARED_ANALYSES_LIMIT: Final = 10_000
 _SHARED_ANALYSES: dict[int, dict[tuple[str, str], _OperandAnalysis]] = {32: {}, 64: {}}
 
 
