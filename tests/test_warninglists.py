@@ -110,7 +110,7 @@ def test_lookups_are_fast(benign: BenignInfrastructure) -> None:
         benign.is_benign_value(IndicatorType.IPV4, address)
         benign.is_benign_value(IndicatorType.DOMAIN, name)
     per_lookup = (time.perf_counter() - started) / 10_000
-    assert per_lookup < 100e-6  # measured ≈ 5 µs; the library's slow search is ~ms per value
+    assert per_lookup < 100e-6  # measured ≈ 15 µs; the library's slow search is ~ms per value
 
 
 def test_compiled_tables_round_trip_through_the_cache(tmp_path: Path) -> None:
