@@ -109,6 +109,14 @@ def test_prepare_decodes_each_sample_once_and_builds_what_separate_passes_build(
         apart = build_feature_candidates(kb.store, samples, index.min_instructions)
         assert apart is not None
         _assert_same_stage(stage, apart)
+        # Sweeping for common keys after every sample files the same postings.
+        swept = FeatureCandidateIndex.build(
+            ((r.sample_id, f.functions) for r, f in stored_samples(kb.store, samples)),
+            index.min_instructions,
+            first_sweep=1,
+        )
+        assert np.array_equal(swept.keys, apart.keys)
+        assert np.array_equal(swept.postings, apart.postings)
         _assert_same_stats(
             stats, build_artefact_stats(stored_samples(kb.store, samples), index.revision)
         )

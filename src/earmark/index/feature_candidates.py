@@ -22,7 +22,6 @@ features file (decoding was ~0.2 s per matched sample and ~90 % of a query; docs
 from __future__ import annotations
 
 import hashlib
-from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -36,6 +35,7 @@ from earmark.index.compact_functions import (
     locate_function,
     sample_ranges,
 )
+from earmark.index.key_postings import FIRST_SWEEP_ENTRIES, PostingsBuilder
 from earmark.index.lsh import expand_ranges
 from earmark.index.similarity import function_similarity
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
@@ -222,10 +222,6 @@ class StoredFunctionIds(Mapping[tuple[int, int], int]):
         return len(self._function_id)
 
 
-def _column_of(counts: array[int]) -> npt.NDArray[np.int64]:
-    return np.frombuffer(counts, dtype=np.int64) if counts else np.zeros(0, np.int64)
-
-
 def _flat_feature_keys(
     functions: Sequence[FunctionFeatures], known: TextKeys
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
@@ -256,8 +252,7 @@ def _flat_feature_keys(
 
 def _add_sample(
     builder: CompactBuilder,
-    keys: array[int],
-    key_counts: array[int],
+    postings: PostingsBuilder,
     sample_id: int,
     functions: Sequence[FunctionFeatures],
     min_instructions: int,
@@ -270,10 +265,7 @@ def _add_sample(
         if function_ids is not None:
             identifier = function_ids.get((sample_id, function.address), -1)
         builder.add(sample_id, identifier, function)
-    flat_keys, counts = _flat_feature_keys(indexed, known)
-    # "Q"/"q" are C long long: 8 bytes, as the numpy columns.
-    keys.frombytes(flat_keys.tobytes())
-    key_counts.frombytes(counts.tobytes())
+    postings.add(*_flat_feature_keys(indexed, known))
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,54 +294,30 @@ class FeatureCandidateIndex:
         samples: Iterable[tuple[int, Sequence[FunctionFeatures]]],
         min_instructions: int,
         function_ids: Mapping[tuple[int, int], int] | None = None,
+        first_sweep: int = FIRST_SWEEP_ENTRIES,
     ) -> FeatureCandidateIndex:
         """Index the functions of ``(sample_id, functions)`` with >= ``min_instructions``.
 
         ``samples`` is consumed one sample at a time, so a generator that decodes each stored
         sample keeps only one decoded sample alive. ``function_ids`` maps (sample id, address)
-        to the store's function id."""
+        to the store's function id. ``first_sweep``: see ``key_postings`` (the same index
+        whatever its value)."""
         builder = CompactBuilder()
-        keys = array("Q")
-        # Keys per stored function (in position order) rather than an owner per key: the
-        # owners are derived from the sort order below, so the build never holds a second
-        # array as long as the keys (1.2 M entries, 10 MB on the PE bench KB).
-        key_counts = array("q")
+        postings = PostingsBuilder(MAX_POSTINGS_PER_KEY, first_sweep)
         known = TextKeys()
         for sample_id, sample_functions in samples:
             _add_sample(
-                builder, keys, key_counts, sample_id, sample_functions, min_instructions,
-                function_ids, known,
+                builder, postings, sample_id, sample_functions, min_instructions, function_ids,
+                known,
             )  # fmt: skip
             # The loop name would keep this sample alive while the next one is decoded.
             del sample_functions
         del known
         # The keys are sorted before the builder's buffers become columns, so the sort's
         # full-length temporaries and the columns' copies are not in memory together.
-        # "Q"/"q" are C long long: 8 bytes on every platform numpy supports.
-        key_array = np.frombuffer(keys, dtype=np.uint64) if keys else np.zeros(0, np.uint64)
-        del keys  # key_array holds the buffer, freed with it below
-        order = np.argsort(key_array, kind="stable")
-        key_array.sort()  # in place: the same values as key_array[order], without a copy
-        # Drop keys too common to single out a function (see MAX_POSTINGS_PER_KEY) before the
-        # owners are derived, each full-length temporary freed before the next is made: 60 %
-        # of the 1.1 M key entries of the PE bench KB are common, so the build ends ~10 MB
-        # lower than deriving an owner for every entry first. Runs of equal keys in the
-        # sorted array, rather than ``np.unique``: no second sorted copy.
-        run_starts = np.flatnonzero(np.r_[True, key_array[1:] != key_array[:-1]])
-        counts = np.diff(np.r_[run_starts, len(key_array)])
-        keep = np.repeat(counts <= MAX_POSTINGS_PER_KEY, counts)
-        del run_starts, counts
-        kept_keys = key_array[keep]
-        del key_array
-        kept_order = order[keep]
-        del order, keep
-        # Key entry e belongs to the function whose range of entries holds it; a stable sort
-        # keeps each key's functions in position order, as an owner column sorted along would.
-        ends = np.cumsum(_column_of(key_counts))
-        del key_counts
-        postings = np.searchsorted(ends, kept_order, side="right").astype(np.int64, copy=False)
-        del ends, kept_order
-        return cls(keys=kept_keys, postings=postings, stored=builder.finish())
+        kept_keys, owners = postings.finish()
+        del postings
+        return cls(keys=kept_keys, postings=owners, stored=builder.finish())
 
     def __len__(self) -> int:
         return len(self.stored)
