@@ -48,6 +48,7 @@ from earmark.index.function_index import (
     DEFAULT_TOP_K,
     FunctionIndex,
 )
+from earmark.index.packed import SCAN_CHUNK
 from earmark.model.evidence import Evidence
 from earmark.model.kb import SampleRecord
 from earmark.model.sample import FunctionFeatures, SampleFeatures
@@ -134,16 +135,22 @@ def build_feature_candidates(
 
 
 def _rows_of_function_ids(index: FunctionIndex, function_ids: Sequence[int]) -> list[int | None]:
-    """The index row of each store function id (None: not indexed or unknown, i.e. -1)."""
-    if not function_ids or len(index) == 0:
-        return [None] * len(function_ids)
-    order = np.argsort(index.function_id, kind="stable")
-    sorted_ids = index.function_id[order]
-    wanted = np.asarray(function_ids, dtype=np.int64)
-    places = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
-    found = (sorted_ids[places] == wanted) & (wanted >= 0)
-    rows = order[places]
-    return [int(row) if ok else None for row, ok in zip(rows.tolist(), found.tolist(), strict=True)]
+    """The index row of each store function id (None: not indexed or unknown, i.e. -1; the
+    lowest row if an id were indexed twice).
+
+    One pass over the id column in steps of ``SCAN_CHUNK`` with ``np.isin`` against the few
+    wanted ids: sorting the whole column for every query cost ~1 ms on the PE bench KB (38.9k
+    rows) and would need two 80 MB arrays at 10^7 rows."""
+    wanted = {function_id for function_id in function_ids if function_id >= 0}
+    rows: dict[int, int] = {}
+    if wanted:
+        targets = np.fromiter(wanted, dtype=np.int64, count=len(wanted))
+        for start in range(0, len(index), SCAN_CHUNK):
+            ids = index.function_id[start : start + SCAN_CHUNK]
+            hits = np.flatnonzero(np.isin(ids, targets))
+            for function_id, row in zip(ids[hits].tolist(), (hits + start).tolist(), strict=True):
+                rows.setdefault(function_id, row)
+    return [rows.get(function_id) for function_id in function_ids]
 
 
 def _feature_stage_matches(
