@@ -411,6 +411,24 @@ def test_band_bounds_equal_searchsorted(keys: list[int], targets: list[int]) -> 
     assert (low.tolist(), high.tolist()) == expected
 
 
+def test_agreeing_slots_count_equal_bytes() -> None:
+    """The word-wise count equals comparing slot by slot, on contiguous signatures and on a
+    strided view (counted byte by byte)."""
+    rng = np.random.default_rng(21)
+    stored = rng.integers(0, 4, size=(300, MINHASH_PERMUTATIONS), dtype=np.uint8)
+    queries = rng.integers(0, 4, size=(40, MINHASH_PERMUTATIONS), dtype=np.uint8)
+    queries[:5] = stored[:5]
+    stored[7] = np.uint8(255) - queries[7]  # no slot agrees
+    rows = rng.integers(0, len(stored), 5000).astype(np.int64)
+    query_rows = rng.integers(0, len(queries), 5000).astype(np.int64)
+    rows[:8], query_rows[:8] = np.arange(8), np.arange(8)
+    expected = (stored[rows] == queries[query_rows]).sum(axis=1)
+    assert count_agreeing_slots(stored, rows, queries, query_rows).tolist() == expected.tolist()
+    assert set(expected[:5].tolist()) == {64} and expected[7] == 0
+    strided = np.repeat(stored, 2, axis=1)[:, ::2]
+    assert count_agreeing_slots(strided, rows, queries, query_rows).tolist() == expected.tolist()
+
+
 @given(st.lists(st.integers(0, (1 << 63) - 1), max_size=40))
 def test_packed_round_trip(values: list[int]) -> None:
     packed = PackedUInts.pack(np.array(values, dtype=np.int64))
