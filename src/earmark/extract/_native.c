@@ -246,6 +246,7 @@ typedef struct {
     PyObject *op_str; /* owned; NULL for a direct branch: printed from the record's target */
     uint64_t target, memory; /* memory: absolute address, or RIP displacement mod 2**64 */
     uint8_t kind, has_target, memory_kind, is_mov, is_lea; /* memory_kind 0 none 1 fixed 2 rip */
+    uint8_t is_endbr;
     /* What build_features derives from the token (function_features.token_features), asked
      * once per text: MinHash token id, the robust token's id, the token's immediates. */
     uint8_t has_features, has_robust;
@@ -497,6 +498,8 @@ text_from_analysis(TableObject *self, PyObject *op_str, PyObject *analysis)
     }
     text.is_mov = PyUnicode_CompareWithASCIIString(text.mnemonic, "mov") == 0;
     text.is_lea = PyUnicode_CompareWithASCIIString(text.mnemonic, "lea") == 0;
+    text.is_endbr = PyUnicode_CompareWithASCIIString(text.mnemonic, "endbr64") == 0 ||
+                    PyUnicode_CompareWithASCIIString(text.mnemonic, "endbr32") == 0;
     text.op_str = op_str;
     Py_INCREF(text.mnemonic);
     Py_INCREF(text.token);
@@ -1327,6 +1330,39 @@ table_decode_method(TableObject *self, PyObject *address_object)
     return row_object(self, table_decode(self, address));
 }
 
+/* jump_slot(address) -> the memory operand's address of a ``jmp [mem]`` at ``address`` (after an
+ * endbr64/endbr32), or None: what FunctionRecovery.import_thunk reads, without building the
+ * Instruction tuples (it is asked for every call target and proposed start). */
+static PyObject *
+table_jump_slot(TableObject *self, PyObject *address_object)
+{
+    uint64_t address;
+    int valid = address_value(address_object, &address);
+    if (valid < 0) {
+        return NULL;
+    }
+    int64_t row = valid ? table_decode(self, address) : -2;
+    if (row == -1) {
+        return NULL;
+    }
+    if (row >= 0 && !(self->records[row].flags & FLAG_INVALID) &&
+        self->texts[self->records[row].text].is_endbr) {
+        uint64_t next = address + self->records[row].size;
+        row = next > address ? table_decode(self, next) : -2;
+        if (row == -1) {
+            return NULL;
+        }
+    }
+    if (row < 0 || self->records[row].flags & FLAG_INVALID) {
+        Py_RETURN_NONE;
+    }
+    const Record *record = &self->records[row];
+    if (self->texts[record->text].kind != KIND_JUMP || !(record->flags & FLAG_MEMORY)) {
+        Py_RETURN_NONE;
+    }
+    return u64_object(record_memory(self, record));
+}
+
 /* cached() -> {address: Instruction | None} of every row (for tests). */
 static PyObject *
 table_cached(TableObject *self, PyObject *unused)
@@ -1369,6 +1405,8 @@ table_owner(TableObject *self, PyObject *address_object)
 static PyMethodDef table_methods[] = {
     {"decode", (PyCFunction)table_decode_method, METH_O,
      "decode(address) -> Instruction | None (decoding a window when not cached)"},
+    {"jump_slot", (PyCFunction)table_jump_slot, METH_O,
+     "jump_slot(address) -> memory address of a jmp [mem] there (after endbr), or None"},
     {"cached", (PyCFunction)table_cached, METH_NOARGS,
      "cached() -> {address: Instruction | None} of everything decoded so far"},
     {"owner", (PyCFunction)table_owner, METH_O,
@@ -1395,6 +1433,8 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(cs_disasm, cs_free, cs_errno, insn_size, address_offset, size_offset, "
      "mnemonic_offset, mnemonic_size, op_str_offset, op_str_size)"},
+    {"starts_containing", starts_containing, METH_VARARGS,
+     "starts_containing(bodies, address) -> starts whose body holds the address"},
     {"body_spans", body_spans, METH_O,
      "body_spans(bodies) -> (addresses, sizes): uint64 bytes of every instruction of the bodies"},
     {NULL, NULL, 0, NULL},

@@ -451,6 +451,42 @@ body_describe(BodyObject *self, PyObject *args)
     return result;
 }
 
+/* starts_containing(bodies, address) -> the keys of ``bodies`` (start -> FunctionBody, in
+ * dict order) whose ``instructions`` hold ``address``: FunctionRecovery.reexplore_overlapping's
+ * scan for a shared instruction, which in Python cost ~12 ms per call over the 19k functions
+ * of cryptography _rust (0.6 s a sample). */
+static PyObject *
+starts_containing(PyObject *module, PyObject *args)
+{
+    PyObject *bodies, *address;
+    if (!PyArg_ParseTuple(args, "O!O", &PyDict_Type, &bodies, &address)) {
+        return NULL;
+    }
+    uint64_t value = 0;
+    int valid = address_value(address, &value);
+    PyObject *found = valid < 0 ? NULL : PyList_New(0);
+    PyObject *name = PyUnicode_InternFromString("instructions");
+    Py_ssize_t position = 0;
+    PyObject *start, *body;
+    while (found != NULL && name != NULL && PyDict_Next(bodies, &position, &start, &body)) {
+        PyObject *instructions = PyObject_GetAttr(body, name);
+        int inside;
+        if (instructions == NULL) {
+            inside = -1;
+        } else if (PyObject_TypeCheck(instructions, &BodyType)) {
+            inside = valid && body_position((BodyObject *)instructions, value) >= 0;
+        } else {
+            inside = PySequence_Contains(instructions, address);
+        }
+        Py_XDECREF(instructions);
+        if (inside < 0 || (inside && PyList_Append(found, start) < 0)) {
+            Py_CLEAR(found);
+        }
+    }
+    Py_XDECREF(name);
+    return found;
+}
+
 /* body_spans(bodies) -> (addresses, sizes): uint64 bytes of every instruction of the Body
  * objects in ``bodies``, body after body, each in explore order (CodeCoverage._mark). */
 static PyObject *

@@ -174,7 +174,12 @@ class FunctionRecovery:
         if address in self._thunks:
             return self._thunks[address]
         name = self.image.import_slots.get(address)
-        if name is None:
+        table = self.decoder.table
+        if name is None and table is not None:  # the same reading in C, no Instructions built
+            slot = table.jump_slot(address)
+            if slot is not None:
+                name = self.image.import_slots.get(slot)
+        elif name is None:
             instruction = self.decoder.decode(address)
             if instruction is not None and instruction.mnemonic in ("endbr64", "endbr32"):
                 instruction = self.decoder.decode(address + instruction.size)
@@ -453,11 +458,7 @@ class FunctionRecovery:
             if owner is None or owner == start:
                 continue
             if owner == SHARED_OWNER:
-                containing = [
-                    b
-                    for b, body in self.bodies.items()
-                    if b != start and start in body.instructions
-                ]
+                containing = [b for b in self._starts_containing(start) if b != start]
             else:
                 containing = [owner]
             for body_start in containing:
@@ -469,6 +470,14 @@ class FunctionRecovery:
                 replacement = self.explore(body_start, body.source)
                 self.bodies[body_start] = replacement
                 self.coverage.add(replacement)
+
+    def _starts_containing(self, address: int) -> list[int]:
+        """Starts of the functions whose instructions hold ``address``, in ``bodies`` order."""
+        accelerator = self.decoder.accelerator
+        if accelerator is not None:
+            found: list[int] = accelerator.starts_containing(self.bodies, address)
+            return found
+        return [b for b, body in self.bodies.items() if address in body.instructions]
 
     def run(self) -> list[FunctionBody]:
         for symbol in self.image.symbol_functions:
