@@ -104,12 +104,12 @@ REGISTER_CLASSES: Final = _register_classes()
 
 
 def _load_accelerator() -> ModuleType | None:
-    """The compiled inner loops (``_native.c``), configured for the loaded capstone, or None.
+    """The compiled core (``_native.c``), configured for the loaded capstone, or None.
 
     The extension is optional: ``pip install -e .`` builds it where a C compiler exists, and
-    without it the Python loops (``InstructionDecoder._decode_window``,
-    ``FunctionRecovery.explore``, ``build_features``) give the same features (tests compare
-    the two), only slower.
+    without it the Python code (``InstructionDecoder._decode_window`` and ``_analyse``,
+    ``FunctionRecovery.explore``, ``CodeCoverage``, ``build_features``) gives the same
+    features (tests compare the two), only slower (docs/function-recovery.md).
     """
     try:
         import earmark.extract._native as _native

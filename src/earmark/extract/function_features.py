@@ -1,10 +1,10 @@
 """Per-function features from recovered bodies: token stream, hashes, CFG counts, references.
 
 ``build_features`` turns every ``FunctionBody`` of a sample into a frozen ``FunctionFeatures``.
-Functions are taken in batches of ``FEATURE_BATCH_TOKENS`` instructions: the MinHash
-signatures of a batch are computed in one numpy pass (``minhash.stream_minhash_signatures``),
-everything else is one pass over each function's instructions in address order, and a batch's
-bodies are dropped once it is done.
+Each function is first described by one pass over its instructions in address order (in C,
+``Body.describe``, for bodies of the compiled table; ``_describe_in_python`` otherwise); the
+descriptions are then taken in batches of ``FEATURE_BATCH_TOKENS`` instructions whose MinHash
+signatures are computed in one numpy pass (``minhash``).
 """
 
 from __future__ import annotations
