@@ -12,13 +12,13 @@ revision (rebuilt after every ingest); for in-memory or server databases it is b
 
 from __future__ import annotations
 
-import gc
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -45,6 +45,7 @@ from earmark.index.similarity import compare_functions
 from earmark.ingest import IngestSummary, LabelTemplate, ingest_paths
 from earmark.intel import indicators_from_strings
 from earmark.intel.warninglists import default_warninglist_tables
+from earmark.kb_build import build_pass, stored_outlines
 from earmark.memory import return_free_memory
 from earmark.model.evidence import Evidence
 from earmark.model.intel import Indicator
@@ -92,13 +93,6 @@ MAX_EVIDENCE_ITEMS: Final = 200
 # Frozen features files (earmark.freeze), accepted as queries instead of a sample.
 FEATURES_SUFFIX: Final = ".emf"
 _SHA256: Final = re.compile(r"^[0-9a-fA-F]{64}$")
-# Decoded functions after which the KB-wide build hands freed heap back to the system
-# (``malloc_trim``): freed samples leave holes between the growing build arrays that glibc
-# keeps. PE bench KB (38.9k functions, ~385 per sample): prepare's peak over the process's RSS
-# before it 77-83 MB without, 69-70 MB at every ~1,500 functions (4 samples), 75 MB after
-# every sample, whose 101 calls also cost ~0.15 CPU s against ~0.04 s.
-RETURN_MEMORY_EVERY_FUNCTIONS: Final = 1_500
-
 
 
 @dataclass
@@ -153,7 +147,7 @@ class KnowledgeBase:
         warninglist table. ``earmark ingest`` calls it after writing, so the first query after
         an ingest does not pay the build (seconds: it decodes every stored sample's features,
         once for the feature stage and the artefact statistics together)."""
-        with _build_pass():
+        with build_pass():
             self._build_stage_and_artefacts(self.index())
             self.feature_candidates()
             self.artefact_stats()
@@ -188,25 +182,9 @@ class KnowledgeBase:
             except IndexCacheError:
                 pass  # missing, stale or damaged: built below, never trusted
         artefacts = ArtefactStatsBuilder()
-
-        def shared_pass() -> Iterator[tuple[SampleRecord, SampleFeatures]]:
-            # ``stored_samples``'s order (by sha256), decoded without the instruction tokens:
-            # neither the feature stage nor the artefact statistics read them.
-            decoded = 0
-            for record in sorted(self._samples.values(), key=lambda record: record.sha256):
-                features = self.store.load_features(record.sha256, instructions=False)
-                artefacts.add(record, features)
-                decoded += len(features.functions)
-                yield record, features
-                del features  # not alive while the next sample is decoded
-                if decoded >= RETURN_MEMORY_EVERY_FUNCTIONS:
-                    return_free_memory()
-                    decoded = 0
-
+        decoded = stored_outlines(self.store, self._samples, artefacts)  # feeds artefacts too
         kept = self._build_and_keep_feature_candidates(
-            lambda: build_feature_candidates(
-                self.store, self._samples, min_instructions, shared_pass()
-            ),
+            lambda: build_feature_candidates(self.store, self._samples, min_instructions, decoded),
             index,
         )
         self._feature_candidates = (revision, kept)
@@ -222,11 +200,9 @@ class KnowledgeBase:
             self._feature_candidates = None  # a stale revision's: not kept during the build
             built = self._cached_feature_candidates(index.revision, index.min_instructions)
             if built is None:
+                build = partial(build_feature_candidates, self.store, self._samples)
                 built = self._build_and_keep_feature_candidates(
-                    lambda: build_feature_candidates(
-                        self.store, self._samples, index.min_instructions
-                    ),
-                    index,
+                    lambda: build(index.min_instructions), index
                 )
             self._feature_candidates = (index.revision, built)
         return self._feature_candidates[1]
@@ -234,12 +210,10 @@ class KnowledgeBase:
     def _build_and_keep_feature_candidates(
         self, build: Callable[[], FeatureCandidateIndex | None], index: FunctionIndex
     ) -> FeatureCandidateIndex | None:
-        """A stage built, saved beside a SQLite KB and then served from the mapped files: their
-        pages are shared with the page cache. The built arrays are freed (and the heap handed
-        back) before the saved ones are mapped and checked, so the two never sit in memory
-        together (PE bench KB: 10 MB higher peak when they did)."""
-        built = build()
-        cache = self._feature_cache_path()
+        """A stage built, saved beside a SQLite KB and then served from the mapped files (pages
+        shared with the page cache). The built arrays are freed before the saved ones are mapped
+        and checked, never in memory together (PE bench KB: a 10 MB higher peak when they were)."""
+        built, cache = build(), self._feature_cache_path()
         if built is None or cache is None:
             return built
         if not save_feature_candidates(built, cache, index.revision, index.min_instructions):
@@ -271,25 +245,6 @@ class KnowledgeBase:
             return load_feature_candidates(cache, revision, min_instructions)
         except IndexCacheError:
             return None  # damaged cache: rebuilt by the caller, never trusted
-
-
-@contextmanager
-def _build_pass() -> Iterator[None]:
-    """The KB-wide build with the cyclic garbage collector paused, and the memory it freed
-    handed back to the system afterwards.
-
-    Decoding every stored sample allocates millions of tuples and strings, none of them in a
-    reference cycle; each allocation burst set off collections that walked every live object
-    (PE bench KB: 0.6 of 2.6 CPU s of ``prepare``). Paused for the build only, and only
-    re-enabled if it was on. Reference counting still frees each decoded sample at once."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-        return_free_memory()
 
 
 def index_cache_path(database: str | None) -> Path | None:

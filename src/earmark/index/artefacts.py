@@ -53,10 +53,8 @@ MIN_ARTEFACT_STRING_LENGTH: Final = 6
 MIN_STRING_WORD_SHARE: Final = 0.8
 _WORD: Final = re.compile(r"[A-Za-z]{3}")
 _WORD_CHARACTERS: Final = frozenset(" _.-:%/\\,")
-# Any character that is neither alphanumeric (``str.isalnum``) nor one of _WORD_CHARACTERS.
-# ``\w`` is exactly ``isalnum`` plus "_" (tests/test_artefacts.py checks every code point), and
-# one regex scan per string replaces a Python-level test per character (0.3 of the 2.2 CPU s
-# of ``KnowledgeBase.prepare`` on the PE bench KB).
+# A character neither alphanumeric (``str.isalnum``) nor in _WORD_CHARACTERS, for one regex scan
+# per string: ``\w`` is exactly ``isalnum`` plus "_" (tests/test_artefacts.py: every code point).
 _NOT_WORD_CHARACTER: Final = re.compile(r"[^\w .\-:%/\\,]")
 # Names of COFF grouped sections (".text$mn", ".CRT$XCA", ".data$r") that MSVC's linker records
 # in the POGO debug data: toolchain metadata (the Rich header speaks for it), not author text.
@@ -176,8 +174,7 @@ _DROPPED: Final = -1
 
 
 def _string_key(value: str) -> int:
-    """The key of a string artefact, or _DROPPED when the text alone rules it out (not
-    distinctive, a section-group name); what depends on the sample is checked by the caller."""
+    """The key of a string artefact; _DROPPED when its text alone rules it out."""
     text = value.strip()
     if not is_distinctive_string(text) or _SECTION_GROUP.match(text):
         return _DROPPED
@@ -187,25 +184,21 @@ def _string_key(value: str) -> int:
 def sample_artefacts(
     features: SampleFeatures, known: dict[str, int] | None = None
 ) -> tuple[SampleArtefact, ...]:
-    """Every artefact of one sample, first occurrence of each key only. ``known`` remembers
-    each string's ``_string_key`` across the samples of one build: the PE bench KB holds 108k
-    strings, 22k distinct."""
+    """Every artefact of one sample, first occurrence of each key only. ``known`` keeps each
+    string's ``_string_key`` across a build's samples (PE bench KB: 108k strings, 22k distinct)."""
     found: list[SampleArtefact | None] = [
         _make("export", export.name, address=export.address)
         for export in features.exports
         if export.name and not export.name.startswith("#")
     ]
     found += _pe_artefacts(features)
-    tables = _table_names(features)
-    code = _code_ranges(features)
-    strings = 0
+    tables, code = _table_names(features), _code_ranges(features)
+    strings, memo = 0, ({} if known is None else known)
     for string in features.strings:
         value = string.value
-        key = None if known is None else known.get(value)
+        key = memo.get(value)
         if key is None:
-            key = _string_key(value)
-            if known is not None:
-                known[value] = key
+            key = memo[value] = _string_key(value)
         if key == _DROPPED or value.strip().lower() in tables or _inside(string.offset, code):
             continue
         found.append(SampleArtefact("string", value, key, offset=string.offset))
