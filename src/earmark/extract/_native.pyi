@@ -6,6 +6,8 @@ def configure(
     cs_disasm: int | None,
     cs_free: int | None,
     cs_errno: int | None,
+    cs_malloc: int | None,
+    cs_disasm_iter: int | None,
     insn_size: int,
     address_offset: int,
     size_offset: int,

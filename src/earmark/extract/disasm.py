@@ -117,10 +117,14 @@ def _load_accelerator() -> ModuleType | None:
         return None
     library = capstone._cs
     layout = capstone._cs_insn
+    if not all(hasattr(library, name) for name in ("cs_malloc", "cs_disasm_iter")):
+        return None  # a capstone without the iterator API (before 4.0): the Python loops
     _native.configure(
         ctypes.cast(library.cs_disasm, ctypes.c_void_p).value,
         ctypes.cast(library.cs_free, ctypes.c_void_p).value,
         ctypes.cast(library.cs_errno, ctypes.c_void_p).value,
+        ctypes.cast(library.cs_malloc, ctypes.c_void_p).value,
+        ctypes.cast(library.cs_disasm_iter, ctypes.c_void_p).value,
         ctypes.sizeof(layout),
         layout.address.offset,
         layout.size.offset,
