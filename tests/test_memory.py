@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import platform
 import sys
 from pathlib import Path
 
 import pytest
 
-from earmark.memory import return_free_memory
+from earmark.memory import cyclic_collector_paused, return_free_memory
 
 _GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -32,3 +33,35 @@ def test_freed_heap_below_a_live_block_is_returned() -> None:
 def test_return_free_memory_answers_whether_it_could() -> None:
     # glibc has malloc_trim; musl, macOS and Windows do not, and the call is then a no-op.
     assert return_free_memory() is _GLIBC
+
+
+def test_collector_pause_restores_what_it_found() -> None:
+    was_enabled = gc.isenabled()
+    try:
+        gc.enable()
+        with cyclic_collector_paused():
+            assert not gc.isenabled()
+            with cyclic_collector_paused():  # nested pauses leave it off until the outer one ends
+                assert not gc.isenabled()
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        gc.disable()
+        with cyclic_collector_paused():
+            pass
+        assert not gc.isenabled()  # a caller that runs with it off keeps it off
+        gc.enable()
+        with pytest.raises(RuntimeError), cyclic_collector_paused():
+            raise RuntimeError("work failed")
+        assert gc.isenabled()  # switched back on when the work fails, too
+    finally:
+        (gc.enable if was_enabled else gc.disable)()
+
+
+def test_collector_pause_decorates_a_function() -> None:
+    @cyclic_collector_paused()
+    def inside() -> bool:
+        return gc.isenabled()
+
+    gc.enable()
+    assert inside() is False
+    assert gc.isenabled()

@@ -8,13 +8,12 @@ them; docs/benchmarks.md, "Index build cost").
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Final
 
 from earmark.index.artefacts import ArtefactStatsBuilder
-from earmark.memory import return_free_memory
+from earmark.memory import cyclic_collector_paused, return_free_memory
 from earmark.model.kb import SampleRecord
 from earmark.model.sample import SampleFeatures
 from earmark.store import Store
@@ -38,13 +37,10 @@ def build_pass() -> Iterator[None]:
     reference cycle; each allocation burst set off collections that walked every live object
     (PE bench KB: 0.6 of 2.6 CPU s of ``prepare``). Paused for the build only, and only
     re-enabled if it was on. Reference counting still frees each decoded sample at once."""
-    enabled = gc.isenabled()
-    gc.disable()
     try:
-        yield
+        with cyclic_collector_paused():
+            yield
     finally:
-        if enabled:
-            gc.enable()
         return_free_memory()
 
 

@@ -21,10 +21,8 @@ partly dependent.
 
 from __future__ import annotations
 
-import gc
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -49,6 +47,7 @@ from earmark.index.function_index import (
     FunctionIndex,
 )
 from earmark.index.packed import SCAN_CHUNK
+from earmark.memory import cyclic_collector_paused
 from earmark.model.evidence import Evidence
 from earmark.model.kb import SampleRecord
 from earmark.model.sample import FunctionFeatures, SampleFeatures
@@ -230,28 +229,8 @@ def find_code_evidence(
     once with ``build_feature_candidates``."""
     if index.rarity is None:
         raise ValueError("code evidence needs an index built with rarity statistics")
-    with _cyclic_collector_paused():
+    with cyclic_collector_paused():
         return _code_evidence(store, index, samples, features, min_similarity, top_k, feature_index)
-
-
-@contextmanager
-def _cyclic_collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while code evidence allocates.
-
-    A query allocates thousands of evidence items and tuples, none in a reference cycle, and
-    after the query's analysis the heap holds ~10^5-10^6 live objects, so each full collection
-    that an allocation burst sets off walks all of them: on the PE bench (a) queries (analysis
-    then attribution in one process) ~20 ms of collection per query fell inside attribution,
-    13 ms with this pause. Reference counting still frees everything; the collector is
-    switched back on (if it was on) at the end. (``extract.functions`` and the KB build pause
-    it the same way.)"""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _code_evidence(
