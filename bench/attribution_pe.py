@@ -80,7 +80,11 @@ projects an engine does not list score 0; MRR and top-1 count ties as a random o
 wrong. Top-1/MRR/margin means weight every project equally (mean of per-project means).
 Each engine runs in its own child process per group of settings ((a) then (c) grow one KB),
 so "process peak RSS" is that engine's getrusage peak; "phase peak RSS" is sampled every 20 ms
-during that setting (ingest, index build and queries). Indexing: earmark = the whole ingest
+during that setting (ingest, index build and queries); "PSS with workers" sums the
+proportional set size of the engine's process and its worker processes (earmark's
+{EARMARK_INGEST_JOBS} ingest workers; MCRIT has none) at each sample: pages the processes share
+are split among them, so the sum is what the engine holds at once.
+Indexing: earmark = the whole ingest
 (analysis + store) plus the index build ("index build s" alone: function index + feature
 candidate stage + artefact statistics, which `earmark ingest` builds too); MCRIT = SMDA
 disassembly + storage + MinHash ("index build s" = storage + MinHash alone). Functions: each
@@ -275,9 +279,12 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
             "cpu_seconds": ingest_watch.cpu + build_watch.cpu + workers_cpu,
             # ingest and index build alike (the stage build is the build's peak)
             "peak_rss_bytes": max(ingest_memory.peak_bytes, build_memory.peak_bytes),
+            # with the ingest worker processes, which run beside this one
+            "tree_peak_rss_bytes": max(ingest_memory.tree_peak_bytes, build_memory.tree_peak_bytes),
             "failures": failures,
         },
         "query_peak_rss_bytes": query_memory.peak_bytes,
+        "query_tree_peak_rss_bytes": query_memory.tree_peak_bytes,
         "queries": queries,
     }
 
@@ -317,9 +324,11 @@ def _mcrit_phase(mcrit: Any, phase: dict[str, Any]) -> dict[str, Any]:
             "build_seconds": sum(i.indexing_seconds for i in added),
             "cpu_seconds": watch.cpu,
             "peak_rss_bytes": memory.peak_bytes,
+            "tree_peak_rss_bytes": memory.tree_peak_bytes,
             "failures": [str(i.path) for i in added if i.status == "error"],
         },
         "query_peak_rss_bytes": query_memory.peak_bytes,
+        "query_tree_peak_rss_bytes": query_memory.tree_peak_bytes,
         "queries": queries,
     }
 
@@ -431,6 +440,12 @@ def summarise(
         if setting_phase["queries"]
         else float("nan"),
         "phase_peak_rss_bytes": max(index["peak_rss_bytes"], setting_phase["query_peak_rss_bytes"]),
+        # Sum over this engine's processes (earmark's ingest workers included): older result
+        # files without the figure give nan.
+        "phase_tree_peak_rss_bytes": max(
+            index.get("tree_peak_rss_bytes", float("nan")),
+            setting_phase.get("query_tree_peak_rss_bytes", float("nan")),
+        ),
         "rows": rows,
     }
     labelled = [r for r in rows if "hit" in r]
@@ -587,6 +602,7 @@ def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
             s["query_cpu_mean"],
             _mb(s["phase_peak_rss_bytes"]),
             _mb(s["peak_rss_bytes"]),
+            _mb(s["phase_tree_peak_rss_bytes"]),
         ]
         for s in summaries
     ]
@@ -609,6 +625,7 @@ def render_results(summaries: Sequence[dict[str, Any]], markdown: bool) -> str:
                 "query CPU s mean",
                 "phase peak RSS MB",
                 "process peak RSS MB",
+                "phase peak PSS with workers MB",
             ],
             rows,
             markdown,

@@ -405,6 +405,26 @@ def current_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def process_tree_rss_bytes() -> int:
+    """Proportional set size of this process plus every live descendant (worker pools), summed.
+
+    PSS splits each page among the processes that share it, so forked workers' copy-on-write
+    library pages are not counted once per process (a sum of RSS would) and the total is what
+    the process tree holds at once. Without psutil, this process's RSS alone."""
+    try:
+        import psutil  # type: ignore[import-untyped]
+    except ImportError:
+        return current_rss_bytes()
+    me = psutil.Process()
+    total = int(me.memory_full_info().pss)
+    for child in me.children(recursive=True):
+        try:
+            total += int(child.memory_full_info().pss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # a worker that ended between the listing and the read
+    return total
+
+
 def lifetime_peak_rss_bytes() -> int:
     """Peak RSS of this process since it started (getrusage; Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -419,6 +439,8 @@ MEMORY_SAMPLE_SECONDS = 0.02
 class MemoryReading:
     start_bytes: int = 0
     peak_bytes: int = 0
+    # Peak of process_tree_rss_bytes: this process and its worker processes together (PSS).
+    tree_peak_bytes: int = 0
 
     @property
     def growth_bytes(self) -> int:
@@ -434,11 +456,13 @@ def watch_peak_memory(interval: float = MEMORY_SAMPLE_SECONDS) -> Iterator[Memor
     """
     reading = MemoryReading(start_bytes=current_rss_bytes())
     reading.peak_bytes = reading.start_bytes
+    reading.tree_peak_bytes = process_tree_rss_bytes()
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(interval):
             reading.peak_bytes = max(reading.peak_bytes, current_rss_bytes())
+            reading.tree_peak_bytes = max(reading.tree_peak_bytes, process_tree_rss_bytes())
 
     sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
     sampler.start()
@@ -448,6 +472,7 @@ def watch_peak_memory(interval: float = MEMORY_SAMPLE_SECONDS) -> Iterator[Memor
         stop.set()
         sampler.join()
         reading.peak_bytes = max(reading.peak_bytes, current_rss_bytes())
+        reading.tree_peak_bytes = max(reading.tree_peak_bytes, process_tree_rss_bytes())
 
 
 # --------------------------------------------------------------------------- tables
