@@ -8,14 +8,17 @@ and compares the results field by field.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from earmark.config import DEFAULT_LIMITS
 from earmark.extract import analyze_file, disasm
 from earmark.extract.disasm import InstructionDecoder
+from earmark.extract.functions import recover_functions
 from earmark.extract.image import CodeImage, Segment
 from earmark.freeze import features_to_bytes
 from earmark.model.sample import SampleFeatures
@@ -138,3 +141,41 @@ def test_dropping_shared_caches_keeps_features(builder: FixtureBuilder) -> None:
     assert not any(disasm._SHARED_ANALYSES.values())
     after = dataclasses.replace(analyze_file(build.stripped), analysis_seconds=0.0)
     assert features_to_bytes(after) == features_to_bytes(before)
+
+
+def _recovered(image: CodeImage, accelerated: bool) -> tuple[object, ...]:
+    """recover_functions on ``image`` through the extension or the pure-Python path."""
+    saved = disasm.ACCELERATOR
+    disasm.ACCELERATOR = saved if accelerated else None
+    try:
+        return recover_functions(image, DEFAULT_LIMITS, time.monotonic() + 60)
+    finally:
+        disasm.ACCELERATOR = saved
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    code=st.binary(min_size=1, max_size=300),
+    bits=st.sampled_from([32, 64]),
+    extra_starts=st.lists(st.integers(min_value=0, max_value=299), max_size=6),
+    base=st.sampled_from([0x401000, 0xFFFFFFFFFFFFFF00]),
+)
+def test_arbitrary_code_recovers_identically(
+    code: bytes, bits: int, extra_starts: list[int], base: int
+) -> None:
+    """Descent, bodies, ownership, re-exploration and features over arbitrary bytes (overlapping
+    instructions, jumps into instructions, code ending at the top of the address space): the
+    compiled core and the Python reference recover the same functions and warnings."""
+    if bits == 32:
+        base = 0x401000
+    image = CodeImage(
+        arch="x86_64" if bits == 64 else "x86",
+        bits=bits,
+        image_base=base,
+        segments=(Segment(".text", base, code, True), Segment(".data", 0x500000, code, False)),
+        entry_points=(base,),
+        symbol_functions=(),
+        export_addresses=tuple(base + s for s in extra_starts if s < len(code)),
+        exception_starts=(),
+    )
+    assert _recovered(image, True) == _recovered(image, False)
