@@ -1431,6 +1431,8 @@ static PyMethodDef table_methods[] = {
     {"owner", (PyCFunction)table_owner, METH_O,
      "owner(address) -> owning function's start, -1 when shared, None when not owned"},
     {"explore", (PyCFunction)table_explore, METH_VARARGS, EXPLORE_DOC},
+    {"tail_targets", (PyCFunction)table_tail_targets, METH_VARARGS,
+     "tail_targets(bodies, starts) -> targets of direct jmps that cross another start"},
     {NULL, NULL, 0, NULL},
 };
 
