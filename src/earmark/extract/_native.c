@@ -123,18 +123,18 @@ direct_target(const char *text, uint64_t *target)
     uint64_t value = 0;
     int digits = 0;
     for (const char *c = text + 2; *c; c++, digits++) {
-        int digit;
+        int nibble;
         if (*c >= '0' && *c <= '9') {
-            digit = *c - '0';
+            nibble = *c - '0';
         } else if (*c >= 'a' && *c <= 'f') {
-            digit = *c - 'a' + 10;
+            nibble = *c - 'a' + 10;
         } else {
             return -1;
         }
         if (digits == 16 || (digits == 1 && value == 0)) {
             return -1;
         }
-        value = (value << 4) | (uint64_t)digit;
+        value = (value << 4) | (uint64_t)nibble;
     }
     *target = value;
     return 0;
@@ -561,17 +561,17 @@ parse_number(const char *text, size_t length, int *negative, uint64_t *magnitude
         }
         for (size_t i = 2; i < length; i++) {
             char c = text[i];
-            int digit = c >= '0' && c <= '9'   ? c - '0'
+            int nibble = c >= '0' && c <= '9'   ? c - '0'
                         : c >= 'a' && c <= 'f' ? c - 'a' + 10
                         : c >= 'A' && c <= 'F' ? c - 'A' + 10
                                                : -1;
-            if (digit < 0) {
+            if (nibble < 0) {
                 return 0;
             }
             if (value >> 60) {
                 return 2;
             }
-            value = value << 4 | (uint64_t)digit;
+            value = value << 4 | (uint64_t)nibble;
         }
     } else {
         if (length == 0) {
@@ -583,11 +583,11 @@ parse_number(const char *text, size_t length, int *negative, uint64_t *magnitude
             }
         }
         for (size_t i = 0; i < length; i++) {
-            uint64_t digit = (uint64_t)(text[i] - '0');
-            if (value > (UINT64_MAX - digit) / 10) {
+            uint64_t decimal = (uint64_t)(text[i] - '0');
+            if (value > (UINT64_MAX - decimal) / 10) {
                 return 2;
             }
-            value = value * 10 + digit;
+            value = value * 10 + decimal;
         }
     }
     *magnitude = value;
