@@ -12,7 +12,13 @@ setup(
         Extension(
             "earmark.extract._native",
             sources=["src/earmark/extract/_native.c"],
-            depends=["src/earmark/extract/_native_body.h"],
+            depends=[
+                "src/earmark/extract/_native_analysis.h",
+                "src/earmark/extract/_native_body.h",
+                "src/earmark/extract/_native_explore.h",
+                "src/earmark/extract/_native_memo.h",
+                "src/earmark/extract/_native_minhash.h",
+            ],
             optional=True,
         )
     ]
