@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,6 +65,40 @@ def test_round_trip_is_exact(builder: FixtureBuilder, tmp_path: Path) -> None:
     found = loaded.find(queries, MIN_INSTRUCTIONS)
     assert found  # the fixture's -O2 build finds -O0 copies (test_similarity)
     assert found == index.find(queries, MIN_INSTRUCTIONS)
+
+
+def _resident_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of files under ``path`` (Linux smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) > 5 and fields[5].startswith(str(path))
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux smaps")
+def test_released_pages_leave_the_resident_set_and_read_back_the_same(
+    builder: FixtureBuilder, tmp_path: Path
+) -> None:
+    index, queries = _index(builder)
+    path = tmp_path / "kb.features"
+    assert save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
+    loaded = load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS)
+    assert loaded is not None and loaded.mappings  # every non-empty array is a file mapping
+    found = loaded.find(queries, MIN_INSTRUCTIONS)
+    # Touch every page of every mapped file, as a few dozen queries do on a real KB.
+    assert sum(len(mapping[:: mmap.PAGESIZE]) for mapping in loaded.mappings) > 0
+    before = _resident_kib(path)
+    assert before > 0
+    loaded.release_pages()
+    assert _resident_kib(path) < before
+    assert loaded.find(queries, MIN_INSTRUCTIONS) == found  # pages are read back from the file
+    assert index.mappings == ()  # a stage built in memory has nothing to release
+    index.release_pages()
 
 
 def test_other_revision_or_parameters_is_a_miss(builder: FixtureBuilder, tmp_path: Path) -> None:

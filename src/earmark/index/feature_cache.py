@@ -13,8 +13,11 @@ read: a bad offset slices out of bounds or decodes garbage, never beyond the map
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -133,9 +136,21 @@ def load_feature_candidates(
             name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False).view(np.ndarray)
             for name in manifest["arrays"]
         }
-        return _assemble(arrays, int(manifest["rows"]), list(manifest["sources"]), path)
+        stage = _assemble(arrays, int(manifest["rows"]), list(manifest["sources"]), path)
+        return replace(stage, mappings=tuple(_mappings(arrays.values())))
     except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
         raise IndexCacheError(f"cannot read the feature cache at {path}: {error}") from error
+
+
+def _mappings(arrays: Iterable[npt.NDArray[Any]]) -> Iterator[mmap.mmap]:
+    """The file mapping under each array loaded with ``mmap_mode`` (its ``base`` chain:
+    ndarray view -> np.memmap -> mmap; an empty file is read without one)."""
+    for array in arrays:
+        base: object = array
+        while isinstance(base, np.ndarray):
+            base = base.base
+        if isinstance(base, mmap.mmap):
+            yield base
 
 
 def _check(condition: bool, path: Path, what: str) -> None:

@@ -22,8 +22,9 @@ features file (decoding was ~0.2 s per matched sample and ~90 % of a query; docs
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
@@ -287,6 +288,25 @@ class FeatureCandidateIndex:
     # Every indexed sample's functions of >= min_instructions (with or without keys): the
     # posting targets and the re-ranking's view of the KB.
     stored: CompactFunctions
+    # The cache files the arrays are mapped from (``index.feature_cache``); empty when built
+    # in memory. Held to hand their touched pages back after a query (``release_pages``).
+    mappings: tuple[mmap.mmap, ...] = field(default=(), compare=False, repr=False)
+
+    def release_pages(self) -> None:
+        """Drop the mapped files' pages from this process's resident set; they stay in the
+        page cache, and the next query that reads a row maps its page again (a minor fault).
+
+        A query reads rows scattered over the whole MinHash columns, so a process that has
+        answered a few dozen queries otherwise keeps nearly all of them resident: on the PE
+        bench (c) KB 17 MB of ``minhash.npy``/``robust_minhash.npy``, held through the next
+        query and the next index build (docs/benchmarks.md, "Benchmark process memory").
+        """
+        advice = getattr(mmap, "MADV_DONTNEED", None)  # absent where madvise is (Windows)
+        if advice is None:
+            return
+        for mapping in self.mappings:
+            if not mapping.closed:
+                mapping.madvise(advice)
 
     @classmethod
     def build(
