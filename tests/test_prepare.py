@@ -23,6 +23,7 @@ from earmark.index.compact_functions import (
     NUMERIC_COLUMNS,
     TEXT_REFERENCES,
     CompactBuilder,
+    CompactFunctions,
 )
 from earmark.index.feature_candidates import (
     FeatureCandidateIndex,
@@ -231,3 +232,44 @@ def test_feature_keys_of_many_functions_equal_those_of_each_alone(corpus: DemoCo
         if set(function.robust_minhash) - {0xFFFFFFFF}
     ]
     assert len(banded) > 10 and min(len(row) for row in banded) >= MINHASH_PERMUTATIONS // 4
+
+
+def _columns_of(stored: CompactFunctions) -> dict[str, list[object]]:
+    arrays = {name: getattr(stored, name) for name in ("sample_id", "function_id", "address",
+              "size", "block_count", "edge_count", "instruction_count", "exact_hash", "minhash",
+              "minhash_length", "robust_minhash", "robust_length", "source_codes")}  # fmt: skip
+    for name, ints in stored.int_references.items():
+        arrays |= {f"{name}.values": ints.values, f"{name}.negative": ints.negative,
+                   f"{name}.offsets": ints.offsets}  # fmt: skip
+    for name, texts in stored.text_references.items():
+        arrays |= {f"{name}.blob": texts.blob, f"{name}.starts": texts.starts,
+                   f"{name}.ids": texts.ids, f"{name}.offsets": texts.offsets}  # fmt: skip
+    return {name: [array.dtype.str, array.tolist()] for name, array in arrays.items()}
+
+
+def test_compact_rows_added_by_sample_equal_those_added_one_by_one(corpus: DemoCorpus) -> None:
+    """Whole samples converted at once give the columns of the function-by-function path,
+    with negative and past-int64 references, empty signatures and an irregular function."""
+    functions = list(analyze_file(corpus.binary("alpha-v3", "O2").path).functions)
+    odd = [
+        replace(functions[0], constants=(-5, 2**63 + 1), minhash=(), strings=("caf\u00e9",)),
+        replace(functions[1], immediates=(-(2**64) + 1,), robust_minhash=()),
+        replace(functions[2], calls=(2**64,)),  # does not fit: kept as an object
+    ]
+    signed = replace(functions[3], constants=(-1, 7), immediates=(-(2**63),))  # int64 path
+    samples = [(1, functions), (2, [*functions[:4], *odd[:2]]), (3, odd), (4, [signed])]
+    batched, reference = CompactBuilder(), CompactBuilder()
+    positions = []
+    for sample_id, members in samples:
+        for function_id, function in enumerate(members):
+            positions.append(batched.add(sample_id, function_id, function))
+            reference._add_one(sample_id, function_id, function)
+    fast, slow = batched.finish(), reference.finish()
+    assert positions == list(range(len(fast)))
+    assert _columns_of(fast) == _columns_of(slow)
+    assert fast.source_names == slow.source_names and fast.irregular == slow.irregular
+    assert list(fast.irregular) == [len(functions) + 6 + 2]
+    whole = CompactBuilder()
+    for sample_id, members in samples:
+        whole.add_sample(sample_id, list(range(len(members))), members)
+    assert _columns_of(whole.finish()) == _columns_of(fast)

@@ -25,6 +25,13 @@ from earmark.index.compact_columns import (
     TextColumn,
     TextColumnBuilder,
     column_of,
+    extend_column,
+)
+from earmark.index.compact_rows import (
+    INT_REFERENCES,
+    TEXT_REFERENCES,
+    fits_columns,
+    regular_columns,
 )
 from earmark.index.lsh import expand_ranges, reduce_signatures
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
@@ -44,11 +51,6 @@ __all__ = [
 ]
 
 _UINT64_END: Final = 1 << 64
-_UINT32_END: Final = 1 << 32
-_INT64_END: Final = 1 << 63
-# Reference integers are stored as value mod 2**64 plus a sign flag: calls are addresses,
-# constants and immediates may be negative; both ends fit (as the features file allows).
-_INT_LOW: Final = -(1 << 64) + 1
 
 NUMERIC_COLUMNS: Final = {
     "sample_id": np.int64,
@@ -63,39 +65,6 @@ NUMERIC_COLUMNS: Final = {
     "robust_length": np.int64,
 }
 SIGNATURE_COLUMNS: Final = ("minhash", "robust_minhash")
-INT_REFERENCES: Final = ("calls", "constants", "immediates")
-TEXT_REFERENCES: Final = ("called_imports", "strings")
-
-
-def fits_columns(function: FunctionFeatures) -> bool:
-    """Whether every numeric field fits its column (always true for extracted features; a
-    hand-made file with odd values is kept as the object itself, so results never change)."""
-    return (
-        0 <= function.address < _UINT64_END
-        and 0 <= function.exact_hash < _UINT64_END
-        and all(
-            0 <= value < _INT64_END
-            for value in (
-                function.size,
-                function.block_count,
-                function.edge_count,
-                function.instruction_count,
-            )
-        )
-        and len(function.minhash) in (0, MINHASH_PERMUTATIONS)
-        and len(function.robust_minhash) in (0, MINHASH_PERMUTATIONS)
-        and _within(function.minhash, 0, _UINT32_END)
-        and _within(function.robust_minhash, 0, _UINT32_END)
-        and _within(function.calls, _INT_LOW, _UINT64_END)
-        and _within(function.constants, _INT_LOW, _UINT64_END)
-        and _within(function.immediates, _INT_LOW, _UINT64_END)
-    )
-
-
-def _within(values: tuple[int, ...], low: int, end: int) -> bool:
-    """Every value in ``low <= value < end``. ``min``/``max`` run in C: a generator over
-    each value took ~0.8 s of the 4 s feature stage build on the PE bench KB."""
-    return not values or (low <= min(values) and max(values) < end)
 
 
 # (request, same-hash function) pairs ``locate_positions`` compares per step: its temporaries
@@ -110,7 +79,13 @@ _EMPTY_ROW: Final = (0,) * MINHASH_PERMUTATIONS
 
 class CompactBuilder:
     """Accumulates rows in ``array.array`` buffers (1-8 bytes per value) rather than lists of
-    Python objects, so building over a large KB peaks near the size of the result."""
+    Python objects, so building over a large KB peaks near the size of the result.
+
+    ``add`` only records a function; its sample's functions are converted together when the
+    next sample starts or at ``finish`` (``add_sample``): a numpy array per column and a
+    range check over it instead of ~40 Python-level steps per function (~30 % of
+    ``KnowledgeBase.prepare`` on the PE bench KB, docs/benchmarks.md "Ingest pipeline
+    cost"). Callers add a sample's functions together, so the held ones are a sample's."""
 
     def __init__(self) -> None:
         self.sample_id = array("q")
@@ -124,8 +99,58 @@ class CompactBuilder:
         self.source_codes = array("q")
         self.source_names: dict[str, int] = {}
         self.irregular: dict[int, FunctionFeatures] = {}
+        self._rows = 0
+        self._pending_sample = 0
+        self._pending_ids: list[int] = []
+        self._pending: list[FunctionFeatures] = []
 
     def add(self, sample_id: int, function_id: int, function: FunctionFeatures) -> int:
+        """Add one function; its position in the result."""
+        if self._pending and sample_id != self._pending_sample:
+            self._add_pending()
+        self._pending_sample = sample_id
+        self._pending_ids.append(function_id)
+        self._pending.append(function)
+        self._rows += 1
+        return self._rows - 1
+
+    def add_sample(
+        self, sample_id: int, function_ids: Sequence[int], functions: Sequence[FunctionFeatures]
+    ) -> None:
+        """Add a sample's functions (with their store ids) at once, as ``add`` of each."""
+        self._add_pending()
+        self._rows += len(functions)
+        self._add_rows(sample_id, function_ids, functions)
+
+    def _add_pending(self) -> None:
+        if self._pending:
+            self._add_rows(self._pending_sample, self._pending_ids, self._pending)
+            self._pending_ids, self._pending = [], []
+
+    def _add_rows(
+        self, sample_id: int, function_ids: Sequence[int], functions: Sequence[FunctionFeatures]
+    ) -> None:
+        block = regular_columns(functions)
+        if block is None:  # some value does not fit: function by function
+            for function_id, function in zip(function_ids, functions, strict=True):
+                self._add_one(sample_id, function_id, function)
+            return
+        self.sample_id.extend([sample_id] * len(functions))
+        self.function_id.extend(function_ids)
+        extend_column(self.numbers, block.numbers)
+        extend_column(self.minhash, block.minhash)
+        extend_column(self.robust, block.robust_minhash)
+        extend_column(self.signature_length, block.signature_lengths)
+        for name, ints in self.ints.items():
+            ints.add_rows(*block.int_references[name])
+        for name, texts in self.texts.items():
+            texts.add_rows(*block.text_references[name])
+        names = self.source_names
+        self.source_codes.extend(
+            [names.setdefault(function.source, len(names)) for function in functions]
+        )
+
+    def _add_one(self, sample_id: int, function_id: int, function: FunctionFeatures) -> None:
         position = len(self.sample_id)
         self.sample_id.append(sample_id)
         self.function_id.append(function_id)
@@ -155,9 +180,9 @@ class CompactBuilder:
             texts.add(getattr(function, name) if regular else ())
         code = self.source_names.setdefault(function.source, len(self.source_names))
         self.source_codes.append(code)
-        return position
 
     def finish(self) -> CompactFunctions:
+        self._add_pending()
         numbers = column_of(self.numbers, np.uint64).reshape(-1, 6)
         lengths = column_of(self.signature_length, np.int64).reshape(-1, 2)
         sample_ids = column_of(self.sample_id, np.int64)
