@@ -249,3 +249,33 @@ def test_invalid_deflate_stream_with_a_matching_checksum_is_refused() -> None:
     header = struct.pack("<8sHHQI", freeze.MAGIC, 1, 0, payload_size, zlib.crc32(stream))
     with pytest.raises(FeaturesFileError, match=r"damaged \(error\)"):
         features_from_bytes(header + bytes(stream))
+
+
+# Floats of every magnitude and kind: msgspec writes some of them unlike ``float.__repr__``.
+_any_float = st.floats() | st.sampled_from([1e-5, 1e16, 1e-4, 9.999e15, -0.0, float("nan")])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_features, _odd_strings, st.lists(_any_float, max_size=3), _any_float)
+def test_fast_encoding_writes_the_reference_text(
+    features: SampleFeatures,
+    strings: tuple[StringRef, ...],
+    entropies: list[float],
+    seconds: float,
+) -> None:
+    """The payload is the stdlib encoder's text byte for byte, whatever the strings (DEL,
+    non-ASCII, astral, lone surrogates) and floats (exponent forms, NaN, infinities)."""
+    sections = tuple(Section(".text", 4096, 100, 1024, 512, e, ("read",)) for e in entropies)
+    features = dataclasses.replace(
+        features, strings=strings, sections=sections, analysis_seconds=seconds
+    )
+    assert freeze._json_payload(features) == freeze._stdlib_payload(features)
+
+
+def test_fast_encoding_of_a_real_sample(builder: FixtureBuilder) -> None:
+    features = analyze_file(builder.build("meta_hello.c", "mingw64", "O2").stripped)
+    odd = StringRef(8, "utf-16le", "\x7fcaf\u00e9 \U0001f600")
+    for changed in (features, dataclasses.replace(features, strings=(*features.strings, odd))):
+        payload = freeze._json_payload(changed)
+        assert payload == freeze._stdlib_payload(changed)
+        assert payload.isascii() and b"\x7f" not in payload

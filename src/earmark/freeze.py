@@ -25,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import operator
+import re
 import struct
 import types
 import typing
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, Union
@@ -62,20 +64,101 @@ def _version_numbers(version: str) -> tuple[int, int]:
 
 
 def features_to_bytes(features: SampleFeatures) -> bytes:
+    payload = _json_payload(features)
+    compressed = zlib.compress(payload, _COMPRESSION_LEVEL)
+    major, minor = _version_numbers(FEATURES_FORMAT_VERSION)
+    header = _HEADER.pack(MAGIC, major, minor, len(payload), zlib.crc32(compressed))
+    return header + compressed
+
+
+def _stdlib_payload(features: SampleFeatures) -> bytes:
+    """The reference text of the payload (the file format is defined by it)."""
     # Dataclasses become objects through ``default`` while tuples go to json's C encoder as
     # they are (it writes tuples as arrays): the same text as converting the whole tree to
     # dicts and lists first, which measured 2/3 of the encoding time.
-    payload = json.dumps(
+    return json.dumps(
         features,
         default=_dataclass_fields,
         ensure_ascii=True,
         separators=(",", ":"),
         allow_nan=True,
     ).encode("ascii")
-    compressed = zlib.compress(payload, _COMPRESSION_LEVEL)
-    major, minor = _version_numbers(FEATURES_FORMAT_VERSION)
-    header = _HEADER.pack(MAGIC, major, minor, len(payload), zlib.crc32(compressed))
-    return header + compressed
+
+
+# What ``json.dumps(ensure_ascii=True)`` escapes that msgspec writes as it is: DEL and every
+# character past ASCII (as \uXXXX, astral ones as a surrogate pair).
+_UNESCAPED: Final = re.compile("[\x7f-\U0010ffff]")
+_MSGSPEC_ENCODER: Final = msgspec.json.Encoder()
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 | (code >> 10):04x}\\u{0xDC00 | (code & 0x3FF):04x}"
+
+
+def _json_payload(features: SampleFeatures) -> bytes:
+    """``_stdlib_payload``'s bytes, written by msgspec where it writes the same text: ~7x
+    faster (PE bench KB, 101 samples: 0.13 against 0.82 CPU s, a third of an ingest
+    worker's time outside the analysis). msgspec writes dataclasses, tuples, ints, strings and
+    ASCII escapes as json does; what differs is handled here: characters from DEL up are
+    escaped afterwards (outside strings the text is ASCII), and floats it would write
+    otherwise (exponent forms, non-finite values) and text it cannot write (lone
+    surrogates) go to the stdlib encoder."""
+    try:
+        payload = _MSGSPEC_ENCODER.encode(features)
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
+        return _stdlib_payload(features)
+    if not all(_float_written_alike(value) for value in _floats_in(features)):
+        return _stdlib_payload(features)
+    if not payload.isascii() or b"\x7f" in payload:
+        payload = _UNESCAPED.sub(_escaped, payload.decode("utf-8")).encode("ascii")
+    return payload
+
+
+def _float_written_alike(value: float) -> bool:
+    """Whether msgspec writes ``value`` as json does (``float.__repr__``; msgspec differs in
+    exponent forms, outside 1e-4 <= |value| < 1e16, and writes NaN and infinities as null)."""
+    return math.isfinite(value) and _MSGSPEC_ENCODER.encode(value) == repr(value).encode()
+
+
+def _floats_in(value: object) -> Iterator[float]:
+    """The floats in a features tree, walking only the fields whose type can hold one (a
+    section's entropy, the analysis time: not the functions or strings)."""
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _floats_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _floats_in(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for name in _float_fields(type(value)):
+            yield from _floats_in(getattr(value, name))
+
+
+@functools.cache
+def _float_fields(kind: type[Any]) -> tuple[str, ...]:
+    """Fields of a model dataclass whose declared type can hold a float, directly or inside."""
+    hints = typing.get_type_hints(kind)
+    return tuple(
+        field.name
+        for field in dataclasses.fields(kind)
+        if _may_hold_float(hints[field.name], frozenset({kind}))
+    )
+
+
+def _may_hold_float(hint: Any, seen: frozenset[Any]) -> bool:
+    if hint is float or hint is Any:
+        return True
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint not in seen and any(
+            _may_hold_float(inner, seen | {hint}) for inner in typing.get_type_hints(hint).values()
+        )
+    return any(_may_hold_float(arg, seen) for arg in typing.get_args(hint) if arg is not Ellipsis)
 
 
 def features_from_bytes(blob: bytes, *, instructions: bool = True) -> SampleFeatures:
