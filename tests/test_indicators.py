@@ -181,3 +181,11 @@ _PIECES = st.sampled_from(
 @given(st.lists(_PIECES, max_size=12).map("".join))
 def test_the_precheck_never_hides_an_indicator(text: str) -> None:
     assert list(indicators._scan(text)) == list(indicators._scan_text(text))
+
+
+def test_case_folded_letters_are_no_bech32_address() -> None:
+    # "ſ" (long s) matches "s" under Unicode case-insensitive matching; the checksum test must
+    # answer "no address" for it instead of raising.
+    text = "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq\u017f"
+    assert list(indicators._scan(text)) == list(indicators._scan_text(text))
+    assert not any(i.value.endswith("\u017f") for i, _ in indicators._scan_text(text))

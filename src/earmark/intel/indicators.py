@@ -208,6 +208,7 @@ def _base58check_ok(text: str) -> bool:
 
 
 _BECH32_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_BECH32_SET = frozenset(_BECH32_CHARSET)
 _BECH32_CONSTANTS = (1, 0x2BC830A3)  # BIP-173 bech32, BIP-350 bech32m
 
 
@@ -216,6 +217,10 @@ def _bech32_ok(text: str) -> bool:
         return False
     text = text.lower()
     hrp, data = text[:2], text[3:]
+    # The patterns match case-insensitively, and Unicode case folding lets a few non-ASCII
+    # letters through ("ſ" matches "s", the Kelvin sign "k"): such a text is no address.
+    if not _BECH32_SET.issuperset(data):
+        return False
     values = [_BECH32_CHARSET.index(c) for c in data]
     generators = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
     checksum = 1
