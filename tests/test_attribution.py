@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -18,6 +20,7 @@ from earmark.correlate.code import find_code_evidence
 from earmark.demo_build import DemoBinary, DemoCorpus, build_demo_corpus
 from earmark.extract import analyze_file
 from earmark.index.feature_candidates import locate_function
+from earmark.index.function_index import FunctionIndex
 from earmark.index.lsh import reduce_signatures
 from earmark.ingest import LabelTemplate, ingest_paths
 from earmark.reason.hypotheses import KNOWN_ACTOR_THRESHOLD
@@ -292,3 +295,34 @@ def test_feature_stage_cache_gives_the_same_case(
     with open_knowledge_base(database) as kb:
         assert attribute(kb, query) == built
     assert len((cache / "postings.npy").read_bytes()) > 100  # rewritten by the rebuild
+
+
+def test_a_new_revision_is_built_without_the_stale_one_in_memory(
+    corpora: dict[str, DemoCorpus], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an ingest the index is rebuilt with the old revision's index and feature stage
+    (mapped pages a query touched) already freed, not held beside the new build."""
+    corpus = corpora["gcc-elf64"]
+    with open_knowledge_base(str(tmp_path / "kb.db")) as kb:
+        for binary in corpus.select(role="kb", opt="O0"):
+            template = LabelTemplate(actor=binary.actor, family=binary.family, source="test")
+            ingest_paths(kb.store, [binary.path], template)
+        kb.prepare()
+        attribute(kb, corpus.binary("alpha-v3", "O2"))
+        old_stage, old_index = kb.feature_candidates(), kb.index()
+        assert old_stage is not None and old_stage.mappings  # served from <db>.features
+        stale = [weakref.ref(old_stage), weakref.ref(old_index)]
+        del old_stage, old_index
+        alive_at_build: list[bool] = []
+        build = FunctionIndex.build
+
+        def watched_build(*args: Any, **kwargs: Any) -> FunctionIndex:
+            alive_at_build.append(any(ref() is not None for ref in stale))
+            return build(*args, **kwargs)
+
+        monkeypatch.setattr(FunctionIndex, "build", watched_build)
+        query = corpus.binary("alpha-v3", "O2")
+        ingest_paths(kb.store, [query.path], LabelTemplate(actor="Group A", source="test"))
+        kb.prepare()
+        assert alive_at_build == [False]
+        assert kb.artefact_stats().revision == kb.index().revision == kb.store.revision()

@@ -12,7 +12,8 @@ import pytest
 from earmark.errors import IndexCacheError
 from earmark.extract import analyze_file
 from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
-from earmark.index.feature_candidates import FeatureCandidateIndex
+from earmark.index.feature_candidates import FEATURE_MATCH_SIMILARITY, FeatureCandidateIndex
+from earmark.index.similarity import function_similarity
 from earmark.model.sample import FunctionFeatures
 from fixtures.build import FixtureBuilder
 
@@ -65,6 +66,25 @@ def test_round_trip_is_exact(builder: FixtureBuilder, tmp_path: Path) -> None:
     found = loaded.find(queries, MIN_INSTRUCTIONS)
     assert found  # the fixture's -O2 build finds -O0 copies (test_similarity)
     assert found == index.find(queries, MIN_INSTRUCTIONS)
+
+
+def test_batch_verification_scores_as_function_similarity(builder: FixtureBuilder) -> None:
+    """``find`` verifies its candidates in one batch; each match carries, bit for bit, the
+    score ``function_similarity`` gives the pair, and only pairs at the threshold pass."""
+    index, queries = _index(builder)
+    found = index.find(queries, MIN_INSTRUCTIONS)
+    assert found
+    for match in found:
+        assert match.similarity == function_similarity(queries[match.query], match.function)
+        assert match.similarity >= FEATURE_MATCH_SIMILARITY
+        position = _position(index, match.sample_id, match.function.address)
+        assert match.function == index.stored.function(position)
+        assert match.function_id == int(index.stored.function_id[position])
+
+
+def _position(index: FeatureCandidateIndex, sample_id: int, address: int) -> int:
+    start, stop = index.stored.sample_ranges[sample_id]
+    return start + int(np.flatnonzero(index.stored.address[start:stop] == address)[0])
 
 
 def _resident_kib(path: Path) -> int:

@@ -38,7 +38,7 @@ from earmark.index.compact_functions import (
 )
 from earmark.index.key_postings import FIRST_SWEEP_ENTRIES, PostingsBuilder
 from earmark.index.lsh import expand_ranges
-from earmark.index.similarity import function_similarity
+from earmark.index.pair_similarity import stored_pair_similarity
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
 __all__ = [
@@ -386,25 +386,29 @@ class FeatureCandidateIndex:
         group_sizes = np.diff(np.r_[group_start, len(pair_query)])
         rank = np.arange(len(pair_query)) - np.repeat(group_start, group_sizes)
         top = rank < CANDIDATES_PER_QUERY
+        pair_query, pair_function, shared = pair_query[top], pair_function[top], shared[top]
+        # Verified in one batch, bit for bit ``function_similarity``; only the pairs that pass
+        # become FunctionFeatures (a KB function rebuilt per candidate held ~10 MB of Python
+        # objects at the peak of a PE bench (c) query, most of them rejected).
+        similarity = stored_pair_similarity(queries, pair_query, self.stored, pair_function)
+        passed = similarity >= FEATURE_MATCH_SIMILARITY
         matches: list[FeatureMatch] = []
-        for query, function_position, count in zip(
-            pair_query[top].tolist(),
-            pair_function[top].tolist(),
-            shared[top].tolist(),
+        for query, function_position, count, score in zip(
+            pair_query[passed].tolist(),
+            pair_function[passed].tolist(),
+            shared[passed].tolist(),
+            similarity[passed].tolist(),
             strict=True,
         ):
-            stored = self.stored.function(function_position)
-            similarity = function_similarity(queries[query], stored)
-            if similarity >= FEATURE_MATCH_SIMILARITY:
-                matches.append(
-                    FeatureMatch(
-                        query=query,
-                        sample_id=int(self.stored.sample_id[function_position]),
-                        function=stored,
-                        shared_keys=count,
-                        similarity=similarity,
-                        function_id=int(self.stored.function_id[function_position]),
-                    )
+            matches.append(
+                FeatureMatch(
+                    query=query,
+                    sample_id=int(self.stored.sample_id[function_position]),
+                    function=self.stored.function(function_position),
+                    shared_keys=count,
+                    similarity=score,
+                    function_id=int(self.stored.function_id[function_position]),
                 )
+            )
         matches.sort(key=lambda m: (m.query, -m.similarity, m.sample_id, m.function.address))
         return matches
