@@ -13,11 +13,8 @@ Import thunks (``jmp [IAT]``, PLT stubs) are not functions: calls to them become
 from __future__ import annotations
 
 import bisect
-import gc
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Final
 
 from earmark.config import Limits
@@ -43,6 +40,7 @@ from earmark.extract.function_starts import (
 )
 from earmark.extract.image import CodeImage
 from earmark.extract.jumptables import JUMP_TABLE_LOOKBACK, jump_table_targets
+from earmark.memory import cyclic_collector_paused
 from earmark.model.sample import FunctionFeatures
 
 # Imports after whose call execution never continues; decoding past them would glue the next
@@ -523,7 +521,7 @@ def recover_functions(
     Returns (functions, warnings); raises AnalysisTimeoutError once ``time.monotonic()``
     passes ``deadline`` (checked between functions).
     """
-    with _cyclic_collector_paused():
+    with cyclic_collector_paused():
         return _recover_and_describe(image, limits, deadline)
 
 
@@ -565,21 +563,3 @@ def drop_shared_caches() -> None:
     """
     drop_shared_analyses()
     drop_token_caches()
-
-
-@contextmanager
-def _cyclic_collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while recovery allocates.
-
-    Recovery allocates a few tuples per decoded instruction (10^5..10^6 live objects), none of
-    them in reference cycles, and each allocation burst triggered generation scans over all of
-    them: measured 30-35 % of recovery time on corpus DLLs. Reference counting still frees
-    everything; the collector is switched back on (if it was on) when recovery ends.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
