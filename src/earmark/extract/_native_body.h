@@ -235,18 +235,25 @@ owner_index(TableObject *table, PyObject *start_object, uint64_t start)
     return table->owner_count++;
 }
 
-/* own(start): CodeCoverage.add's ownership update (shared when another function owns it). */
-static PyObject *
-body_own(BodyObject *self, PyObject *start_object)
+/* The owner number of the function start ``start_object``, or -1 with an exception set. */
+static int64_t
+start_owner_index(TableObject *table, PyObject *start_object)
 {
     uint64_t start;
     if (address_value(start_object, &start) <= 0) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_ValueError, "a function start is an address");
         }
-        return NULL;
+        return -1;
     }
-    int64_t index = owner_index(self->table, start_object, start);
+    return owner_index(table, start_object, start);
+}
+
+/* own(start): CodeCoverage.add's ownership update (shared when another function owns it). */
+static PyObject *
+body_own(BodyObject *self, PyObject *start_object)
+{
+    int64_t index = start_owner_index(self->table, start_object);
     if (index < 0) {
         return NULL;
     }
@@ -267,14 +274,7 @@ body_own(BodyObject *self, PyObject *start_object)
 static PyObject *
 body_disown(BodyObject *self, PyObject *start_object)
 {
-    uint64_t start;
-    if (address_value(start_object, &start) <= 0) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_ValueError, "a function start is an address");
-        }
-        return NULL;
-    }
-    int64_t index = owner_index(self->table, start_object, start);
+    int64_t index = start_owner_index(self->table, start_object);
     if (index < 0) {
         return NULL;
     }
