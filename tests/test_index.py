@@ -18,6 +18,7 @@ from earmark.index import (
     IndexCacheError,
     QueryFunctions,
     candidate_probability,
+    function_index,
     s_curve_threshold,
 )
 from earmark.index.function_index import MAX_ROWS_PER_BUCKET
@@ -247,6 +248,34 @@ def test_full_buckets_are_cut_and_counted() -> None:
     matches = index.query(queries_for(common), top_k=10_000)
     assert matches.truncated_buckets == 16
     assert len(matches) == MAX_ROWS_PER_BUCKET
+
+
+def test_matching_in_passes_gives_the_matches_of_one_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Queries sharing big buckets (runtime-like code) and near-duplicates, matched with a pair
+    budget so small that every query is its own pass: the same matches, in the same order."""
+    rng = np.random.default_rng(8)
+    common = random_minhash(rng, 3)
+    stored = [np.repeat(common, 40, axis=0), random_minhash(rng, 300)]
+    variants = random_minhash(rng, 60)
+    variants[:, :48] = stored[1][:60, :48]  # three quarters of the slots shared
+    table = make_table(np.concatenate(stored))
+    index = FunctionIndex.build(table, revision=1)
+    query = queries_for(np.concatenate((common, variants, random_minhash(rng, 20))))
+    whole = index.query(query, min_similarity=0.3, top_k=7)
+    assert len(whole) == 3 * 7 + 60 and whole.truncated_buckets == 0
+    monkeypatch.setattr(function_index, "MAX_PAIRS_PER_PASS", 1)
+    passes = index.query(query, min_similarity=0.3, top_k=7)
+    for name in ("query", "row", "function_id", "sample_id", "similarity", "exact"):
+        assert np.array_equal(getattr(whole, name), getattr(passes, name)), name
+
+
+def test_pair_budget_runs_cover_every_query_once() -> None:
+    pairs = np.array([5, 0, 7, 3, 20, 1, 1, 0], dtype=np.int64)
+    runs = function_index._pair_budget_chunks(pairs, 10)
+    assert runs == [(0, 2), (2, 4), (4, 5), (5, 8)]
+    assert function_index._pair_budget_chunks(np.zeros(0, dtype=np.int64), 10) == []
 
 
 def test_empty_index_and_empty_query() -> None:

@@ -56,6 +56,14 @@ MIN_INSTRUCTIONS: Final = 10
 # is ~0 anyway. Cut buckets are counted in ``FunctionMatches.truncated_buckets``.
 MAX_ROWS_PER_BUCKET: Final = 512
 
+# Candidate pairs verified per pass of a query. A sample's functions are matched in passes of
+# whole query functions, each pass with at most this many (query, row) pairs unless a single
+# function has more (at most 16 bands x MAX_ROWS_PER_BUCKET): the pairs and their temporaries
+# (dedup, agreement, sort) take ~60 bytes each, so one pass of all of a 900-function DLL's
+# ~650k pairs held 39 MiB at once; 2^17 pairs keep a pass near 8 MB. Results do not depend on
+# it: passes are disjoint runs of query functions and matches are grouped by query anyway.
+MAX_PAIRS_PER_PASS: Final = 1 << 17
+
 # Default similarity floor for a reported match: the LSH S-curve threshold (16 x 4 bands).
 DEFAULT_MIN_SIMILARITY: Final = 0.5
 # Matches kept per query function, best first.
@@ -260,23 +268,63 @@ class FunctionIndex:
         query_signatures = reduce_signatures(batch.minhash[large])
         query_keys = band_keys(query_signatures)
         stored_keys = band_keys(self.signatures)
-        pair_queries: list[npt.NDArray[np.int64]] = []
-        pair_rows: list[npt.NDArray[np.int64]] = []
-        truncated = 0
+        bounds = []
         for band in range(BAND_COUNT):
             order = None if band == 0 else self.band_orders.column(band - 1)
             targets = np.ascontiguousarray(query_keys[:, band])
-            starts, stops = locate_keys(stored_keys, band, order, targets)
-            owners, positions, cut = expand_ranges(starts, stops, MAX_ROWS_PER_BUCKET)
-            truncated += cut
-            pair_queries.append(owners)
+            bounds.append(locate_keys(stored_keys, band, order, targets))
+        bucket_rows = [np.maximum(stops - starts, 0) for starts, stops in bounds]
+        truncated = sum(int(np.count_nonzero(rows > MAX_ROWS_PER_BUCKET)) for rows in bucket_rows)
+        pairs = np.sum([np.minimum(rows, MAX_ROWS_PER_BUCKET) for rows in bucket_rows], axis=0)
+        query_exact_hash = batch.exact_hash[large]
+        parts = [
+            self._match_queries(
+                bounds, query_signatures, query_exact_hash, first, stop, top_k, min_similarity
+            )
+            for first, stop in _pair_budget_chunks(pairs, MAX_PAIRS_PER_PASS)
+        ]
+        queries = np.concatenate([part[0] for part in parts])
+        rows = np.concatenate([part[1] for part in parts])
+        return FunctionMatches(
+            query=large[queries].astype(np.int64),
+            row=rows,
+            function_id=self.function_id[rows],
+            sample_id=self.sample_id(rows),
+            similarity=np.concatenate([part[2] for part in parts]),
+            exact=np.concatenate([part[3] for part in parts]),
+            skipped_small=skipped,
+            truncated_buckets=truncated,
+        )
+
+    def _match_queries(
+        self,
+        bounds: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]],
+        query_signatures: npt.NDArray[np.uint8],
+        query_exact_hash: npt.NDArray[np.uint64],
+        first: int,
+        stop: int,
+        top_k: int,
+        min_similarity: float,
+    ) -> tuple[
+        npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.bool_]
+    ]:
+        """Verified matches of query rows ``first:stop`` (positions among the looked-up
+        functions), grouped by query, best first, at most ``top_k`` each."""
+        pair_queries: list[npt.NDArray[np.int64]] = []
+        pair_rows: list[npt.NDArray[np.int64]] = []
+        for band, (starts, stops) in enumerate(bounds):
+            order = None if band == 0 else self.band_orders.column(band - 1)
+            owners, positions, _ = expand_ranges(
+                starts[first:stop], stops[first:stop], MAX_ROWS_PER_BUCKET
+            )
+            pair_queries.append(owners + first)
             pair_rows.append(positions if order is None else order[positions])
         combined = np.unique(np.concatenate(pair_queries) * len(self) + np.concatenate(pair_rows))
         queries = combined // len(self)
         rows = combined % len(self)
         agreeing = count_agreeing_slots(self.signatures, rows, query_signatures, queries)
         similarity = estimate_jaccard_from_agreement(agreeing)
-        exact = self.exact_hash[rows] == batch.exact_hash[large][queries]
+        exact = self.exact_hash[rows] == query_exact_hash[queries]
         similarity[exact] = 1.0
         keep = (similarity >= min_similarity) | exact
         queries, rows, similarity, exact = queries[keep], rows[keep], similarity[keep], exact[keep]
@@ -287,17 +335,7 @@ class FunctionIndex:
         group_sizes = np.diff(np.r_[group_start, len(queries)])
         rank = np.arange(len(queries)) - np.repeat(group_start, group_sizes)
         top = rank < top_k
-        rows = rows[top]
-        return FunctionMatches(
-            query=large[queries[top]].astype(np.int64),
-            row=rows,
-            function_id=self.function_id[rows],
-            sample_id=self.sample_id(rows),
-            similarity=similarity[top],
-            exact=exact[top],
-            skipped_small=skipped,
-            truncated_buckets=truncated,
-        )
+        return queries[top], rows[top], similarity[top], exact[top]
 
     def save(self, path: Path) -> None:
         """Write the index (and rarity) as a directory of .npy files plus a manifest.
@@ -475,6 +513,21 @@ def _has_shape(
     ):
         return False
     return not (dtype is np.uint8 and shape[-1] is None) or 1 <= array.shape[-1] <= 8
+
+
+def _pair_budget_chunks(pairs: npt.NDArray[np.int64], budget: int) -> list[tuple[int, int]]:
+    """Consecutive runs ``(first, stop)`` of queries whose pair counts add up to at most
+    ``budget`` (a query with more than ``budget`` pairs is a run of its own)."""
+    runs: list[tuple[int, int]] = []
+    first, total = 0, 0
+    for position, count in enumerate(pairs.tolist()):
+        if position > first and total + count > budget:
+            runs.append((first, position))
+            first, total = position, 0
+        total += count
+    if first < len(pairs):
+        runs.append((first, len(pairs)))
+    return runs
 
 
 def _empty_matches(skipped: int) -> FunctionMatches:
