@@ -34,6 +34,7 @@ from earmark.index.compact_rows import (
     regular_columns,
 )
 from earmark.index.lsh import expand_ranges, reduce_signatures
+from earmark.index.row_reads import RowFile
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
 __all__ = [
@@ -247,6 +248,9 @@ class CompactFunctions:
     source_names: tuple[str, ...]
     irregular: Mapping[int, FunctionFeatures]  # rows whose values do not fit the columns
     sample_ranges: Mapping[int, tuple[int, int]]
+    # Signature columns (SIGNATURE_COLUMNS) of a stage loaded from its cache, read by row with
+    # ``pread`` rather than through their mappings (``index.row_reads``); empty when in memory.
+    row_files: Mapping[str, RowFile] = field(default_factory=dict, repr=False, compare=False)
     # (rows + 1, 5): offsets of calls, constants, immediates, called imports, strings (1.6 MB
     # per 40k functions), so a row's ten bounds are one slice.
     _reference_bounds: npt.NDArray[np.int64] = field(init=False, repr=False, compare=False)
@@ -302,7 +306,7 @@ class CompactFunctions:
             edge_count=self.edge_count.item(position),
             instruction_count=self.instruction_count.item(position),
             exact_hash=self.exact_hash.item(position),
-            minhash=tuple(self.minhash[position].tolist())
+            minhash=tuple(self._signature_row("minhash", position))
             if self.minhash_length.item(position)
             else (),
             normalized=(),
@@ -312,11 +316,25 @@ class CompactFunctions:
             constants=ints["constants"].between(position, low[1], high[1]),
             name=None,
             source=self.source_names[self.source_codes.item(position)],
-            robust_minhash=tuple(self.robust_minhash[position].tolist())
+            robust_minhash=tuple(self._signature_row("robust_minhash", position))
             if self.robust_length.item(position)
             else (),
             immediates=ints["immediates"].between(position, low[2], high[2]),
         )
+
+    def signature_rows(self, name: str, positions: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
+        """Rows ``positions`` of the signature column ``name`` (SIGNATURE_COLUMNS)."""
+        file = self.row_files.get(name)
+        if file is None:
+            column: npt.NDArray[np.uint32] = getattr(self, name)
+            return column[positions]
+        return file.rows(positions)
+
+    def _signature_row(self, name: str, position: int) -> list[int]:
+        file = self.row_files.get(name)
+        row = getattr(self, name)[position] if file is None else file.row(position)
+        values: list[int] = row.tolist()
+        return values
 
     def locate(
         self, sample_id: int, exact_hash: int, signature: npt.NDArray[np.uint8]
@@ -393,7 +411,8 @@ class CompactFunctions:
         request, positions = requests[owner], self._hash_order[spots]
         signed = self.minhash_length[positions] > 0
         request, positions = request[signed], positions[signed]
-        equal = (reduce_signatures(self.minhash[positions]) == signatures[request]).all(axis=1)
+        stored = reduce_signatures(self.signature_rows("minhash", positions))
+        equal = (stored == signatures[request]).all(axis=1)
         any_equal = np.zeros(len(found), dtype=bool)
         any_equal[request[equal]] = True
         # Agreeing signatures when a request has any, else every function with the hash; of
@@ -435,7 +454,7 @@ class CompactFunctions:
             same_hash = same_hash[self.minhash_length[same_hash] > 0]
         if len(same_hash) == 0:
             return None
-        signatures = reduce_signatures(self.minhash[same_hash])
+        signatures = reduce_signatures(self.signature_rows("minhash", same_hash))
         equal = same_hash[(signatures == signature).all(axis=1)]
         chosen = equal if len(equal) else same_hash
         # Lowest address; the first such row on ties, as ``min`` over the sample's order does.

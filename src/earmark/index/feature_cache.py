@@ -4,10 +4,13 @@ Building ``FeatureCandidateIndex`` decodes every stored sample's features (secon
 CLI user runs one process per ``earmark attribute``, so without a cache every call pays it.
 The cache is plain ``.npy`` arrays (``allow_pickle=False``) plus a JSON manifest: the stage's
 own columns (``index.compact_functions`` keeps references flattened already), loaded
-memory-mapped, so a query process reads only the pages it touches. Nothing is unpickled, and a
-directory that fails a check raises IndexCacheError so the caller rebuilds instead of trusting
-it. The checks read only small arrays (offsets of the references are checked where a row is
-read: a bad offset slices out of bounds or decodes garbage, never beyond the mapped file).
+memory-mapped, so a query process reads only the pages it touches; the two MinHash columns,
+most of the stage, are read by row with ``pread`` instead (``index.row_reads``: through the
+mapping, fault-around made a query's scattered rows map most of both files). Nothing is
+unpickled, and a directory that fails a check raises IndexCacheError so the caller rebuilds
+instead of trusting it. The checks read only small arrays (offsets of the references are
+checked where a row is read: a bad offset slices out of bounds or decodes garbage, never beyond
+the mapped file).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from earmark.index.feature_candidates import (
     ROBUST_ROWS_PER_BAND,
     FeatureCandidateIndex,
 )
+from earmark.index.row_reads import RowFile
 from earmark.model.sample import MINHASH_PERMUTATIONS
 
 FEATURE_CACHE_FORMAT: Final = "earmark-feature-candidates"
@@ -233,5 +237,6 @@ def _assemble(
         source_names=tuple(str(name) for name in sources),
         irregular={},
         sample_ranges=sample_ranges(sample_id),
+        row_files={name: RowFile(path / f"{name}.npy") for name in SIGNATURE_COLUMNS},
     )
     return FeatureCandidateIndex(keys=keys, postings=postings, stored=stored)

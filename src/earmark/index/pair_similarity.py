@@ -217,11 +217,11 @@ def _stored_columns(
         ),
         axis=1,
     )
-    robust = stored.robust_minhash[positions]
+    robust = stored.signature_rows("robust_minhash", positions)
     return _Columns(
         exact_hash=stored.exact_hash[positions],
         instruction_count=instruction_count,
-        minhash=stored.minhash[positions],
+        minhash=stored.signature_rows("minhash", positions),
         has_minhash=stored.minhash_length[positions] > 0,
         robust=robust,
         has_robust=stored.robust_length[positions] > 0,
