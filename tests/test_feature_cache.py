@@ -11,6 +11,7 @@ import pytest
 
 from earmark.errors import IndexCacheError
 from earmark.extract import analyze_file
+from earmark.index import feature_candidates
 from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
 from earmark.index.feature_candidates import FEATURE_MATCH_SIMILARITY, FeatureCandidateIndex
 from earmark.index.similarity import function_similarity
@@ -80,6 +81,39 @@ def test_batch_verification_scores_as_function_similarity(builder: FixtureBuilde
         position = _position(index, match.sample_id, match.function.address)
         assert match.function == index.stored.function(position)
         assert match.function_id == int(index.stored.function_id[position])
+
+
+def test_matching_in_passes_finds_what_one_pass_finds(
+    builder: FixtureBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``find`` gathers (key, posting) pairs in runs of whole query functions; a budget so
+    small that each function is its own run gives the same matches."""
+    index, queries = _index(builder)
+    whole = index.find(queries, MIN_INSTRUCTIONS)
+    assert whole
+    monkeypatch.setattr(feature_candidates, "MAX_KEY_PAIRS_PER_PASS", 1)
+    assert index.find(queries, MIN_INSTRUCTIONS) == whole
+    assert index.find([], MIN_INSTRUCTIONS) == []
+    assert index.find(queries, 10**6) == []  # every function under the minimum size
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux smaps")
+def test_loaded_stage_reads_minhash_rows_without_mapping_them(
+    builder: FixtureBuilder, tmp_path: Path
+) -> None:
+    index, queries = _index(builder)
+    path = tmp_path / "kb.features"
+    assert save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
+    loaded = load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS)
+    assert loaded is not None
+    loaded.release_pages()
+    assert loaded.find(queries, MIN_INSTRUCTIONS) == index.find(queries, MIN_INSTRUCTIONS)
+    for name in ("minhash", "robust_minhash"):
+        assert _resident_kib(path / f"{name}.npy") == 0
+        positions = np.arange(len(index))[::-1].copy()
+        assert np.array_equal(
+            loaded.stored.signature_rows(name, positions), getattr(index.stored, name)[positions]
+        )
 
 
 def _position(index: FeatureCandidateIndex, sample_id: int, address: int) -> int:

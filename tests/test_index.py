@@ -28,6 +28,7 @@ from earmark.index.lsh import (
     estimate_jaccard_from_agreement,
     expand_ranges,
     locate_keys,
+    pair_budget_runs,
     reduce_signatures,
 )
 from earmark.index.packed import PackedColumns, PackedUInts, byte_width
@@ -273,9 +274,9 @@ def test_matching_in_passes_gives_the_matches_of_one_pass(
 
 def test_pair_budget_runs_cover_every_query_once() -> None:
     pairs = np.array([5, 0, 7, 3, 20, 1, 1, 0], dtype=np.int64)
-    runs = function_index._pair_budget_chunks(pairs, 10)
+    runs = pair_budget_runs(pairs, 10)
     assert runs == [(0, 2), (2, 4), (4, 5), (5, 8)]
-    assert function_index._pair_budget_chunks(np.zeros(0, dtype=np.int64), 10) == []
+    assert pair_budget_runs(np.zeros(0, dtype=np.int64), 10) == []
 
 
 def test_empty_index_and_empty_query() -> None:

@@ -25,6 +25,7 @@ import hashlib
 import mmap
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Final
 
 import numpy as np
@@ -37,7 +38,7 @@ from earmark.index.compact_functions import (
     sample_ranges,
 )
 from earmark.index.key_postings import FIRST_SWEEP_ENTRIES, PostingsBuilder
-from earmark.index.lsh import expand_ranges
+from earmark.index.lsh import expand_ranges, pair_budget_runs
 from earmark.index.pair_similarity import stored_pair_similarity
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
@@ -72,6 +73,10 @@ MAX_POSTINGS_PER_KEY: Final = 64
 # KB functions verified per query function, those sharing most keys first. Verification is a
 # full ``function_similarity``; 8 keeps a 2,000-function query under ~20k verifications.
 CANDIDATES_PER_QUERY: Final = 8
+
+# (key, posting) pairs gathered per pass of ``find``: ~80 bytes each with their temporaries
+# (dedup, sort), so 2^16 keep a pass near 5 MB. Results do not depend on it.
+MAX_KEY_PAIRS_PER_PASS: Final = 1 << 16
 
 # Fewest shared keys for a pair to be verified: one shared robust band alone is chance level
 # for short robust streams.
@@ -346,32 +351,21 @@ class FeatureCandidateIndex:
     def nbytes(self) -> int:
         return int(self.keys.nbytes + self.postings.nbytes) + self.stored.nbytes
 
-    def find(
-        self, queries: Sequence[FunctionFeatures], min_instructions: int
-    ) -> list[FeatureMatch]:
-        """Verified matches of each query function (>= ``min_instructions``), best first per
-        query; only pairs sharing >= MIN_SHARED_KEYS keys are verified."""
-        query_keys: list[int] = []
-        query_owner: list[int] = []
-        looked_up = [
-            position
-            for position, function in enumerate(queries)
-            if function.instruction_count >= min_instructions
-        ]
-        key_rows = feature_key_rows([queries[position] for position in looked_up])
-        for position, function_keys in zip(looked_up, key_rows, strict=True):
-            query_keys.extend(function_keys)
-            query_owner.extend([position] * len(function_keys))
-        if not query_keys or len(self.keys) == 0:
-            return []
-        targets = np.array(query_keys, dtype=np.uint64)
-        starts = np.searchsorted(self.keys, targets, side="left").astype(np.int64)
-        stops = np.searchsorted(self.keys, targets, side="right").astype(np.int64)
+    def _candidates(
+        self,
+        query_positions: npt.NDArray[np.int64],
+        key_counts: npt.NDArray[np.int64],
+        starts: npt.NDArray[np.int64],
+        stops: npt.NDArray[np.int64],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(query position, KB position, shared keys) of the KB functions sharing at least
+        MIN_SHARED_KEYS keys with each of these query functions (whose keys' posting ranges
+        are ``starts:stops``, ``key_counts`` per function): at most CANDIDATES_PER_QUERY per
+        query, grouped by query, most shared keys first, ties by KB position."""
         owners, positions, _ = expand_ranges(starts, stops, MAX_POSTINGS_PER_KEY)
-        if len(owners) == 0:
-            return []
-        pair_query = np.array(query_owner, dtype=np.int64)[owners]
+        pair_query = np.repeat(query_positions, key_counts)[owners]
         pair_function = self.postings[positions]
+        del owners, positions
         combined, shared = np.unique(
             pair_query * len(self.stored) + pair_function, return_counts=True
         )
@@ -379,14 +373,57 @@ class FeatureCandidateIndex:
         combined, shared = combined[enough], shared[enough]
         pair_query = combined // len(self.stored)
         pair_function = combined % len(self.stored)
-        # Most shared keys first within each query; ties by KB position for determinism.
         order = np.lexsort((pair_function, -shared, pair_query))
         pair_query, pair_function, shared = pair_query[order], pair_function[order], shared[order]
         group_start = np.flatnonzero(np.r_[True, pair_query[1:] != pair_query[:-1]])
         group_sizes = np.diff(np.r_[group_start, len(pair_query)])
         rank = np.arange(len(pair_query)) - np.repeat(group_start, group_sizes)
         top = rank < CANDIDATES_PER_QUERY
-        pair_query, pair_function, shared = pair_query[top], pair_function[top], shared[top]
+        return pair_query[top], pair_function[top], shared[top]
+
+    def find(
+        self, queries: Sequence[FunctionFeatures], min_instructions: int
+    ) -> list[FeatureMatch]:
+        """Verified matches of each query function (>= ``min_instructions``), best first per
+        query; only pairs sharing >= MIN_SHARED_KEYS keys are verified."""
+        looked_up = [
+            position
+            for position, function in enumerate(queries)
+            if function.instruction_count >= min_instructions
+        ]
+        key_rows = feature_key_rows([queries[position] for position in looked_up])
+        key_counts = np.array([len(row) for row in key_rows], dtype=np.int64)
+        targets = np.fromiter(
+            chain.from_iterable(key_rows), dtype=np.uint64, count=key_counts.sum()
+        )
+        del key_rows
+        if len(targets) == 0 or len(self.keys) == 0:
+            return []
+        starts = np.searchsorted(self.keys, targets, side="left").astype(np.int64)
+        stops = np.searchsorted(self.keys, targets, side="right").astype(np.int64)
+        del targets
+        # Candidates are chosen per query function, so runs of whole query functions with at
+        # most MAX_KEY_PAIRS_PER_PASS (key, posting) pairs each give the same candidates as one
+        # pass, without one pass's pair temporaries (20 MiB for a 1,800-function DLL).
+        key_pairs = np.minimum(np.maximum(stops - starts, 0), MAX_POSTINGS_PER_KEY)
+        key_ends = np.cumsum(key_counts)
+        running = np.r_[0, np.cumsum(key_pairs)]
+        pairs_per_query = running[key_ends] - running[key_ends - key_counts]
+        owner_of_query = np.array(looked_up, dtype=np.int64)
+        chosen = [
+            self._candidates(
+                owner_of_query[first:stop],
+                key_counts[first:stop],
+                starts[key_ends[first] - key_counts[first] : key_ends[stop - 1]],
+                stops[key_ends[first] - key_counts[first] : key_ends[stop - 1]],
+            )
+            for first, stop in pair_budget_runs(pairs_per_query, MAX_KEY_PAIRS_PER_PASS)
+        ]
+        pair_query = np.concatenate([part[0] for part in chosen])
+        pair_function = np.concatenate([part[1] for part in chosen])
+        shared = np.concatenate([part[2] for part in chosen])
+        if len(pair_query) == 0:
+            return []
         # Verified in one batch, bit for bit ``function_similarity``; only the pairs that pass
         # become FunctionFeatures (a KB function rebuilt per candidate held ~10 MB of Python
         # objects at the peak of a PE bench (c) query, most of them rejected).

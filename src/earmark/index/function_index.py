@@ -36,6 +36,7 @@ from earmark.index.lsh import (
     estimate_jaccard_from_agreement,
     expand_ranges,
     locate_keys,
+    pair_budget_runs,
     reduce_signatures,
     sort_band,
 )
@@ -281,7 +282,7 @@ class FunctionIndex:
             self._match_queries(
                 bounds, query_signatures, query_exact_hash, first, stop, top_k, min_similarity
             )
-            for first, stop in _pair_budget_chunks(pairs, MAX_PAIRS_PER_PASS)
+            for first, stop in pair_budget_runs(pairs, MAX_PAIRS_PER_PASS)
         ]
         queries = np.concatenate([part[0] for part in parts])
         rows = np.concatenate([part[1] for part in parts])
@@ -513,21 +514,6 @@ def _has_shape(
     ):
         return False
     return not (dtype is np.uint8 and shape[-1] is None) or 1 <= array.shape[-1] <= 8
-
-
-def _pair_budget_chunks(pairs: npt.NDArray[np.int64], budget: int) -> list[tuple[int, int]]:
-    """Consecutive runs ``(first, stop)`` of queries whose pair counts add up to at most
-    ``budget`` (a query with more than ``budget`` pairs is a run of its own)."""
-    runs: list[tuple[int, int]] = []
-    first, total = 0, 0
-    for position, count in enumerate(pairs.tolist()):
-        if position > first and total + count > budget:
-            runs.append((first, position))
-            first, total = position, 0
-        total += count
-    if first < len(pairs):
-        runs.append((first, len(pairs)))
-    return runs
 
 
 def _empty_matches(skipped: int) -> FunctionMatches:

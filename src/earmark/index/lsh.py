@@ -178,3 +178,18 @@ def expand_ranges(
     first_of_range = np.cumsum(lengths) - lengths
     offsets = np.arange(len(owners), dtype=np.int64) - np.repeat(first_of_range, lengths)
     return owners, np.repeat(starts, lengths) + offsets, cut
+
+
+def pair_budget_runs(pairs: npt.NDArray[np.int64], budget: int) -> list[tuple[int, int]]:
+    """Consecutive runs ``(first, stop)`` of queries whose pair counts add up to at most
+    ``budget`` (a query with more than ``budget`` pairs is a run of its own)."""
+    runs: list[tuple[int, int]] = []
+    first, total = 0, 0
+    for position, count in enumerate(pairs.tolist()):
+        if position > first and total + count > budget:
+            runs.append((first, position))
+            first, total = position, 0
+        total += count
+    if first < len(pairs):
+        runs.append((first, len(pairs)))
+    return runs
