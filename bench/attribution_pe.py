@@ -340,6 +340,9 @@ def run_child(engine: str, plan_path: Path, out_path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="earmark-bench-pe-") as temporary:
         if engine == "earmark":
             from earmark.attribution import open_knowledge_base
+            from earmark.extract.lief_assembly import release_lief_assembly
+
+            release_lief_assembly()  # as the ``earmark`` command does in its process
 
             with open_knowledge_base(str(Path(temporary) / "kb.db")) as kb:
                 for phase in group["phases"]:

@@ -18,6 +18,7 @@ from rich.text import Text
 import earmark
 from earmark import pipeline
 from earmark.errors import EarmarkError, UsageError
+from earmark.extract.lief_assembly import release_lief_assembly
 from earmark.model.sample import SampleFeatures
 
 # Functions listed in the human summary; the JSON output has all of them.
@@ -162,6 +163,8 @@ def _top_functions_table(features: SampleFeatures) -> Table:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry (``earmark.cli:main``); exits with the command's exit code."""
+    # The command owns its process, which never disassembles with LIEF (capstone does).
+    release_lief_assembly()
     cli.main(args=argv, prog_name="earmark")
 
 
