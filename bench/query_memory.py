@@ -86,12 +86,16 @@ def _build(db: Path, max_file_mb: float) -> None:
         kb.prepare()
 
 
-def _measure(db: Path, setting: str, max_file_mb: float) -> QueryMemory:
+def _measure(db: Path, setting: str, max_file_mb: float, keep_lief: bool) -> QueryMemory:
     files = _corpus(max_file_mb)
     split = split_all_but_newest(files) if setting == "a" else split_third_party_queries(files)
     started = _rss_mb()
     from earmark.attribution import attribute_sample, open_knowledge_base
     from earmark.extract import analyze_file
+    from earmark.extract.lief_assembly import release_lief_assembly
+
+    if not keep_lief:
+        release_lief_assembly()  # as the ``earmark`` command does in its process
 
     imported = _rss_mb()
     steps: list[QueryStep] = []
@@ -131,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", choices=["a", "c"], default="a")
     parser.add_argument("--max-file-mb", type=float, default=1.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--keep-lief-assembly",
+        action="store_true",
+        help="do not release LIEF's disassembler enums (earmark.extract.lief_assembly)",
+    )
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.build_only:
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", "bench.query_memory", "--build-only", "--db",
                    str(args.db), "--max-file-mb", str(args.max_file_mb)]
         subprocess.run(command, check=True)
-    result = _measure(args.db, args.setting, args.max_file_mb)
+    result = _measure(args.db, args.setting, args.max_file_mb, args.keep_lief_assembly)
     print(f"after imports  rss {result.imported_rss_mb:6.1f} MB "
           f"(before earmark: {result.started_rss_mb:.1f})")
     print(f"KB loaded      rss {result.kb_loaded_rss_mb:6.1f} MB")
