@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from earmark.memory import cyclic_collector_paused, return_free_memory
+from earmark.memory import (
+    LARGE_BLOCK_BYTES,
+    cyclic_collector_paused,
+    map_large_blocks,
+    return_free_memory,
+)
 
 _GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -28,6 +33,23 @@ def test_freed_heap_below_a_live_block_is_returned() -> None:
     assert return_free_memory()
     assert before - _resident_bytes() > 20_000_000
     del pin
+
+
+@pytest.mark.skipif(not _GLIBC, reason="M_MMAP_THRESHOLD is a glibc setting")
+def test_large_blocks_go_back_to_the_system_when_freed() -> None:
+    assert map_large_blocks()
+    # A freed 16 MiB block raises glibc's own threshold to 16 MiB; the fixed one stays.
+    del_after = b"\x01" * (16 << 20)
+    del del_after
+    size = 4 * LARGE_BLOCK_BYTES
+    blocks, pins = [], []
+    for _ in range(8):
+        blocks.append(b"\x01" * size)  # every page written
+        pins.append(bytearray(4000))  # heap chunks after each block: no heap top to trim
+    before = _resident_bytes()
+    del blocks  # no malloc_trim: each block is its own mapping, unmapped by free()
+    assert before - _resident_bytes() > 6 * size
+    del pins
 
 
 def test_return_free_memory_answers_whether_it_could() -> None:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Final
 
 from earmark.index.artefacts import ArtefactStatsBuilder
-from earmark.memory import cyclic_collector_paused, return_free_memory
+from earmark.memory import cyclic_collector_paused, map_large_blocks, return_free_memory
 from earmark.model.kb import SampleRecord
 from earmark.model.sample import SampleFeatures
 from earmark.store import Store
@@ -36,7 +36,9 @@ def build_pass() -> Iterator[None]:
     Decoding every stored sample allocates millions of tuples and strings, none of them in a
     reference cycle; each allocation burst set off collections that walked every live object
     (PE bench KB: 0.6 of 2.6 CPU s of ``prepare``). Paused for the build only, and only
-    re-enabled if it was on. Reference counting still frees each decoded sample at once."""
+    re-enabled if it was on. Reference counting still frees each decoded sample at once.
+    Its large arrays are mapped blocks from here on (``memory.map_large_blocks``)."""
+    map_large_blocks()
     try:
         with cyclic_collector_paused():
             yield

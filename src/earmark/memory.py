@@ -19,8 +19,25 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import Final
 
-__all__ = ["cyclic_collector_paused", "return_free_memory"]
+__all__ = [
+    "LARGE_BLOCK_BYTES",
+    "cyclic_collector_paused",
+    "map_large_blocks",
+    "return_free_memory",
+]
+
+# Blocks from this size on are always their own mapping (glibc ``M_MMAP_THRESHOLD``), handed
+# back to the system the moment they are freed. glibc's default threshold starts at 128 KiB
+# but rises to the size of every mapped block freed (up to 32 MiB), so after the KB build's
+# first 10 MB function table each later numpy column below that size was carved from the
+# heap, and freed columns left holes under live ones that ``malloc_trim`` cannot hand back.
+# PE bench (a) KB: ``prepare`` peak over the RSS before it 70 -> 55 MB and glibc's heap after
+# it 54 -> 28 MB at 1 MiB (128 KiB: the same peak); the measurements are in
+# docs/benchmarks.md, "Index build memory (2)".
+LARGE_BLOCK_BYTES: Final = 1 << 20
+_M_MMAP_THRESHOLD: Final = -3  # glibc malloc.h
 
 
 @cache
@@ -45,6 +62,19 @@ def return_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+@cache
+def map_large_blocks() -> bool:
+    """Fix glibc's mapping threshold at LARGE_BLOCK_BYTES for the rest of the process, so
+    large arrays never leave holes in the heap (see there); False where the C library has no
+    ``mallopt`` threshold (not glibc). Once per process: the setting stays."""
+    if _malloc_trim() is None:  # malloc_trim and M_MMAP_THRESHOLD: glibc's malloc
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES))
 
 
 @contextmanager
