@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from earmark.index import key_postings
 from earmark.index.key_postings import PostingsBuilder
 
 # Functions as lists of keys from a small range, so that some keys pass the limit.
@@ -55,3 +57,14 @@ def test_a_common_key_is_turned_away_after_a_sweep() -> None:
     builder.add(np.array([7, 9, 5], np.uint64), np.array([2, 1], np.int64))
     kept_keys, owners = builder.finish()
     assert list(zip(kept_keys.tolist(), owners.tolist(), strict=True)) == [(5, 5), (9, 3), (9, 4)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_functions, max_size=6), st.integers(1, 4), st.integers(1, 5))
+def test_finish_in_small_chunks_changes_no_posting(
+    samples: list[list[list[int]]], limit: int, chunk: int
+) -> None:
+    expected = _postings_by_brute_force([row for functions in samples for row in functions], limit)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(key_postings, "FINISH_CHUNK_ENTRIES", chunk)  # many steps, some empty
+        assert _build(samples, limit, 1 << 40) == expected
