@@ -49,11 +49,14 @@ _HEADER = struct.Struct("<8sHHQI")
 # 64-value MinHash and normalised tokens measures ~150 MB of JSON; 1 GiB leaves room and stops
 # a decompression bomb long before memory runs out.
 MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
-# zlib level: every ingested sample is frozen once, so compression is on the ingest path.
-# Measured on 35 corpus KB DLLs (39 MB of JSON): level 1 0.19 s / 9.74 MB, 3 0.28 s / 8.66 MB,
-# 6 (zlib's default) 0.60 s / 7.41 MB; 9 gains ~1 % over 6 for ~2x the time. Level 3 is the
-# knee: half of level 6's time for 17 % larger files (any level reads back the same).
-_COMPRESSION_LEVEL = 3
+# Deflate level, written by zlib-ng: every ingested sample is frozen once, so compression is
+# on the ingest path, and every re-index inflates it again. Stdlib zlib, 35 corpus KB DLLs
+# (39 MB of JSON): level 1 0.19 s / 9.74 MB, 3 0.28 s / 8.66 MB, 6 0.60 s / 7.41 MB. PE bench
+# (a) KB, 101 samples, 119 MB of JSON, deflate + zlib-ng inflate CPU s / stored MB: stdlib
+# level 3 0.78 + 0.12 s / 26.2 MB; zlib-ng level 2 0.43 + 0.15 s / 27.1 MB, level 3 0.52 +
+# 0.14 s / 24.7 MB, level 1 0.27 s / 38.3 MB. zlib-ng level 2 costs the least CPU in all for
+# 3 % more bytes. Every deflate stream, whatever wrote it, inflates to the same payload.
+_COMPRESSION_LEVEL = 2
 # zlib-ng's error class (its type stub declares ``error`` as an instance, not a class).
 _INFLATE_ERROR: Final = typing.cast(type[Exception], zlib_ng.error)
 
@@ -65,7 +68,7 @@ def _version_numbers(version: str) -> tuple[int, int]:
 
 def features_to_bytes(features: SampleFeatures) -> bytes:
     payload = _json_payload(features)
-    compressed = zlib.compress(payload, _COMPRESSION_LEVEL)
+    compressed = zlib_ng.compress(payload, _COMPRESSION_LEVEL)
     major, minor = _version_numbers(FEATURES_FORMAT_VERSION)
     header = _HEADER.pack(MAGIC, major, minor, len(payload), zlib.crc32(compressed))
     return header + compressed
@@ -180,9 +183,9 @@ def features_from_bytes(blob: bytes, *, instructions: bool = True) -> SampleFeat
     if zlib.crc32(compressed) != checksum:
         raise FeaturesFileError("features file is damaged (checksum mismatch)")
     try:
-        # zlib-ng inflates the same stream twice as fast as the stdlib's zlib (PE bench KB,
-        # 101 samples: 0.14 against 0.26 CPU s); files are still written by the stdlib's
-        # zlib, whose output at a given level zlib-ng would not reproduce byte for byte.
+        # zlib-ng inflates a stream twice as fast as the stdlib's zlib (PE bench KB, 101
+        # samples: 0.14 against 0.26 CPU s); files written earlier by the stdlib's zlib read
+        # the same way.
         decompressor = zlib_ng.decompressobj()
         # max_length bounds memory whatever the stream says: a bomb stops at the declared size.
         payload = decompressor.decompress(compressed, payload_size + 1)
