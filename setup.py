@@ -18,6 +18,7 @@ setup(
                 "src/earmark/extract/_native_explore.h",
                 "src/earmark/extract/_native_memo.h",
                 "src/earmark/extract/_native_minhash.h",
+                "src/earmark/extract/_native_strings.h",
             ],
             optional=True,
         )

@@ -1,16 +1,41 @@
-"""String extraction: offsets point at the bytes, UTF-16LE literals are found, limits hold."""
+"""String extraction: offsets point at the bytes, UTF-16LE literals are found, limits hold.
+
+Each test runs on both scans: the compiled ``string_runs`` and the regex reference
+(``disasm.ACCELERATOR`` set to None), and the compiled one is compared with the reference.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earmark.config import DEFAULT_LIMITS
+from earmark.config import DEFAULT_LIMITS, Limits
+from earmark.extract import disasm
 from earmark.extract.strings import MAX_STRING_LENGTH, extract_strings
 from earmark.model.sample import StringRef
 from fixtures.build import FixtureBuilder
+
+
+@pytest.fixture(autouse=True, params=["compiled", "regex"])
+def _scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if request.param == "compiled" and disasm.ACCELERATOR is None:
+        pytest.skip("the _native extension is not built")
+    if request.param == "regex":
+        monkeypatch.setattr(disasm, "ACCELERATOR", None)
+    yield
+
+
+def _regex_strings(data: bytes, limits: Limits) -> tuple[tuple[StringRef, ...], bool]:
+    saved = disasm.ACCELERATOR
+    disasm.ACCELERATOR = None
+    try:
+        return extract_strings(data, limits)
+    finally:
+        disasm.ACCELERATOR = saved
 
 
 def _encoded(string: StringRef) -> bytes:
@@ -64,3 +89,32 @@ def test_every_string_is_the_bytes_at_its_offset(data: bytes) -> None:
         encoded = _encoded(string)
         assert data[string.offset : string.offset + len(encoded)] == encoded
         assert all(" " <= ch <= "~" or ch == "\t" for ch in string.value)
+
+
+def _compiled_only() -> None:
+    if disasm.ACCELERATOR is None:
+        pytest.skip("compares the compiled scan with the regex one")
+
+
+def test_fixture_builds_give_the_reference_strings(builder: FixtureBuilder) -> None:
+    _compiled_only()
+    for source, toolchain in (("meta_hello.c", "mingw64"), ("fx_codec.c", "gcc32")):
+        data = builder.build(source, toolchain, "O2").stripped.read_bytes()
+        strings = extract_strings(data, DEFAULT_LIMITS)
+        assert strings[0], "the build should hold strings"
+        assert strings == _regex_strings(data, DEFAULT_LIMITS)
+
+
+# Bytes where runs start, end and touch often: printable letters, zeros, tabs and a few others.
+_RUN_BYTES = st.lists(st.sampled_from(b"aZ~ \t\x00\x00\x00\x01\x7f\xff"), max_size=600).map(bytes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_RUN_BYTES, st.integers(1, 6), st.integers(0, 12))
+def test_same_strings_as_the_regex_scan(data: bytes, min_length: int, max_strings: int) -> None:
+    _compiled_only()
+    limits = dataclasses.replace(
+        DEFAULT_LIMITS, min_string_length=min_length, max_strings=max_strings
+    )
+    assert extract_strings(data, limits) == _regex_strings(data, limits)
+    assert extract_strings(data, DEFAULT_LIMITS) == _regex_strings(data, DEFAULT_LIMITS)

@@ -958,6 +958,7 @@ static PyTypeObject TableType = {
 
 
 #include "_native_minhash.h"
+#include "_native_strings.h"
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
@@ -968,6 +969,8 @@ static PyMethodDef methods[] = {
      "starts_containing(bodies, address) -> starts whose body holds the address"},
     {"minhash_ids", minhash_ids, METH_VARARGS,
      "minhash_ids(ids, lengths, sizes, multiplier, mix, a, b) -> uint32 signatures (bytes)"},
+    {"string_runs", string_runs, METH_VARARGS,
+     "string_runs(data, min_length, max_length, limit) -> [(offset, wide, text)] by offset"},
     {"body_spans", body_spans, METH_O,
      "body_spans(bodies) -> (addresses, sizes): uint64 bytes of every instruction of the bodies"},
     {NULL, NULL, 0, NULL},

@@ -28,6 +28,9 @@ def minhash_ids(
     b: bytes,
     /,
 ) -> bytes: ...
+def string_runs(
+    data: bytes, min_length: int, max_length: int, limit: int, /
+) -> list[tuple[int, bool, str]]: ...
 def body_spans(bodies: list[Body], /) -> tuple[bytes, bytes]: ...
 
 class Table:

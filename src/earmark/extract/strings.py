@@ -1,7 +1,12 @@
 """Printable ASCII and UTF-16LE string runs with their file offsets, as ``strings -n N`` finds them.
 
 One compiled ``re`` pass per encoding over the whole file: the regex engine scans in C, so a
-10 MB sample takes tens of milliseconds rather than seconds in a Python loop per byte.
+10 MB sample takes tens of milliseconds rather than seconds in a Python loop per byte. Where the
+compiled core is built (``earmark.extract.disasm.ACCELERATOR``), its ``string_runs`` does both
+scans and the merge in one call instead: the UTF-16LE regex tries its pair at every byte, and
+the two scans cost ~0.7 of an ingest worker's ~8 CPU s on the PE bench (a) KB against ~0.2 s
+(docs/benchmarks.md, "Ingest worker CPU (2)"). The regex scans stay the reference; the tests
+compare the two.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import re
 from collections.abc import Iterator
 
 from earmark.config import Limits
+from earmark.extract import disasm
 from earmark.model.sample import StringRef
 
 # Characters kept from one string. Longer printable runs are embedded scripts, base64 blobs or
@@ -48,6 +54,13 @@ def extract_strings(data: bytes, limits: Limits) -> tuple[tuple[StringRef, ...],
     """All ASCII and UTF-16LE runs of at least ``limits.min_string_length`` characters, in
     file-offset order, at most ``limits.max_strings``. The flag says whether the cap was hit."""
     cap = limits.max_strings
+    accelerator = disasm.ACCELERATOR
+    if accelerator is not None:
+        runs = accelerator.string_runs(data, limits.min_string_length, MAX_STRING_LENGTH, cap + 1)
+        found = tuple(
+            StringRef(offset, "utf-16le" if wide else "ascii", text) for offset, wide, text in runs
+        )
+        return found[:cap], len(found) > cap
     # Each encoding alone cannot contribute more than the cap, so each stream is cut there
     # before merging; the merge then keeps the first `cap` by offset.
     ascii_runs = itertools.islice(_ascii_runs(data, limits.min_string_length), cap + 1)
