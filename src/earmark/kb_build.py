@@ -62,3 +62,8 @@ def stored_outlines(
         if decoded >= RETURN_MEMORY_EVERY_FUNCTIONS:
             return_free_memory()
             decoded = 0
+    # The consumer finishes its build next (the feature stage's sorts and columns, the peak
+    # of ``prepare``): the memo of the artefact pass and the last samples' freed heap are
+    # not held through it.
+    artefacts.stop_adding()
+    return_free_memory()
