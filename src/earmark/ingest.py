@@ -41,6 +41,7 @@ from earmark.extract import analyze_bytes
 from earmark.freeze import load_features as load_frozen_features
 from earmark.intel import indicators_from_strings
 from earmark.intel.public_suffixes import host_parts
+from earmark.memory import cyclic_collector_paused
 from earmark.model.intel import Indicator
 from earmark.model.kb import Provenance, SampleLabel, Tlp
 from earmark.model.sample import SampleFeatures
@@ -321,12 +322,18 @@ def _analyze(analyzer: Analyzer, codec: FeaturesCodec, data: bytes, limits: Limi
     """Runs in a worker: analysis, then everything the writing parent would otherwise compute
     (frozen bytes, rows, indicators); only the rows travel back, not the features (the
     parent's unpickling and row building measured more than its inserts). Typed input errors
-    come back as values, bugs propagate."""
-    try:
-        features = analyzer(data, limits)
-    except InputError as error:
-        return error
-    return _prepare(features, codec)
+    come back as values, bugs propagate.
+
+    The cyclic collector is paused throughout: the features (~10 tuples and strings per
+    function) hold no cycles and die with this call, but every collection after the
+    recovery's own pause walked them again (~0.5 of ~7.5 CPU s of a worker on the PE bench (a)
+    KB, docs/benchmarks.md "Ingest worker CPU (2)")."""
+    with cyclic_collector_paused():
+        try:
+            features = analyzer(data, limits)
+        except InputError as error:
+            return error
+        return _prepare(features, codec)
 
 
 def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:

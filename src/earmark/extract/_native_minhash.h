@@ -11,6 +11,39 @@
 
 #define MAX_PERMUTATIONS 256
 
+/* The permutations' minima over a run of shingles. ((a * x + b) mod 2**64) >> 32 for a 32-bit x
+ * is computed in 32-bit halves, hi32(x * lo32(a) + lo32(b)) + x * hi32(a) + hi32(b) mod 2**32
+ * (the 64-bit sum cannot overflow: (2**32 - 1)**2 + 2**32 - 1 < 2**64), the same value; in this
+ * form the loop over the permutations vectorises with 32-bit lanes, and where the compiler
+ * supports function clones an AVX2 copy is chosen at load time on CPUs that have it: PE bench
+ * (a) KB, 101 samples, 0.62 -> 0.20 CPU s (AVX2 copy). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define MINHASH_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef MINHASH_CLONES
+#define MINHASH_CLONES
+#endif
+
+MINHASH_CLONES static void
+minhash_minima(uint32_t *restrict minima, const uint32_t *restrict shingles, Py_ssize_t count,
+               const uint32_t *restrict coefficients, Py_ssize_t permutations)
+{
+    /* coefficients: lo32(a), hi32(a), lo32(b), hi32(b), each ``permutations`` long. */
+    const uint32_t *a_low = coefficients, *a_high = coefficients + permutations;
+    const uint32_t *b_low = coefficients + 2 * permutations;
+    const uint32_t *b_high = coefficients + 3 * permutations;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t shingle = shingles[i];
+        for (Py_ssize_t j = 0; j < permutations; j++) {
+            uint64_t low = (uint64_t)shingle * a_low[j] + b_low[j];
+            uint32_t value = (uint32_t)(low >> 32) + shingle * a_high[j] + b_high[j];
+            minima[j] = value < minima[j] ? value : minima[j];
+        }
+    }
+}
+
 /* minhash_ids(ids, lengths, sizes, multiplier, mix, a, b) -> bytes
  * ids: uint64 token ids of all streams end to end; lengths: int64 per stream; sizes: tuple of
  * n-gram sizes; a, b: uint64 coefficients per permutation. Returns uint32 (streams x
@@ -46,16 +79,32 @@ minhash_ids(PyObject *module, PyObject *args)
     } else if (!PyErr_Occurred()) {
         PyErr_SetString(PyExc_ValueError, "malformed MinHash input");
     }
+    Py_ssize_t longest = 0;
+    for (Py_ssize_t i = 0; result != NULL && i < streams; i++) {
+        longest = length_values[i] > longest ? length_values[i] : longest;
+    }
+    /* One stream's shingles (at most its length per n-gram size) and the split coefficients. */
+    uint32_t *shingles = NULL, *coefficients = NULL;
     if (result != NULL) {
+        shingles = PyMem_Malloc(((size_t)longest * (size_t)size_count + 1) * sizeof(uint32_t));
+        coefficients = PyMem_Malloc(((size_t)permutations * 4 + 1) * sizeof(uint32_t));
+        if (shingles == NULL || coefficients == NULL) {
+            Py_CLEAR(result);
+            PyErr_NoMemory();
+        }
+    }
+    if (result != NULL) {
+        for (Py_ssize_t j = 0; j < permutations; j++) {
+            coefficients[j] = (uint32_t)a_values[j];
+            coefficients[permutations + j] = (uint32_t)(a_values[j] >> 32);
+            coefficients[2 * permutations + j] = (uint32_t)b_values[j];
+            coefficients[3 * permutations + j] = (uint32_t)(b_values[j] >> 32);
+        }
         uint32_t *out = (uint32_t *)PyBytes_AS_STRING(result);
-        uint64_t minima[MAX_PERMUTATIONS];
         Py_ssize_t offset = 0;
         for (Py_ssize_t stream = 0; stream < streams; stream++) {
-            Py_ssize_t length = length_values[stream];
+            Py_ssize_t length = length_values[stream], count = 0;
             const uint64_t *tokens = id_values + offset;
-            for (Py_ssize_t j = 0; j < permutations; j++) {
-                minima[j] = 0xFFFFFFFFULL;
-            }
             for (Py_ssize_t k = 0; k < size_count; k++) {
                 long size = size_values[k];
                 for (Py_ssize_t p = 0; p + size <= length; p++) {
@@ -63,19 +112,19 @@ minhash_ids(PyObject *module, PyObject *args)
                     for (long shift = 1; shift < size; shift++) {
                         folded = folded * multiplier ^ tokens[p + shift];
                     }
-                    uint64_t shingle = (uint32_t)((folded * mix) >> 32);
-                    for (Py_ssize_t j = 0; j < permutations; j++) {
-                        uint64_t value = (shingle * a_values[j] + b_values[j]) >> 32;
-                        minima[j] = value < minima[j] ? value : minima[j];
-                    }
+                    shingles[count++] = (uint32_t)((folded * mix) >> 32);
                 }
             }
+            uint32_t *minima = out + stream * permutations;
             for (Py_ssize_t j = 0; j < permutations; j++) {
-                out[stream * permutations + j] = (uint32_t)minima[j];
+                minima[j] = 0xFFFFFFFFu;
             }
+            minhash_minima(minima, shingles, count, coefficients, permutations);
             offset += length;
         }
     }
+    PyMem_Free(shingles);
+    PyMem_Free(coefficients);
     PyBuffer_Release(&ids);
     PyBuffer_Release(&lengths);
     PyBuffer_Release(&a);
