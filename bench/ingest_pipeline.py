@@ -80,7 +80,8 @@ def measure_ingest(db: Path, jobs: int) -> None:
     features, rows = _stored_digests(db)
     print(
         f"ingest wall {ingest_wall:.2f} s, parent CPU {ingest_cpu:.2f} s, workers CPU "
-        f"{workers.ru_utime + workers.ru_stime:.2f} s; prepare wall {prepare_wall:.2f} s, "
+        f"{workers.ru_utime + workers.ru_stime:.2f} s (system {workers.ru_stime:.2f} s, "
+        f"{workers.ru_minflt:,} page faults); prepare wall {prepare_wall:.2f} s, "
         f"CPU {prepare_cpu:.2f} s; {functions} functions, "
         f"{functions / (ingest_wall + prepare_wall):,.0f} functions/s; "
         f"features {features}, function rows {rows}"

@@ -324,16 +324,19 @@ def _analyze(analyzer: Analyzer, codec: FeaturesCodec, data: bytes, limits: Limi
     parent's unpickling and row building measured more than its inserts). Typed input errors
     come back as values, bugs propagate.
 
-    The cyclic collector is paused throughout: the features (~10 tuples and strings per
-    function) hold no cycles and die with this call, but every collection after the
-    recovery's own pause walked them again (~0.5 of ~7.5 CPU s of a worker on the PE bench (a)
-    KB, docs/benchmarks.md "Ingest worker CPU (2)")."""
+    The cyclic collector is paused throughout, and the features are dropped before it runs
+    again: they (~10 tuples and strings per function) hold no cycles and die with this call,
+    but every collection after the recovery's own pause walked them again, the first one as
+    soon as the pause ended (~0.7 of ~7.5 CPU s of a worker on the PE bench (a) KB,
+    docs/benchmarks.md "Ingest worker CPU (2)")."""
     with cyclic_collector_paused():
         try:
             features = analyzer(data, limits)
         except InputError as error:
             return error
-        return _prepare(features, codec)
+        prepared = _prepare(features, codec)
+        del features  # freed here, by reference counting, not walked when the pause ends
+    return prepared
 
 
 def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
