@@ -189,3 +189,23 @@ def test_case_folded_letters_are_no_bech32_address() -> None:
     text = "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq\u017f"
     assert list(indicators._scan(text)) == list(indicators._scan_text(text))
     assert not any(i.value.endswith("\u017f") for i, _ in indicators._scan_text(text))
+
+
+# Pieces that make each alternative possible or not: the "://", "@", backslash, dot and colon
+# each alternative needs, runs long enough for hashes and wallets, and non-ASCII letters that
+# case folding matches ("ı" and "i", "K" and "k", "ſ" and "s").
+_NEED_PIECES = st.sampled_from(
+    ["a", "k", "0", "8", ".", ":", "@", "://", "\\", "\\\\.\\pipe\\", "Global\\", "pipe",
+     "Mozilla/5.0 (x)", "moz\u0131lla/", "\u212a", "\u017f", "http", "evil.com", "10.1.2.3",
+     "bc1", "qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq", "44d88612fea8a8f36de82e1278abb02f",
+     "1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNa", "[.]", "hxxp", " "]
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_NEED_PIECES, max_size=14).map("".join))
+def test_left_out_alternatives_change_no_match(text: str) -> None:
+    scanned = list(indicators._scan_text(text))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(indicators, "_candidate_pattern", lambda possible: indicators._CANDIDATE)
+        assert scanned == list(indicators._scan_text(text))

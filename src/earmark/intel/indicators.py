@@ -22,6 +22,7 @@ Decisions worth knowing (also in docs/intel.md):
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import ipaddress
 import re
@@ -110,6 +111,47 @@ _CANDIDATE = re.compile(
     "|".join(f"(?P<{name}>{pattern})" for name, pattern in _ALTERNATIVES.items()),
     re.IGNORECASE,
 )
+
+
+def _possible_alternatives(text: str) -> tuple[bool, ...]:
+    """For each alternative in ``_ALTERNATIVES`` order: can it match anywhere in ``text``
+    (an ASCII text)? Each needs a piece of text it cannot match without (a "://", an "@", a
+    backslash, a dot, a colon, a minimum length); Unicode case folding ("ſ" matches "s")
+    is why non-ASCII text gets the whole alternation instead."""
+    lowered = text.lower()
+    length = len(text)
+    backslash = "\\" in text
+    dot = "." in text
+    return (
+        "://" in text,  # url
+        "@" in text,  # email
+        backslash and "pipe" in lowered,  # pipe
+        backslash,  # mutex
+        "mozilla/" in lowered,  # useragent
+        dot,  # ipv4
+        ":" in text,  # ipv6
+        length >= 32,  # hash: 32 hex digits at least
+        dot,  # domain
+        "bc1" in lowered,  # bech32
+        length >= 95,  # monero
+        length >= 26,  # base58
+    )
+
+
+@functools.cache
+def _candidate_pattern(possible: tuple[bool, ...]) -> re.Pattern[str] | None:
+    """The alternation of the alternatives that can match, in their order (None: none can).
+    Leaving out one that cannot match anywhere changes no match, and each tried at every
+    position costs: over the PE bench (a) KB's strings (67k texts pass the precheck, 1.4 M
+    characters) the whole alternation took 0.37 CPU s, these 0.20 s with ~60 patterns built."""
+    parts = [
+        f"(?P<{name}>{pattern})"
+        for (name, pattern), kept in zip(_ALTERNATIVES.items(), possible, strict=True)
+        if kept
+    ]
+    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
+
+
 # Each alternative alone, to classify a whole value (one cell of an IOC list).
 _WHOLE_VALUE = {name: re.compile(p, re.IGNORECASE) for name, p in _ALTERNATIVES.items()}
 
@@ -378,8 +420,13 @@ def _scan(text: str) -> Iterator[tuple[Indicator, int]]:
 
 def _scan_text(text: str) -> Iterator[tuple[Indicator, int]]:
     refanged, index_map = _refang_with_map(text)
+    pattern = (
+        _candidate_pattern(_possible_alternatives(refanged)) if refanged.isascii() else _CANDIDATE
+    )
+    if pattern is None:
+        return
     starts = [] if index_map is None else [m.start() for m in _DEFANG_PATTERN.finditer(text)]
-    for match in _CANDIDATE.finditer(refanged):
+    for match in pattern.finditer(refanged):
         kind = match.lastgroup
         if kind is None:
             continue
