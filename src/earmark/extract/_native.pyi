@@ -86,5 +86,6 @@ class Body:
         self,
         start: int,
         token_features: Callable[[str], tuple[int, int | None, tuple[int, ...]]],
+        known: dict[str, tuple[int, int | None, tuple[int, ...]]] = ...,
         /,
     ) -> tuple[tuple[str, ...], int, list[int], list[int], bytes, bytes, tuple[int, ...]]: ...

@@ -56,7 +56,11 @@ class CompiledBody(Protocol):
     def disown(self, start: int) -> None: ...
     def referenced_code(self) -> list[int]: ...
     def describe(
-        self, start: int, token_features: Callable[[str], tuple[int, int | None, tuple[int, ...]]]
+        self,
+        start: int,
+        token_features: Callable[[str], tuple[int, int | None, tuple[int, ...]]],
+        known: dict[str, tuple[int, int | None, tuple[int, ...]]] = ...,
+        /,
     ) -> tuple[tuple[str, ...], int, list[int], list[int], bytes, bytes, tuple[int, ...]]: ...
 
 
@@ -156,7 +160,7 @@ def _describe_compiled(
     instructions = body.instructions
     assert not isinstance(instructions, dict)
     stream, end, references, large, ids, robust, immediates = instructions.describe(
-        body.start, token_features
+        body.start, token_features, _TOKEN_FEATURES
     )
     block_count, edge_count = instructions.counts()
     return _Description(
