@@ -254,6 +254,32 @@ def test_gap_prologue_after_padding() -> None:
     assert {f.address: f.source for f in _recover(image)}[0x401010] == "prologue"
 
 
+def test_gap_prologue_skips_one_byte_padding_only_inside_the_gap() -> None:
+    # ret; nop/int3 padding up to 0x401010; push rbp; mov rbp, rsp; ret
+    code = b"\xc3" + b"\x90\xcc" * 7 + b"\xcc" + b"\x55\x48\x89\xe5\xc3"
+    decoder = InstructionDecoder(_image(code))
+    coverage = CodeCoverage(decoder)
+    coverage.add(_body(decoder, 0x401000, (0x401000,)))
+    assert gap_prologue(decoder, 0x401001, 0x401015, coverage) == 0x401010
+    assert gap_prologue(decoder, 0x401001, 0x401008, coverage) is None  # ends in the padding
+    # The same bytes outside executable code are no instructions, so no padding either.
+    data_image = CodeImage(
+        arch="x86_64",
+        bits=64,
+        image_base=0x400000,
+        segments=(
+            Segment(".text", 0x401000, b"\xc3", True),
+            Segment(".data", 0x402000, code, False),
+        ),
+        entry_points=(0x401000,),
+        symbol_functions=(),
+        export_addresses=(),
+        exception_starts=(),
+    )
+    data_decoder = InstructionDecoder(data_image)
+    assert gap_prologue(data_decoder, 0x402001, 0x402015, CodeCoverage(data_decoder)) is None
+
+
 def test_elf_lazy_binding_stubs_are_not_functions() -> None:
     # PLT0 (push [GOT+8]; jmp [GOT+16]), one lazy entry (push 0; jmp PLT0), then a function.
     # The unwind data names PLT0 and the GOT points at the entry, as in a real ELF file.

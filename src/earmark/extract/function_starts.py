@@ -24,6 +24,10 @@ from earmark.extract.image import CodeImage
 
 # Padding compilers put between functions: int3 (MSVC), nop forms (gcc/clang), zero bytes.
 _PADDING_MNEMONICS: Final = frozenset({"int3", "nop"})
+# Their encodings when one byte long, and the bytes gap_prologue looks at per step for them:
+# alignment padding is at most 15 bytes (a 16-byte alignment), 64 covers a few such runs.
+_ONE_BYTE_PADDING: Final = b"\xcc\x90"
+_PADDING_RUN_BYTES: Final = 64
 
 # First instructions that mark a function start in a gap reached only through pointers.
 # Measured on the fixtures: these cover every function-pointer-only function of the gcc,
@@ -310,6 +314,18 @@ def gap_prologue(
     address = start
     skipped_padding = False
     while address < end:
+        segment = decoder.segment_at(address)
+        if segment is not None and segment.executable:
+            # int3 (0xCC) and nop (0x90) are one-byte padding wherever they start: skipped as
+            # bytes rather than decoded one by one (MSVC pads with up to 15 int3s; PE bench (a)
+            # KB: 465k decodes for 42k gaps, ~0.3 CPU s).
+            offset = address - segment.virtual_address
+            run = segment.data[offset : offset + min(end - address, _PADDING_RUN_BYTES)]
+            padding = len(run) - len(run.lstrip(_ONE_BYTE_PADDING))
+            if padding:
+                address += padding
+                skipped_padding = True
+                continue
         instruction = decoder.decode(address)
         if instruction is None:
             if decoder.read(address, 1) == b"\x00":
