@@ -11,6 +11,13 @@ when only the build's speed or memory does.
 
 ``--build-pe-a`` ingests the KB part of the PE attribution benchmark's setting (a), files of
 at most 1 MB (``bench.attribution_pe --max-file-mb 1.0``: 101 samples, 38.9k functions).
+
+    python -m bench.index_build --pe-sequence
+
+replays the earmark child of ``bench.attribution_pe --max-file-mb 1.0`` in this process
+(settings (a) then (c): ingest, prepare, queries, each in a fresh temporary KB) and prints
+the process peak (``ru_maxrss``, MiB) after every step that raised it, so a build's share
+of the benchmark's process peak is seen in place.
 """
 
 from __future__ import annotations
@@ -88,13 +95,72 @@ def build_pe_a(db: Path) -> None:
             ingest_paths(kb.store, paths, template, jobs=2)
 
 
+def pe_sequence() -> None:
+    """The PE bench's (a)+(c) earmark child, step by step, with the peak after each step."""
+    from bench.attribution_pe import EARMARK_INGEST_JOBS, EARMARK_TOP_HYPOTHESES, build_groups
+
+    def peak_mib() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+    last = peak_mib()
+
+    def step(what: str) -> None:
+        nonlocal last
+        if peak_mib() > last + 0.5:
+            print(f"{what:50s} peak {last:6.1f} -> {peak_mib():6.1f} MiB", flush=True)
+        last = peak_mib()
+
+    plan = argparse.Namespace(
+        settings=["a", "c"],
+        projects=None,
+        limit_files=None,
+        max_file_mb=1.0,
+        goodware_third_party=False,
+    )
+    phases = build_groups(load_release_corpus("pe"), plan)[0]["phases"]
+    step("plan")
+    from earmark.attribution import attribute_sample, open_knowledge_base
+    from earmark.extract import analyze_file
+    from earmark.ingest import LabelTemplate, ingest_paths
+
+    step("imports")
+    with (
+        tempfile.TemporaryDirectory(prefix="earmark-pe-sequence-") as temporary,
+        open_knowledge_base(str(Path(temporary) / "kb.db")) as kb,
+    ):
+        for phase in phases:
+            setting, by_project = phase["setting"], dict[str, list[str]]()
+            for entry in phase["add"]:
+                by_project.setdefault(entry["project"], []).append(entry["path"])
+            for project, paths in sorted(by_project.items()):
+                template = LabelTemplate(actor=project, family=project, source="bench-pe")
+                ingest_paths(kb.store, paths, template, jobs=EARMARK_INGEST_JOBS)
+                step(f"{setting} ingest {project}")
+            kb.prepare()
+            step(f"{setting} prepare")
+            for entry in phase["queries"]:
+                features = analyze_file(Path(entry["path"]))
+                step(f"{setting} analyse {Path(entry['path']).name}")
+                attribute_sample(kb, features, top=EARMARK_TOP_HYPOTHESES, artefacts=True)
+                step(f"{setting} attribute {Path(entry['path']).name}")
+    print(f"process peak {peak_mib():.1f} MiB ({peak_mib() * 1.048576:.1f} MB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", type=Path, required=True, help="SQLite KB to copy and build")
+    parser.add_argument("--db", type=Path, help="SQLite KB to copy and build")
     parser.add_argument("--runs", type=int, default=3, help="fresh processes, one build each")
     parser.add_argument("--build-pe-a", action="store_true", help="ingest the PE (a) KB first")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--pe-sequence", action="store_true", help="replay the PE bench's (a)+(c) child"
+    )
     arguments = parser.parse_args()
+    if arguments.pe_sequence:
+        pe_sequence()
+        return
+    if arguments.db is None:
+        parser.error("--db is required")
     if arguments.one:
         print(json.dumps(measure_once(arguments.db)))
         return
