@@ -379,7 +379,8 @@ class ArtefactStatsBuilder:
         order = np.lexsort((samples, codes, owned))  # by key, then owner, then sample
         owned, codes, samples = owned[order], codes[order], samples[order]
         place = np.searchsorted(keys, owned)
-        first_of_owner = np.r_[True, (owned[1:] != owned[:-1]) | (codes[1:] != codes[:-1])]
+        first_of_owner = np.ones(len(owned), dtype=np.bool_)
+        first_of_owner[1:] = (owned[1:] != owned[:-1]) | (codes[1:] != codes[:-1])
         owner_count = np.bincount(place[first_of_owner], minlength=len(keys)).astype(np.uint32)
         goodware = np.searchsorted(keys, _column(self._goodware, np.uint64))
         goodware_count = np.bincount(goodware, minlength=len(keys)).astype(np.uint32)
