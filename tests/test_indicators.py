@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -209,3 +210,19 @@ def test_left_out_alternatives_change_no_match(text: str) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(indicators, "_candidate_pattern", lambda possible: indicators._CANDIDATE)
         assert scanned == list(indicators._scan_text(text))
+
+
+_DEFANG_PIECES = st.sampled_from(
+    ["a", "x", "h", "p", "s", ".", ":", "/", "@", "\\", "[", "]", "(", ")", "{", "}", " ", "\t",
+     "hxxp", "hXXp", "h**p", "meow", "fxp", "[.]", "(dot)", "{at}", "[:]", "[://]", "\\.", "d",
+     "at", "dot", "\u212a", "\u017f"]
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_DEFANG_PIECES, max_size=14).map("".join))
+def test_text_without_defang_marks_is_not_scanned_for_them(text: str) -> None:
+    refanged = indicators._refang_with_map(text)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(indicators, "_DEFANG_MARK", re.compile(""))  # every text is scanned
+        assert refanged == indicators._refang_with_map(text)

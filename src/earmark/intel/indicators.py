@@ -50,8 +50,15 @@ _DEFANG_PATTERN = re.compile(
 _REPLACEMENT = {"scheme": "http", "ftp": "ftp", "sep": ":", "dot": ".", "at": "@"}
 
 
+# Every defanging form holds one of these (a scheme or separator form needs the colon after
+# it): text without any is left as it is without the scan (PE bench (a) KB: most strings).
+_DEFANG_MARK = re.compile(r"[:\[({\\]")
+
+
 def _refang_with_map(text: str) -> tuple[str, list[int] | None]:
     """Refanged text and, when anything changed, the original index of each output character."""
+    if _DEFANG_MARK.search(text) is None:
+        return text, None
     pieces: list[str] = []
     index_map: list[int] = []
     last = 0
