@@ -10,10 +10,14 @@ and address, which must not change when only the pipeline's speed does.
 
 ``--worker-parts`` instead times, in this process and without a profiler, what a worker does
 per file: the analysis, then each step of the row preparation (features encoding, zlib
-compression, the indicator search, the function rows).
+compression, the indicator search, the function rows). ``--worker-cpu`` runs exactly a
+worker's call per file (``ingest._analyze``: analysis and row preparation, collector paused)
+``--repeat`` times in this process and prints its CPU seconds and functions per CPU second:
+the workers' cost without the pool's process start-ups and the other worker's competition.
 
     python -m bench.ingest_pipeline --db /tmp/ingest.db
     python -m bench.ingest_pipeline --worker-parts
+    python -m bench.ingest_pipeline --worker-cpu --repeat 3
 """
 
 from __future__ import annotations
@@ -119,16 +123,48 @@ def measure_worker_parts() -> None:
     print(f"{len(datas)} files, CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
 
 
+def measure_worker_cpu(repeat: int) -> None:
+    from earmark.config import DEFAULT_LIMITS
+    from earmark.extract import analyze_bytes
+    from earmark.ingest import _analyze, _warm_before_fork
+    from earmark.store.sql import FreezeCodec
+
+    datas = [Path(p).read_bytes() for paths in _kb_files().values() for p in paths]
+    codec = FreezeCodec()
+    _warm_before_fork()  # as the parent does before the pool forks
+    for _ in range(repeat):
+        functions = 0
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = time.process_time()
+        for data in datas:
+            result = _analyze(analyze_bytes, codec, data, DEFAULT_LIMITS)
+            if isinstance(result, Exception):
+                raise result
+            functions += result[0].function_count
+        cpu = time.process_time() - cpu
+        system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - before.ru_stime
+        print(
+            f"{len(datas)} files, {functions} functions: CPU {cpu:.2f} s (system {system:.2f} s), "
+            f"{functions / cpu:,.0f} functions per CPU s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", type=Path, help="SQLite KB to create (deleted first)")
     parser.add_argument("--jobs", type=int, default=2, help="ingest worker processes")
     parser.add_argument("--worker-parts", action="store_true", help="time a worker's steps")
+    parser.add_argument(
+        "--worker-cpu", action="store_true", help="a worker's CPU per file, in this process"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of --worker-cpu")
     arguments = parser.parse_args()
     if arguments.worker_parts:
         measure_worker_parts()
+    elif arguments.worker_cpu:
+        measure_worker_cpu(arguments.repeat)
     elif arguments.db is None:
-        parser.error("--db is required unless --worker-parts")
+        parser.error("--db is required unless --worker-parts or --worker-cpu")
     else:
         measure_ingest(arguments.db, arguments.jobs)
 
