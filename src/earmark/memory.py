@@ -35,7 +35,12 @@ __all__ = [
 # heap, and freed columns left holes under live ones that ``malloc_trim`` cannot hand back.
 # PE bench (a) KB: ``prepare`` peak over the RSS before it 70 -> 55 MB and glibc's heap after
 # it 54 -> 28 MB at 1 MiB (128 KiB: the same peak); the measurements are in
-# docs/benchmarks.md, "Index build memory (2)".
+# docs/benchmarks.md, "Index build memory (2)". It stays for the rest of the process: set
+# back to 32 MiB after each build, the PE bench process peaked at 221 instead of 212 MiB.
+# The cost is paid by analyses run after a build in the same process (queries, and ingest
+# workers forked after it), whose large temporaries are then fresh mappings each time:
+# ~4 % more analysis CPU (130 corpus PE files, medians 9.0 -> 9.4 CPU s). 4 MiB costs about
+# half that at the same process peak, but 2.5-3 MB more at the builds' own peaks.
 LARGE_BLOCK_BYTES: Final = 1 << 20
 _M_MMAP_THRESHOLD: Final = -3  # glibc malloc.h
 
