@@ -55,7 +55,8 @@ def extract_strings(data: bytes, limits: Limits) -> tuple[tuple[StringRef, ...],
     file-offset order, at most ``limits.max_strings``. The flag says whether the cap was hit."""
     cap = limits.max_strings
     accelerator = disasm.ACCELERATOR
-    if accelerator is not None:
+    # A minimum under one character (empty runs) is left to the regex scans' own answer.
+    if accelerator is not None and limits.min_string_length >= 1:
         runs = accelerator.string_runs(data, limits.min_string_length, MAX_STRING_LENGTH, cap + 1)
         found = tuple(
             StringRef(offset, "utf-16le" if wide else "ascii", text) for offset, wide, text in runs
