@@ -240,6 +240,12 @@ def connected_components(row_count: int, first: Int64Array, second: Int64Array) 
             return labels
 
 
+def _edge_codes(first: Int64Array, second: Int64Array, row_count: int) -> Int64Array:
+    """Each pair as one number, the same whichever way round it was found."""
+    codes: Int64Array = np.minimum(first, second) * row_count + np.maximum(first, second)
+    return codes
+
+
 def cluster_near_identical(
     signatures: npt.NDArray[np.uint8],
     band_orders: PackedColumns,
@@ -251,22 +257,24 @@ def cluster_near_identical(
     if row_count == 0:
         return np.zeros(0, dtype=np.uint32)
     keys = band_keys(signatures)
-    firsts: list[Int64Array] = []
-    seconds: list[Int64Array] = []
+    # Each band's verified pairs as (lower row) * row_count + (higher row), made distinct
+    # once at the end: the 17 pair lists name mostly the same pairs (PE bench (a+c) KB: 394k
+    # pairs, 30.8k distinct), and the components depend only on which pairs are joined, so
+    # they are found over the distinct ones (their label arrays then stay small).
+    edges: list[Int64Array] = []
     identity = np.arange(row_count, dtype=np.int64)
     # Exact hash: always the same code, no verification needed.
     by_hash = np.argsort(exact_hash, kind="stable")
-    first, second = _adjacent_pairs(exact_hash[by_hash], by_hash)
-    firsts.append(first)
-    seconds.append(second)
+    edges.append(_edge_codes(*_adjacent_pairs(exact_hash[by_hash], by_hash), row_count))
     for band in range(BAND_COUNT):
         order = identity if band == 0 else band_orders.column(band - 1).unpack()
         first, second = _adjacent_pairs(keys[order, band], order)
         agreeing = count_agreeing_slots(signatures, first, signatures, second)
         keep = estimate_jaccard_from_agreement(agreeing) >= similarity
-        firsts.append(first[keep])
-        seconds.append(second[keep])
-    labels = connected_components(row_count, np.concatenate(firsts), np.concatenate(seconds))
+        edges.append(_edge_codes(first[keep], second[keep], row_count))
+    distinct = np.unique(np.concatenate(edges))
+    del edges
+    labels = connected_components(row_count, distinct // row_count, distinct % row_count)
     return np.unique(labels, return_inverse=True)[1].astype(np.uint32)
 
 
