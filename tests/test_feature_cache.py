@@ -49,11 +49,19 @@ def _index(builder: FixtureBuilder) -> tuple[FeatureCandidateIndex, list[Functio
     return index, _functions(builder, "O2")
 
 
-def test_round_trip_is_exact(builder: FixtureBuilder, tmp_path: Path) -> None:
+def _saved_and_loaded(
+    builder: FixtureBuilder, tmp_path: Path
+) -> tuple[FeatureCandidateIndex, list[FunctionFeatures], Path, FeatureCandidateIndex | None]:
+    """The fixture stage, its queries, the cache directory it was saved to, and the stage
+    loaded back from there."""
     index, queries = _index(builder)
     path = tmp_path / "kb.features"
     assert save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
-    loaded = load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS)
+    return index, queries, path, load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS)
+
+
+def test_round_trip_is_exact(builder: FixtureBuilder, tmp_path: Path) -> None:
+    index, queries, _, loaded = _saved_and_loaded(builder, tmp_path)
     assert loaded is not None
     assert len(loaded) == len(index) > 0
     assert np.array_equal(loaded.keys, index.keys)
@@ -101,10 +109,7 @@ def test_matching_in_passes_finds_what_one_pass_finds(
 def test_loaded_stage_reads_minhash_rows_without_mapping_them(
     builder: FixtureBuilder, tmp_path: Path
 ) -> None:
-    index, queries = _index(builder)
-    path = tmp_path / "kb.features"
-    assert save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
-    loaded = load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS)
+    index, queries, path, loaded = _saved_and_loaded(builder, tmp_path)
     assert loaded is not None
     loaded.release_pages()
     assert loaded.find(queries, MIN_INSTRUCTIONS) == index.find(queries, MIN_INSTRUCTIONS)
@@ -138,10 +143,7 @@ def _resident_kib(path: Path) -> int:
 def test_released_pages_leave_the_resident_set_and_read_back_the_same(
     builder: FixtureBuilder, tmp_path: Path
 ) -> None:
-    index, queries = _index(builder)
-    path = tmp_path / "kb.features"
-    assert save_feature_candidates(index, path, REVISION, MIN_INSTRUCTIONS)
-    loaded = load_feature_candidates(path, REVISION, MIN_INSTRUCTIONS)
+    index, queries, path, loaded = _saved_and_loaded(builder, tmp_path)
     assert loaded is not None and loaded.mappings  # every non-empty array is a file mapping
     found = loaded.find(queries, MIN_INSTRUCTIONS)
     # Touch every page of every mapped file, as a few dozen queries do on a real KB.
