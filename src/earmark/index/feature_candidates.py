@@ -38,7 +38,7 @@ from earmark.index.compact_functions import (
     sample_ranges,
 )
 from earmark.index.key_postings import FIRST_SWEEP_ENTRIES, PostingsBuilder
-from earmark.index.lsh import expand_ranges, pair_budget_runs
+from earmark.index.lsh import expand_ranges, first_per_group, pair_budget_runs
 from earmark.index.pair_similarity import stored_pair_similarity
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
@@ -375,10 +375,7 @@ class FeatureCandidateIndex:
         pair_function = combined % len(self.stored)
         order = np.lexsort((pair_function, -shared, pair_query))
         pair_query, pair_function, shared = pair_query[order], pair_function[order], shared[order]
-        group_start = np.flatnonzero(np.r_[True, pair_query[1:] != pair_query[:-1]])
-        group_sizes = np.diff(np.r_[group_start, len(pair_query)])
-        rank = np.arange(len(pair_query)) - np.repeat(group_start, group_sizes)
-        top = rank < CANDIDATES_PER_QUERY
+        top = first_per_group(pair_query, CANDIDATES_PER_QUERY)
         return pair_query[top], pair_function[top], shared[top]
 
     def find(
@@ -406,16 +403,16 @@ class FeatureCandidateIndex:
         # most MAX_KEY_PAIRS_PER_PASS (key, posting) pairs each give the same candidates as one
         # pass, without one pass's pair temporaries (20 MiB for a 1,800-function DLL).
         key_pairs = np.minimum(np.maximum(stops - starts, 0), MAX_POSTINGS_PER_KEY)
-        key_ends = np.cumsum(key_counts)
+        key_offsets = np.r_[0, np.cumsum(key_counts)]  # query i's keys: offsets[i]:offsets[i+1]
         running = np.r_[0, np.cumsum(key_pairs)]
-        pairs_per_query = running[key_ends] - running[key_ends - key_counts]
+        pairs_per_query = running[key_offsets[1:]] - running[key_offsets[:-1]]
         owner_of_query = np.array(looked_up, dtype=np.int64)
         chosen = [
             self._candidates(
                 owner_of_query[first:stop],
                 key_counts[first:stop],
-                starts[key_ends[first] - key_counts[first] : key_ends[stop - 1]],
-                stops[key_ends[first] - key_counts[first] : key_ends[stop - 1]],
+                starts[key_offsets[first] : key_offsets[stop]],
+                stops[key_offsets[first] : key_offsets[stop]],
             )
             for first, stop in pair_budget_runs(pairs_per_query, MAX_KEY_PAIRS_PER_PASS)
         ]

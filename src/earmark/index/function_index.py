@@ -35,6 +35,7 @@ from earmark.index.lsh import (
     count_agreeing_slots,
     estimate_jaccard_from_agreement,
     expand_ranges,
+    first_per_group,
     locate_keys,
     pair_budget_runs,
     reduce_signatures,
@@ -334,10 +335,7 @@ class FunctionIndex:
         best_first = np.lexsort((rows, -similarity, queries))
         queries, rows = queries[best_first], rows[best_first]
         similarity, exact = similarity[best_first], exact[best_first]
-        group_start = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
-        group_sizes = np.diff(np.r_[group_start, len(queries)])
-        rank = np.arange(len(queries)) - np.repeat(group_start, group_sizes)
-        top = rank < top_k
+        top = first_per_group(queries, top_k)
         return queries[top], rows[top], similarity[top], exact[top]
 
     def save(self, path: Path) -> None:

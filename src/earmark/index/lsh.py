@@ -193,3 +193,13 @@ def pair_budget_runs(pairs: npt.NDArray[np.int64], budget: int) -> list[tuple[in
     if first < len(pairs):
         runs.append((first, len(pairs)))
     return runs
+
+
+def first_per_group(groups: npt.NDArray[np.int64], count: int) -> npt.NDArray[np.bool_]:
+    """Mask of the first ``count`` entries of each run of equal values in ``groups`` (entries
+    grouped already, best first within a group)."""
+    group_start = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    group_sizes = np.diff(np.r_[group_start, len(groups)])
+    rank = np.arange(len(groups)) - np.repeat(group_start, group_sizes)
+    kept: npt.NDArray[np.bool_] = rank < count
+    return kept
