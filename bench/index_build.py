@@ -7,6 +7,7 @@ build wrote (``<db>.index``, ``<db>.features``, ``<db>.artefacts``), which must 
 when only the build's speed or memory does.
 
     python -m bench.index_build --db /path/kb.db --runs 3
+    python -m bench.index_build --db /path/kb.db --runs 3 --jobs 2   # decoding in 2 processes
     python -m bench.index_build --db /tmp/pe-a.db --build-pe-a   # ingest the PE bench KB first
 
 ``--build-pe-a`` ingests the KB part of the PE attribution benchmark's setting (a), files of
@@ -55,8 +56,14 @@ def _cache_digest(db: Path) -> str:
     return digest.hexdigest()
 
 
-def measure_once(source: Path) -> dict[str, float | str]:
-    """``prepare()`` on a copy of ``source`` (its caches left behind), in this process."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_once(source: Path, jobs: int = 1) -> dict[str, float | str]:
+    """``prepare(jobs)`` on a copy of ``source`` (its caches left behind), in this process;
+    with ``jobs`` > 1 the CPU of the build processes is reported apart (``workers_cpu_s``)."""
     from earmark.attribution import open_knowledge_base
 
     with tempfile.TemporaryDirectory(prefix="earmark-index-build-") as temporary:
@@ -65,16 +72,22 @@ def measure_once(source: Path) -> dict[str, float | str]:
         with open_knowledge_base(str(db)) as kb:
             kb.store.revision()  # the connection and schema check, not the build
             before = _rss_mb()
-            cpu, wall = time.process_time(), time.perf_counter()
-            kb.prepare()
+            cpu, wall, workers = time.process_time(), time.perf_counter(), _children_cpu()
+            kb.prepare(jobs=jobs)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            workers = _children_cpu() - workers
             after = _rss_mb()
         return {
             "cpu_s": round(cpu, 3),
+            "workers_cpu_s": round(workers, 3),
             "wall_s": round(wall, 3),
             "rss_before_mb": round(before, 1),
             "peak_mb": round(_peak_mb(), 1),
             "peak_over_before_mb": round(_peak_mb() - before, 1),
+            # the largest build process's peak (``ru_maxrss`` of waited children)
+            "worker_peak_mb": round(
+                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
+            ),
             "rss_after_mb": round(after, 1),
             "cache_digest": _cache_digest(db),
         }
@@ -151,6 +164,7 @@ def main() -> None:
     parser.add_argument("--db", type=Path, help="SQLite KB to copy and build")
     parser.add_argument("--runs", type=int, default=3, help="fresh processes, one build each")
     parser.add_argument("--build-pe-a", action="store_true", help="ingest the PE (a) KB first")
+    parser.add_argument("--jobs", type=int, default=1, help="prepare(jobs=N): build processes")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--pe-sequence", action="store_true", help="replay the PE bench's (a)+(c) child"
@@ -162,19 +176,20 @@ def main() -> None:
     if arguments.db is None:
         parser.error("--db is required")
     if arguments.one:
-        print(json.dumps(measure_once(arguments.db)))
+        print(json.dumps(measure_once(arguments.db, arguments.jobs)))
         return
     if arguments.build_pe_a and not arguments.db.exists():
         build_pe_a(arguments.db)
     runs = []
     for _ in range(arguments.runs):
-        command = [sys.executable, "-m", "bench.index_build", "--db", str(arguments.db), "--one"]
+        command = [sys.executable, "-m", "bench.index_build", "--db", str(arguments.db)]
+        command += ["--jobs", str(arguments.jobs), "--one"]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         runs.append(json.loads(output.strip().splitlines()[-1]))
         print(runs[-1])
     digests = {run["cache_digest"] for run in runs}
     print(f"runs {len(runs)}; same caches in every run: {len(digests) == 1}")
-    for name in ("cpu_s", "wall_s", "peak_over_before_mb", "rss_after_mb"):
+    for name in ("cpu_s", "workers_cpu_s", "wall_s", "peak_over_before_mb", "rss_after_mb"):
         values = sorted(float(run[name]) for run in runs)
         print(f"{name}: min {values[0]} median {values[len(values) // 2]} max {values[-1]}")
 

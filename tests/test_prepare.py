@@ -3,6 +3,7 @@ candidate stage and the artefact statistics, with the same result as building th
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from collections import Counter
 from dataclasses import replace
@@ -32,6 +33,7 @@ from earmark.index.feature_candidates import (
     _flat_feature_keys,
     feature_key_rows,
     feature_keys,
+    stage_rows,
 )
 from earmark.ingest import LabelTemplate, ingest_paths
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
@@ -53,13 +55,19 @@ def _ingest(kb: KnowledgeBase, corpus: DemoCorpus) -> None:
 
 
 def _count_decodes(kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Stored features read (decoded here, or sent to a build process to decode)."""
     decoded: Counter[str] = Counter()
-    load = kb.store.load_features
+    load_blob, load = kb.store.load_features_blob, kb.store.load_features
+
+    def counting_blob(sha256: str) -> bytes:
+        decoded[sha256] += 1
+        return load_blob(sha256)
 
     def counting(sha256: str, *, instructions: bool = True) -> SampleFeatures:
         decoded[sha256] += 1
         return load(sha256, instructions=instructions)
 
+    monkeypatch.setattr(kb.store, "load_features_blob", counting_blob)
     monkeypatch.setattr(kb.store, "load_features", counting)
     return decoded
 
@@ -89,15 +97,17 @@ def _assert_same_stats(a: ArtefactStats, b: ArtefactStats) -> None:
     assert dict(a.libraries) == dict(b.libraries)
 
 
-@pytest.mark.parametrize("database", ["file", "memory"])
+@pytest.mark.parametrize(("database", "jobs"), [("file", 1), ("memory", 1), ("file", 2)])
 def test_prepare_decodes_each_sample_once_and_builds_what_separate_passes_build(
-    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str, jobs: int
 ) -> None:
+    """Also with the samples decoded in 2 build processes (``jobs=2``): the same stage and
+    statistics as building each apart in this process."""
     url = str(tmp_path / "kb.db") if database == "file" else ":memory:"
     with open_knowledge_base(url) as kb:
         _ingest(kb, corpus)
         decoded = _count_decodes(kb, monkeypatch)
-        kb.prepare()
+        kb.prepare(jobs=jobs)
         samples = kb.samples()
         assert len(samples) >= 4 and any(record.goodware for record in samples.values())
         assert set(decoded) == {record.sha256 for record in samples.values()}
@@ -273,3 +283,18 @@ def test_compact_rows_added_by_sample_equal_those_added_one_by_one(corpus: DemoC
     for sample_id, members in samples:
         whole.add_sample(sample_id, list(range(len(members))), members)
     assert _columns_of(whole.finish()) == _columns_of(fast)
+
+
+def test_stage_rows_made_in_another_process_build_the_same_stage(corpus: DemoCorpus) -> None:
+    """Rows pickled as a build process sends them: a sample whose values fit the columns and
+    one that does not (a constant past 2**64 - 1 sends its functions as objects)."""
+    functions = list(analyze_file(corpus.binary("alpha-v3", "O2").path).functions)
+    odd = [replace(functions[0], constants=(2**64,)), *functions[1:]]
+    samples = [(1, functions), (2, odd)]
+    known = TextKeys()
+    rows = [(sample, pickle.loads(pickle.dumps(stage_rows(f, 4, known)))) for sample, f in samples]
+    assert rows[0][1].block is not None and rows[1][1].block is None
+    assert len(rows[1][1].functions) == len(rows[1][1]) > 10
+    built = FeatureCandidateIndex.build_from_rows(rows)
+    _assert_same_stage(built, FeatureCandidateIndex.build(samples, 4))
+    assert built.stored.irregular  # the odd function, kept whole

@@ -109,8 +109,12 @@ def test_features_round_trip(store: SqlStore) -> None:
     assert outline.functions and all(not f.normalized for f in outline.functions)
     emptied = tuple(dataclasses.replace(f, normalized=()) for f in features.functions)
     assert outline == dataclasses.replace(features, functions=emptied)
+    # Undecoded, as a build process receives it: the codec's bytes of the same features.
+    assert store.codec.from_bytes(store.load_features_blob(features.sha256.upper())) == features
     with pytest.raises(StoreError):
         store.load_features("f" * 64)
+    with pytest.raises(StoreError):
+        store.load_features_blob("f" * 64)
 
 
 def test_function_table_equals_inserted_functions(store: SqlStore) -> None:

@@ -103,7 +103,7 @@ def ingest(
         if summary.ingested or summary.skipped:
             # Index building belongs to ingest: the next ``attribute`` finds it on disk.
             progress.update(task, description="indexing")
-            kb.prepare()
+            kb.prepare(jobs=jobs)
     click.echo(
         f"ingested {summary.ingested}, skipped {summary.skipped} (already known: labels added), "
         f"failed {summary.failed}"

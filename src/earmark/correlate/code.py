@@ -39,6 +39,7 @@ from earmark.correlate.code_rerank import (
 from earmark.index.feature_candidates import (
     FeatureCandidateIndex,
     FeatureMatch,
+    StageRows,
     StoredFunctionIds,
 )
 from earmark.index.function_index import (
@@ -115,22 +116,24 @@ def build_feature_candidates(
     store: Store,
     samples: Mapping[int, SampleRecord],
     min_instructions: int,
-    decoded: Iterable[tuple[SampleRecord, SampleFeatures]] | None = None,
+    rows: Iterable[tuple[int, StageRows]] | None = None,
 ) -> FeatureCandidateIndex | None:
     """The second candidate stage over every KB sample, or None past MAX_FEATURE_STAGE_SAMPLES.
 
-    ``decoded`` is ``stored_samples(store, samples)`` or a pass over it that also feeds other
-    statistics (``KnowledgeBase.prepare``: the artefact statistics), so the stored samples
-    are decoded once for both; it is not consumed when the stage is skipped."""
+    ``rows`` are the samples' (sample id, stage rows) in ``stored_samples``' order from a pass
+    that also feeds other statistics (``KnowledgeBase.prepare``: ``kb_build.stored_rows``,
+    the artefact statistics too), so the stored samples are decoded once for both; they are
+    not consumed when the stage is skipped. Without them the samples are decoded here."""
     if len(samples) > MAX_FEATURE_STAGE_SAMPLES:
         return None
     table = store.load_function_table()
     # Sorted copies of three columns; the table's MinHash rows are freed before decoding.
     function_ids = StoredFunctionIds(table.sample_id, table.address, table.function_id)
     del table
-    if decoded is None:
-        decoded = stored_samples(store, samples)
-    return FeatureCandidateIndex.build(_functions_of(decoded), min_instructions, function_ids)
+    if rows is None:
+        decoded = _functions_of(stored_samples(store, samples))
+        return FeatureCandidateIndex.build(decoded, min_instructions, function_ids)
+    return FeatureCandidateIndex.build_from_rows(rows, function_ids)
 
 
 def _rows_of_function_ids(index: FunctionIndex, function_ids: Sequence[int]) -> list[int | None]:

@@ -226,6 +226,29 @@ def imported_libraries(features: SampleFeatures) -> dict[str, set[str]]:
 
 
 @dataclass(frozen=True, slots=True)
+class ArtefactRows:
+    """What one sample adds to the artefact statistics (``ArtefactStatsBuilder.add_rows``),
+    computed from its decoded features alone."""
+
+    keys: tuple[int, ...]  # its distinct artefact keys
+    string_keys: tuple[int, ...]  # those of string artefacts, in order
+    libraries: tuple[tuple[str, frozenset[str]], ...]  # ``imported_libraries``, by name
+
+
+def artefact_rows(features: SampleFeatures, known: dict[str, int] | None = None) -> ArtefactRows:
+    """The ``ArtefactRows`` of one sample (``known``: see ``sample_artefacts``)."""
+    artefacts = sample_artefacts(features, known)  # unique keys
+    return ArtefactRows(
+        keys=tuple(artefact.key for artefact in artefacts),
+        string_keys=tuple(artefact.key for artefact in artefacts if artefact.kind == "string"),
+        libraries=tuple(
+            (library, frozenset(names))
+            for library, names in sorted(imported_libraries(features).items())
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LibraryUsage:
     """Who in the KB imports one library, and what it imports from it."""
 
@@ -343,9 +366,12 @@ class ArtefactStatsBuilder:
         self._string_ranges: dict[int, tuple[int, int]] = {}  # sample id -> its range
 
     def add(self, record: SampleRecord, features: SampleFeatures) -> None:
-        artefacts = sample_artefacts(features, self.string_keys)  # unique keys
-        keys = [artefact.key for artefact in artefacts]
-        strings = [a.key for a in artefacts if a.kind == "string"]
+        self.add_rows(record, artefact_rows(features, self.string_keys))
+
+    def add_rows(self, record: SampleRecord, rows: ArtefactRows) -> None:
+        """Add one sample's ``artefact_rows`` (made here by ``add``, or by a build's
+        decoding processes, ``kb_build``)."""
+        keys, strings = rows.keys, rows.string_keys
         start = len(self._strings)
         self._string_ranges[record.sample_id] = (start, start + len(strings))
         self._strings.extend(strings)
@@ -361,7 +387,7 @@ class ArtefactStatsBuilder:
                 self._owned_codes.extend([code] * len(keys))
                 self._owned_samples.extend([record.sample_id] * len(keys))
             importer = record.owner_keys
-        for library, names in imported_libraries(features).items():
+        for library, names in rows.libraries:
             self.library_importers[library].update(importer)
             self.library_names[library] |= names
 

@@ -30,6 +30,7 @@ from earmark.index.compact_columns import (
 from earmark.index.compact_rows import (
     INT_REFERENCES,
     TEXT_REFERENCES,
+    ColumnBlock,
     fits_columns,
     regular_columns,
 )
@@ -136,7 +137,30 @@ class CompactBuilder:
             for function_id, function in zip(function_ids, functions, strict=True):
                 self._add_one(sample_id, function_id, function)
             return
-        self.sample_id.extend([sample_id] * len(functions))
+        self._add_block(sample_id, function_ids, block, [f.source for f in functions])
+
+    def add_block(
+        self,
+        sample_id: int,
+        function_ids: Sequence[int],
+        block: ColumnBlock,
+        sources: Sequence[str],
+    ) -> None:
+        """Add a sample's functions already converted by ``regular_columns`` (elsewhere: a
+        build's decoding processes, ``kb_build``) with their ``source``s, as ``add_sample``
+        of the functions would."""
+        self._add_pending()
+        self._rows += len(sources)
+        self._add_block(sample_id, function_ids, block, sources)
+
+    def _add_block(
+        self,
+        sample_id: int,
+        function_ids: Sequence[int],
+        block: ColumnBlock,
+        sources: Sequence[str],
+    ) -> None:
+        self.sample_id.extend([sample_id] * len(sources))
         self.function_id.extend(function_ids)
         extend_column(self.numbers, block.numbers)
         extend_column(self.minhash, block.minhash)
@@ -147,9 +171,7 @@ class CompactBuilder:
         for name, texts in self.texts.items():
             texts.add_rows(*block.text_references[name])
         names = self.source_names
-        self.source_codes.extend(
-            [names.setdefault(function.source, len(names)) for function in functions]
-        )
+        self.source_codes.extend([names.setdefault(source, len(names)) for source in sources])
 
     def _add_one(self, sample_id: int, function_id: int, function: FunctionFeatures) -> None:
         position = len(self.sample_id)

@@ -37,6 +37,7 @@ from earmark.index.compact_functions import (
     locate_function,
     sample_ranges,
 )
+from earmark.index.compact_rows import ColumnBlock, regular_columns
 from earmark.index.key_postings import FIRST_SWEEP_ENTRIES, PostingsBuilder
 from earmark.index.lsh import expand_ranges, first_per_group, pair_budget_runs
 from earmark.index.pair_similarity import stored_pair_similarity
@@ -51,12 +52,14 @@ __all__ = [
     "CompactFunctions",
     "FeatureCandidateIndex",
     "FeatureMatch",
+    "StageRows",
     "StoredFunctionIds",
     "TextKeys",
     "feature_key_rows",
     "feature_keys",
     "locate_function",
     "sample_ranges",
+    "stage_rows",
 ]
 
 # Robust MinHash slots per band key. 2 rows x 32 bands: recall 0.95 at robust Jaccard 0.3 (what
@@ -256,22 +259,58 @@ def _flat_feature_keys(
     return keys[first], np.bincount(owners[first], minlength=len(functions)).astype(np.int64)
 
 
-def _add_sample(
+@dataclass(frozen=True, slots=True)
+class StageRows:
+    """What the stage files for one sample: its functions of >= min_instructions as column
+    blocks (``functions`` kept instead when a value does not fit the columns) and their keys.
+    Computed from the decoded sample alone (``stage_rows``), so a build can decode and
+    convert samples in other processes and only add the rows (``kb_build``)."""
+
+    addresses: tuple[int, ...]  # of the indexed functions, in order
+    sources: tuple[str, ...]
+    block: ColumnBlock | None  # None: see ``functions``
+    functions: tuple[FunctionFeatures, ...]  # only when ``block`` is None
+    keys: npt.NDArray[np.uint64]  # each function's sorted distinct keys, end to end
+    key_counts: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+
+def stage_rows(
+    functions: Sequence[FunctionFeatures], min_instructions: int, known: TextKeys
+) -> StageRows:
+    """The ``StageRows`` of a sample with these functions."""
+    indexed = [function for function in functions if function.instruction_count >= min_instructions]
+    block = regular_columns(indexed)
+    keys, counts = _flat_feature_keys(indexed, known)
+    return StageRows(
+        addresses=tuple(function.address for function in indexed),
+        sources=tuple(function.source for function in indexed),
+        block=block,
+        functions=() if block is not None else tuple(indexed),
+        keys=keys,
+        key_counts=counts,
+    )
+
+
+def _add_rows(
     builder: CompactBuilder,
     postings: PostingsBuilder,
     sample_id: int,
-    functions: Sequence[FunctionFeatures],
-    min_instructions: int,
+    rows: StageRows,
     function_ids: Mapping[tuple[int, int], int] | None,
-    known: TextKeys,
 ) -> None:
-    indexed = [function for function in functions if function.instruction_count >= min_instructions]
-    for function in indexed:
-        identifier = -1
-        if function_ids is not None:
-            identifier = function_ids.get((sample_id, function.address), -1)
-        builder.add(sample_id, identifier, function)
-    postings.add(*_flat_feature_keys(indexed, known))
+    postings.add(rows.keys, rows.key_counts)
+    if not rows:
+        return  # nothing indexed
+    identifiers = [-1] * len(rows)
+    if function_ids is not None:
+        identifiers = [function_ids.get((sample_id, address), -1) for address in rows.addresses]
+    if rows.block is not None:
+        builder.add_block(sample_id, identifiers, rows.block, rows.sources)
+    else:
+        builder.add_sample(sample_id, identifiers, rows.functions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,17 +366,27 @@ class FeatureCandidateIndex:
         sample keeps only one decoded sample alive. ``function_ids`` maps (sample id, address)
         to the store's function id. ``first_sweep``: see ``key_postings`` (the same index
         whatever its value)."""
+        known = TextKeys()
+        rows = (
+            (sample_id, stage_rows(sample_functions, min_instructions, known))
+            for sample_id, sample_functions in samples
+        )
+        return cls.build_from_rows(rows, function_ids, first_sweep)
+
+    @classmethod
+    def build_from_rows(
+        cls,
+        samples: Iterable[tuple[int, StageRows]],
+        function_ids: Mapping[tuple[int, int], int] | None = None,
+        first_sweep: int = FIRST_SWEEP_ENTRIES,
+    ) -> FeatureCandidateIndex:
+        """``build`` from each sample's ``stage_rows`` (consumed one sample at a time)."""
         builder = CompactBuilder()
         postings = PostingsBuilder(MAX_POSTINGS_PER_KEY, first_sweep)
-        known = TextKeys()
-        for sample_id, sample_functions in samples:
-            _add_sample(
-                builder, postings, sample_id, sample_functions, min_instructions, function_ids,
-                known,
-            )  # fmt: skip
-            # The loop name would keep this sample alive while the next one is decoded.
-            del sample_functions
-        del known
+        for sample_id, rows in samples:
+            _add_rows(builder, postings, sample_id, rows, function_ids)
+            # The loop name would keep this sample alive while the next one is made.
+            del rows
         # The keys are sorted before the builder's buffers become columns, so the sort's
         # full-length temporaries and the columns' copies are not in memory together.
         kept_keys, owners = postings.finish()

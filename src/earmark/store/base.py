@@ -147,6 +147,12 @@ class Store(Protocol):
         builds that never read the instruction tokens (half the cost of decoding)."""
         ...
 
+    def load_features_blob(self, sha256: str) -> bytes:
+        """The stored frozen features as ``codec`` wrote them, undecoded (a KB-wide build
+        decodes them in other processes); raises ``StoreError`` when the sample is not
+        stored."""
+        ...
+
     def load_function_table(self) -> FunctionTable:
         """All stored functions as parallel numpy arrays, ordered by function id."""
         ...

@@ -461,13 +461,16 @@ class SqlStore:
         ]
 
     def load_features(self, sha256: str, *, instructions: bool = True) -> SampleFeatures:
+        return self._codec.from_bytes(self.load_features_blob(sha256), instructions=instructions)
+
+    def load_features_blob(self, sha256: str) -> bytes:
         with _database_errors("read features"), self._engine.connect() as connection:
             blob = connection.scalar(
                 select(schema.samples.c.features).where(schema.samples.c.sha256 == sha256.lower())
             )
         if blob is None:
             raise StoreError(f"sample {sha256} is not in the knowledge base")
-        return self._codec.from_bytes(bytes(blob), instructions=instructions)
+        return bytes(blob)
 
     def load_function_table(self) -> FunctionTable:
         """All functions as numpy arrays, ordered by function id; the arrays are read-only."""
