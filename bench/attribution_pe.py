@@ -218,8 +218,8 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
             failures += [f"{o.name}: {o.error_type}" for o in summary.failures]
     with Stopwatch() as build_watch, watch_peak_memory() as build_memory:
         # Everything a query reads (function index and feature candidate stage), as
-        # ``earmark ingest`` builds it: no query pays for index building.
-        kb.prepare()
+        # ``earmark ingest --jobs 2`` builds it: no query pays for index building.
+        kb.prepare(jobs=EARMARK_INGEST_JOBS)
         index = kb.index()
     workers_cpu = _children_cpu_seconds() - workers_cpu_before
     stats = kb.store.stats()

@@ -149,7 +149,7 @@ def pe_sequence() -> None:
                 template = LabelTemplate(actor=project, family=project, source="bench-pe")
                 ingest_paths(kb.store, paths, template, jobs=EARMARK_INGEST_JOBS)
                 step(f"{setting} ingest {project}")
-            kb.prepare()
+            kb.prepare(jobs=EARMARK_INGEST_JOBS)
             step(f"{setting} prepare")
             for entry in phase["queries"]:
                 features = analyze_file(Path(entry["path"]))
