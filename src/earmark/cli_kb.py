@@ -28,7 +28,8 @@ from earmark.attribution import (
 )
 from earmark.demo_build import Target
 from earmark.errors import InputError, UsageError
-from earmark.ingest import IngestOutcome, IngestStatus, LabelTemplate, ingest_paths
+from earmark.ingest import IngestGroup, IngestOutcome, IngestStatus, LabelTemplate, ingest_groups
+from earmark.ingest_manifest import read_manifest
 from earmark.model.kb import Tlp
 from earmark.report.document import CaseReport
 from earmark.report.text import printable, render_case_text, render_compare_text
@@ -53,7 +54,13 @@ def _ingest_exit_code(failures: tuple[IngestOutcome, ...]) -> int:
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="CSV of path,actor,family,source,tlp,goodware rows (paths relative to its folder; "
+    "empty cells take the flags' values), instead of PATHS.",
+)
 @click.option("--actor", help="Actor every sample is attributed to.")
 @click.option("--family", help="Malware family (or tool) of every sample.")
 @click.option("--source", default="ingest", show_default=True, help="Who says so (provenance).")
@@ -65,6 +72,7 @@ def _ingest_exit_code(failures: tuple[IngestOutcome, ...]) -> int:
 def ingest(
     ctx: click.Context,
     paths: tuple[Path, ...],
+    manifest: Path | None,
     actor: str | None,
     family: str | None,
     source: str,
@@ -74,10 +82,15 @@ def ingest(
     database: str | None,
 ) -> None:
     """Add files, directories, zip archives (password `infected` tried) and .emf features files
-    to the knowledge base. Re-ingesting a known sample only adds the new label."""
+    to the knowledge base, or a labelled collection listed in a --manifest, in one process
+    pool. Re-ingesting a known sample only adds the new label."""
+    if bool(paths) == (manifest is not None):
+        raise UsageError("give PATHS or --manifest FILE (one of them)")
     template = LabelTemplate(
         actor=actor, family=family, goodware=goodware, source=source, tlp=Tlp(tlp.lower())
     )
+    # A manifest is checked whole before the knowledge base is opened: a bad row writes nothing.
+    groups = read_manifest(manifest, template) if manifest else (IngestGroup(paths, template),)
     errors = Console(stderr=True, highlight=False)
     progress = Progress(
         SpinnerColumn(),
@@ -99,7 +112,7 @@ def ingest(
                     Text(f"{printable(outcome.name)}: {printable(outcome.error)}", style="red")
                 )
 
-        summary = ingest_paths(kb.store, paths, template, jobs=jobs, on_progress=report)
+        summary = ingest_groups(kb.store, groups, jobs=jobs, on_progress=report)
         if summary.ingested or summary.skipped:
             # Index building belongs to ingest: the next ``attribute`` finds it on disk.
             progress.update(task, description="indexing")

@@ -1,9 +1,13 @@
 """Put samples into the knowledge base: files, directories, zip archives and frozen features.
 
-``ingest_paths`` is the library function behind ``earmark ingest``. The parent process hashes
-every input first and skips analysis of samples the store already has (only the label is added);
-new samples are analysed in a process pool and written by the parent, one transaction per sample,
-so a killed batch leaves whole samples or nothing.
+``ingest_groups`` is the library function behind ``earmark ingest``: several groups of paths,
+each with its own labels (one folder per family, the rows of a manifest), go through one process
+pool, so a labelled collection pays for one pool start and one idle tail, not one per group;
+``ingest_paths`` is its one-group case. The parent process hashes every input first and skips
+analysis of samples the store already has (only the label is added); new samples are analysed in
+the pool and written by the parent, one transaction per sample, so a killed batch leaves whole
+samples or nothing. A sample met several times in a batch is analysed once and gets the label of
+every group it was met in, as separate calls would give it.
 
 Inputs are hostile: archive members are read into memory with bounded size and count (zip bombs)
 and never written to disk at all (analysis works on bytes); a worker killed by a crashing parser
@@ -16,9 +20,8 @@ import hashlib
 import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +42,7 @@ from earmark.errors import (
 )
 from earmark.extract import analyze_bytes
 from earmark.freeze import load_features as load_frozen_features
+from earmark.ingest_pool import run_in_pool
 from earmark.intel import indicators_from_strings
 from earmark.intel.indicators import compile_patterns
 from earmark.intel.public_suffixes import host_parts
@@ -152,6 +156,28 @@ def _failure(name: str, error: EarmarkError, sha256: str | None = None) -> Inges
     )
 
 
+@dataclass(frozen=True, slots=True)
+class IngestGroup:
+    """Paths (files, directories, zip archives, ``.emf`` files) and what to claim about every
+    sample found under them."""
+
+    paths: tuple[str | Path, ...]
+    labels: LabelTemplate = LabelTemplate()
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """A group's label and provenance, stamped with the batch's time: equal templates give
+    equal claims, so a sample met twice under the same labels is labelled once."""
+
+    label: SampleLabel | None
+    provenance: Provenance
+
+    @classmethod
+    def of(cls, template: LabelTemplate, recorded_at: datetime) -> _Claim:
+        return cls(template.label(recorded_at), template.provenance(recorded_at))
+
+
 @dataclass(slots=True)
 class _Job:
     """One sample waiting for analysis, with its bytes (read once, hashed, then analysed)."""
@@ -159,41 +185,80 @@ class _Job:
     name: str
     sha256: str
     data: bytes
-    crashes: int = 0
+    claim: _Claim
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the batch knows of one sha256 it has met."""
+
+    stored: bool = False  # in the knowledge base, before this batch or written by it
+    failure: IngestOutcome | None = None  # its analysis failed (every copy fails alike)
+    claims: set[_Claim] = field(default_factory=set)  # recorded on it by this batch
+    # Later copies met while the first one is still being analysed: settled with its result.
+    waiting: list[tuple[str, _Claim]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class _Batch:
     store: Store
-    label: SampleLabel | None
-    provenance: Provenance
     limits: Limits
     on_progress: Callable[[IngestOutcome], None] | None
     outcomes: list[IngestOutcome] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)  # sha256s met in this batch
+    seen: dict[str, _Seen] = field(default_factory=dict)  # by sha256
 
     def report(self, outcome: IngestOutcome) -> None:
         self.outcomes.append(outcome)
         if self.on_progress is not None:
             self.on_progress(outcome)
 
-    def known(self, name: str, sha256: str) -> bool:
-        """True (and the outcome reported) when this sample needs no analysis."""
-        if sha256 in self.seen:
-            self.report(IngestOutcome(name, IngestStatus.SKIPPED, sha256))
-            return True
-        self.seen.add(sha256)
-        if not self.store.has_sample(sha256):
-            return False
-        if self.label is not None:
-            self.store.add_label(sha256, self.label)
+    def _relabel(self, name: str, sha256: str, seen: _Seen, claim: _Claim) -> None:
+        """A copy of a stored sample: its claim is added (once per batch) and it is skipped."""
+        if claim not in seen.claims:
+            seen.claims.add(claim)
+            if claim.label is not None:
+                self.store.add_label(sha256, claim.label)
         self.report(IngestOutcome(name, IngestStatus.SKIPPED, sha256))
+
+    def known(self, name: str, sha256: str, claim: _Claim) -> bool:
+        """True when this sample needs no analysis: its outcome is reported now, or when the
+        analysis of an earlier copy in this batch ends."""
+        seen = self.seen.get(sha256)
+        if seen is None:
+            seen = self.seen[sha256] = _Seen()
+            if not self.store.has_sample(sha256):
+                return False
+            seen.stored = True
+        if seen.stored:
+            self._relabel(name, sha256, seen, claim)
+        elif seen.failure is not None:
+            self.report(replace(seen.failure, name=name))
+        else:
+            seen.waiting.append((name, claim))
         return True
 
-    def write(self, name: str, sample: PreparedSample, indicators: Sequence[Indicator]) -> None:
-        is_new = self.store.add_prepared(sample, self.label, self.provenance, indicators)
+    def write(
+        self, name: str, sample: PreparedSample, indicators: Sequence[Indicator], claim: _Claim
+    ) -> None:
+        is_new = self.store.add_prepared(sample, claim.label, claim.provenance, indicators)
         status = IngestStatus.INGESTED if is_new else IngestStatus.SKIPPED
         self.report(IngestOutcome(name, status, sample.sha256))
+        seen = self.seen.setdefault(sample.sha256, _Seen())
+        seen.stored = True
+        seen.claims.add(claim)
+        waiting, seen.waiting = seen.waiting, []
+        for copy_name, copy_claim in waiting:
+            self._relabel(copy_name, sample.sha256, seen, copy_claim)
+
+    def fail(self, name: str, sha256: str, error: EarmarkError) -> None:
+        """The analysis of ``sha256`` failed: so do the copies waiting for it."""
+        failure = _failure(name, error, sha256)
+        self.report(failure)
+        seen = self.seen.setdefault(sha256, _Seen())
+        seen.failure = failure
+        waiting, seen.waiting = seen.waiting, []
+        for copy_name, _ in waiting:
+            self.report(replace(failure, name=copy_name))
 
 
 def _walk(path: Path) -> Iterator[Path]:
@@ -220,7 +285,7 @@ def _read_member(archive: pyzipper.AESZipFile, info: pyzipper.ZipInfo, limit: in
     raise UnsupportedFormatError(f"encrypted with an unknown password ({last_error})")
 
 
-def _archive_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
+def _archive_jobs(path: Path, claim: _Claim, batch: _Batch) -> Iterator[_Job]:
     shown = _printable(str(path))
     try:
         archive = pyzipper.AESZipFile(path)
@@ -252,11 +317,11 @@ def _archive_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
                 batch.report(_failure(name, EmptyFileError("empty archive member")))
                 continue
             sha256 = hashlib.sha256(data).hexdigest()
-            if not batch.known(name, sha256):
-                yield _Job(name, sha256, data)
+            if not batch.known(name, sha256, claim):
+                yield _Job(name, sha256, data, claim)
 
 
-def _file_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
+def _file_jobs(path: Path, claim: _Claim, batch: _Batch) -> Iterator[_Job]:
     shown = _printable(str(path))
     if path.suffix.lower() == FROZEN_FEATURES_SUFFIX:
         try:
@@ -264,8 +329,8 @@ def _file_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
         except (FeaturesFileError, InputError) as error:
             batch.report(_failure(shown, error))
             return
-        if not batch.known(shown, features.sha256):
-            _write_features(shown, features, batch)
+        if not batch.known(shown, features.sha256, claim):
+            batch.write(shown, *_prepare(features, batch.store.codec), claim)
         return
     data: bytes | None = None  # stays None for a zip archive: its members are the samples
     limit = batch.limits.max_file_bytes
@@ -285,23 +350,28 @@ def _file_jobs(path: Path, batch: _Batch) -> Iterator[_Job]:
         batch.report(_failure(shown, error))
         return
     if data is None:
-        yield from _archive_jobs(path, batch)
+        yield from _archive_jobs(path, claim, batch)
         return
     sha256 = hashlib.sha256(data).hexdigest()
-    if not batch.known(shown, sha256):
-        yield _Job(shown, sha256, data)
+    if not batch.known(shown, sha256, claim):
+        yield _Job(shown, sha256, data, claim)
 
 
-def _jobs(paths: Iterable[str | Path], batch: _Batch) -> Iterator[_Job]:
-    for given in paths:
-        path = Path(given)
-        if path.is_dir():
-            for file in _walk(path):
-                yield from _file_jobs(file, batch)
-        elif path.is_file():
-            yield from _file_jobs(path, batch)
-        else:
-            batch.report(_failure(_printable(str(path)), InputError("no such file or directory")))
+def _jobs(groups: Iterable[IngestGroup], recorded_at: datetime, batch: _Batch) -> Iterator[_Job]:
+    """Every group's samples in order, read lazily: the pool runs on from one group into the
+    next, with no idle tail in between."""
+    for group in groups:
+        claim = _Claim.of(group.labels, recorded_at)
+        for given in group.paths:
+            path = Path(given)
+            if path.is_dir():
+                for file in _walk(path):
+                    yield from _file_jobs(file, claim, batch)
+            elif path.is_file():
+                yield from _file_jobs(path, claim, batch)
+            else:
+                missing = InputError("no such file or directory")
+                batch.report(_failure(_printable(str(path)), missing))
 
 
 _Prepared = tuple[PreparedSample, list[Indicator]]
@@ -312,11 +382,6 @@ def _prepare(features: SampleFeatures, codec: FeaturesCodec) -> _Prepared:
     """The rows to insert and the indicators in the sample's strings."""
     sample = prepare_sample(features, codec.to_bytes(features))
     return sample, indicators_from_strings(features.strings)
-
-
-def _write_features(name: str, features: SampleFeatures, batch: _Batch) -> None:
-    """A sample read from a frozen features file (no analysis): prepared here."""
-    batch.write(name, *_prepare(features, batch.store.codec))
 
 
 def _analyze(analyzer: Analyzer, codec: FeaturesCodec, data: bytes, limits: Limits) -> _Analysis:
@@ -342,21 +407,21 @@ def _analyze(analyzer: Analyzer, codec: FeaturesCodec, data: bytes, limits: Limi
 
 def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
     if isinstance(result, InputError):
-        batch.report(_failure(job.name, result, job.sha256))
+        batch.fail(job.name, job.sha256, result)
         return
     sample, indicators = result
     if sample.sha256 != job.sha256:
         error = InputError(f"analysis reported sha256 {sample.sha256}, the bytes hash otherwise")
-        batch.report(_failure(job.name, error, job.sha256))
+        batch.fail(job.name, job.sha256, error)
     else:
-        batch.write(job.name, sample, indicators)
+        batch.write(job.name, sample, indicators, job.claim)
 
 
 def _warm_before_fork() -> None:
     """Build in this process what every worker would otherwise build on its first sample,
     so the forked workers share it: the public-suffix table of the indicator search, ~20 ms
-    of CPU per worker (PE bench (a) KB: 13 batches of 2 workers, ~0.5 of ~10 CPU s), and the
-    indicator search's candidate patterns (~25 ms to compile them all, once per process)."""
+    of CPU per worker (~0.5 of ~10 CPU s when the PE bench (a) KB took 13 pools of 2 workers),
+    and the indicator search's candidate patterns (~25 ms to compile them all, once per process)."""
     host_parts("example.com")
     compile_patterns()
 
@@ -364,56 +429,56 @@ def _warm_before_fork() -> None:
 def _run_in_pool(
     jobs: Iterator[_Job], analyzer: Analyzer, codec: FeaturesCodec, workers: int, batch: _Batch
 ) -> None:
-    """Analyse in ``workers`` processes; the parent writes. A crashed worker costs one file.
+    """Analyse in ``workers`` processes; this process writes (``earmark.ingest_pool``)."""
 
-    When a parser crash kills a worker, every analysis in flight fails with BrokenProcessPool and
-    the culprit is unknown; those jobs are re-run one at a time in a new pool, and a job that
-    breaks the pool while running alone is reported as failed.
-    """
-    suspects: list[_Job] = []  # were in flight when a worker died: re-run one at a time
-    unsent: list[_Job] = []  # refused by a pool already broken: re-run, not suspected
+    def submit(pool: ProcessPoolExecutor, job: _Job) -> Future[_Analysis]:
+        return pool.submit(_analyze, analyzer, codec, job.data, batch.limits)
+
+    def crashed(job: _Job) -> None:
+        crash = MalformedFileError("the analysis process crashed on this file")
+        batch.fail(job.name, job.sha256, crash)
+
     _warm_before_fork()
-    pool = ProcessPoolExecutor(max_workers=workers)
-    pending: dict[Future[_Analysis], _Job] = {}
-    try:
-        while True:
-            capacity = 1 if suspects else workers * QUEUED_ANALYSES_PER_WORKER
-            while len(pending) < capacity and not unsent:
-                job = suspects.pop(0) if suspects else next(jobs, None)
-                if job is None:
-                    break
-                try:
-                    pending[pool.submit(_analyze, analyzer, codec, job.data, batch.limits)] = job
-                except BrokenProcessPool:  # broke since the last wait; this job never ran
-                    unsent.append(job)
-            if not pending and not unsent:
-                return
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            broken: list[_Job] = []
-            for future in done:
-                job = pending.pop(future)
-                try:
-                    result = future.result()
-                except BrokenProcessPool:
-                    broken.append(job)
-                    continue
-                _finish(job, result, batch)
-            if broken or unsent:
-                in_flight = broken + list(pending.values())
-                pending.clear()
-                pool.shutdown(wait=True, cancel_futures=True)
-                pool = ProcessPoolExecutor(max_workers=workers)
-                suspects.extend(unsent)
-                unsent.clear()
-                for job in in_flight:
-                    job.crashes += 1
-                    if len(in_flight) == 1 or job.crashes > 1:
-                        crash = MalformedFileError("the analysis process crashed on this file")
-                        _finish(job, crash, batch)
-                    else:
-                        suspects.append(job)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    run_in_pool(
+        jobs,
+        submit,
+        lambda job, result: _finish(job, result, batch),
+        crashed,
+        workers=workers,
+        queued_per_worker=QUEUED_ANALYSES_PER_WORKER,
+    )
+
+
+def ingest_groups(
+    store: Store,
+    groups: Sequence[IngestGroup],
+    *,
+    jobs: int = 1,
+    limits: Limits = DEFAULT_LIMITS,
+    on_progress: Callable[[IngestOutcome], None] | None = None,
+    analyzer: Analyzer = analyze_bytes,
+) -> IngestSummary:
+    """Ingest several groups of paths, each with its own labels, through one process pool.
+
+    The store ends as after one ``ingest_paths`` call per group in the same order (same
+    samples, rows and labels), but a sample met in several groups is analysed once and a
+    label met twice is recorded once. A group without labels makes no claim (source "ingest").
+    ``jobs`` > 1 analyses in that many processes; 1 analyses in this process. ``on_progress``
+    is called in this process after each file. ``analyzer`` must be a module-level function
+    (it is sent to worker processes). Raises ``UsageError`` for ``jobs`` < 1 and
+    ``StoreError`` when the knowledge base cannot be written; per-file problems are outcomes,
+    not exceptions.
+    """
+    if jobs < 1:
+        raise UsageError(f"jobs must be at least 1, not {jobs}")
+    batch = _Batch(store=store, limits=limits, on_progress=on_progress)
+    pending_jobs = _jobs(groups, datetime.now(UTC), batch)
+    if jobs == 1:
+        for job in pending_jobs:
+            _finish(job, _analyze(analyzer, store.codec, job.data, limits), batch)
+    else:
+        _run_in_pool(pending_jobs, analyzer, store.codec, jobs, batch)
+    return IngestSummary(tuple(batch.outcomes))
 
 
 def ingest_paths(
@@ -426,29 +491,9 @@ def ingest_paths(
     on_progress: Callable[[IngestOutcome], None] | None = None,
     analyzer: Analyzer = analyze_bytes,
 ) -> IngestSummary:
-    """Ingest files, directories (recursively), zip archives and ``.emf`` features files.
-
-    ``labels`` is applied to every sample (``None``: no claim, source "ingest"). ``jobs`` > 1
-    analyses in that many processes; 1 analyses in this process. ``on_progress`` is called in
-    this process after each file. ``analyzer`` must be a module-level function (it is sent to
-    worker processes). Raises ``UsageError`` for ``jobs`` < 1 and ``StoreError`` when the
-    knowledge base cannot be written; per-file problems are outcomes, not exceptions.
-    """
-    if jobs < 1:
-        raise UsageError(f"jobs must be at least 1, not {jobs}")
-    template = labels or LabelTemplate()
-    now = datetime.now(UTC)
-    batch = _Batch(
-        store=store,
-        label=template.label(now),
-        provenance=template.provenance(now),
-        limits=limits,
-        on_progress=on_progress,
+    """Ingest files, directories (recursively), zip archives and ``.emf`` features files, with
+    ``labels`` applied to every sample (``None``: no claim): ``ingest_groups`` with one group."""
+    group = IngestGroup(tuple(paths), labels or LabelTemplate())
+    return ingest_groups(
+        store, [group], jobs=jobs, limits=limits, on_progress=on_progress, analyzer=analyzer
     )
-    pending_jobs = _jobs(paths, batch)
-    if jobs == 1:
-        for job in pending_jobs:
-            _finish(job, _analyze(analyzer, store.codec, job.data, limits), batch)
-    else:
-        _run_in_pool(pending_jobs, analyzer, store.codec, jobs, batch)
-    return IngestSummary(tuple(batch.outcomes))
