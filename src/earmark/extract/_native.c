@@ -173,6 +173,13 @@ typedef struct {
     uint8_t flags;
 } Record;
 
+/* A slot of the address hash: the row (+1, 0 empty) and the address's low 32 bits, so that a
+ * probe reads one cache line and a different address is mostly told apart without reading its
+ * record (the row alone cost two dependent cache misses a probe on tables of 100k+ rows). */
+typedef struct {
+    uint32_t tag, row;
+} AddressSlot;
+
 typedef struct {
     PyObject_HEAD
     size_t handle;
@@ -185,11 +192,14 @@ typedef struct {
     PyObject *shared, *local, *analyse, *instruction_type, *no_values;
     Record *records;
     uint32_t count, capacity;
-    uint32_t *slots; /* address hash: row + 1, 0 empty */
-    size_t slot_capacity;
+    AddressSlot *slots; /* address hash, open addressing, at most half full */
+    size_t slot_capacity; /* a power of two: 2**(64 - slot_shift) */
+    int slot_shift;
     Text *texts;
     uint32_t text_count, text_capacity;
     Memo memo, branch_memo;
+    Names names; /* mnemonics and tokens */
+    ClassMap register_class_map, memory_size_map; /* copies of the two dicts below */
     uint32_t serial;
     uint64_t *owner_starts; /* function starts that own instructions, by index */
     uint32_t owner_count, owner_capacity;
@@ -213,31 +223,45 @@ typedef struct {
 static PyTypeObject TableType;
 static PyTypeObject BodyType;
 
+/* Fibonacci hashing: the top bits of address * 2**64/phi spread the nearby addresses of code
+ * evenly (the bits under them cluster). */
 static inline size_t
-address_slot(uint64_t address, size_t capacity)
+address_slot(uint64_t address, int shift)
 {
-    return (size_t)((address * 0x9E3779B97F4A7C15ULL) >> 20) & (capacity - 1);
+    return (size_t)((address * 0x9E3779B97F4A7C15ULL) >> shift);
 }
 
-/* Row of ``address``, or -1. */
+/* Row of ``address``, or -1; ``*empty`` (when not NULL) is the slot where it would go. */
 static inline int64_t
-table_find(TableObject *self, uint64_t address)
+table_probe(const TableObject *self, uint64_t address, size_t *empty)
 {
     size_t mask = self->slot_capacity - 1;
-    for (size_t i = address_slot(address, self->slot_capacity);; i = (i + 1) & mask) {
-        uint32_t row = self->slots[i];
-        if (row == 0) {
+    uint32_t tag = (uint32_t)address;
+    for (size_t i = address_slot(address, self->slot_shift);; i = (i + 1) & mask) {
+        AddressSlot slot = self->slots[i];
+        if (slot.row == 0) {
+            if (empty != NULL) {
+                *empty = i;
+            }
             return -1;
         }
-        if (self->records[row - 1].address == address) {
-            return row - 1;
+        if (slot.tag == tag && self->records[slot.row - 1].address == address) {
+            return slot.row - 1;
         }
     }
 }
 
-/* A new row for ``address`` (not present), or -1 with MemoryError. */
+/* Row of ``address``, or -1. */
+static inline int64_t
+table_find(const TableObject *self, uint64_t address)
+{
+    return table_probe(self, address, NULL);
+}
+
+/* A new row for ``address`` (not present) in the empty slot ``slot`` that table_probe gave
+ * (SIZE_MAX: probe for it here), or -1 with MemoryError. */
 static int64_t
-table_append(TableObject *self, uint64_t address)
+table_append_at(TableObject *self, uint64_t address, size_t slot)
 {
     if (self->count == UINT32_MAX - 1) {
         PyErr_SetString(PyExc_MemoryError, "instruction table full");
@@ -255,31 +279,36 @@ table_append(TableObject *self, uint64_t address)
     }
     if (2 * ((size_t)self->count + 1) > self->slot_capacity) {
         size_t capacity = self->slot_capacity * 2;
-        uint32_t *slots = PyMem_Calloc(capacity, sizeof(uint32_t));
+        int shift = self->slot_shift - 1;
+        AddressSlot *slots = PyMem_Calloc(capacity, sizeof(AddressSlot));
         if (slots == NULL) {
             PyErr_NoMemory();
             return -1;
         }
         for (uint32_t row = 0; row < self->count; row++) {
-            size_t i = address_slot(self->records[row].address, capacity);
-            while (slots[i] != 0) {
+            uint64_t known = self->records[row].address;
+            size_t i = address_slot(known, shift);
+            while (slots[i].row != 0) {
                 i = (i + 1) & (capacity - 1);
             }
-            slots[i] = row + 1;
+            slots[i].tag = (uint32_t)known;
+            slots[i].row = row + 1;
         }
         PyMem_Free(self->slots);
         self->slots = slots;
         self->slot_capacity = capacity;
+        self->slot_shift = shift;
+        slot = SIZE_MAX;
+    }
+    if (slot == SIZE_MAX) {
+        table_probe(self, address, &slot);
     }
     uint32_t row = self->count++;
     Record *record = &self->records[row];
     memset(record, 0, sizeof *record);
     record->address = address;
-    size_t i = address_slot(address, self->slot_capacity);
-    while (self->slots[i] != 0) {
-        i = (i + 1) & (self->slot_capacity - 1);
-    }
-    self->slots[i] = row + 1;
+    self->slots[slot].tag = (uint32_t)address;
+    self->slots[slot].row = row + 1;
     return row;
 }
 
@@ -346,6 +375,34 @@ address_value(PyObject *object, uint64_t *value)
     return 1;
 }
 
+/* Appends ``text``, taking over its references (mnemonic, token, immediates, op_str; released
+ * on failure): its row, or -1 with an error. */
+static int64_t
+text_append(TableObject *self, Text *text)
+{
+    if (self->text_count == self->text_capacity) {
+        uint32_t capacity = self->text_capacity ? self->text_capacity * 2 : 1024;
+        Text *texts = PyMem_Realloc(self->texts, (size_t)capacity * sizeof(Text));
+        if (texts == NULL) {
+            Py_DECREF(text->mnemonic);
+            Py_DECREF(text->token);
+            Py_DECREF(text->address_immediates);
+            Py_DECREF(text->large_immediates);
+            Py_XDECREF(text->op_str);
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->texts = texts;
+        self->text_capacity = capacity;
+    }
+    text->is_mov = PyUnicode_CompareWithASCIIString(text->mnemonic, "mov") == 0;
+    text->is_lea = PyUnicode_CompareWithASCIIString(text->mnemonic, "lea") == 0;
+    text->is_endbr = PyUnicode_CompareWithASCIIString(text->mnemonic, "endbr64") == 0 ||
+                     PyUnicode_CompareWithASCIIString(text->mnemonic, "endbr32") == 0;
+    self->texts[self->text_count] = *text;
+    return self->text_count++;
+}
+
 /* A text row for a new analysis (the 8-field _OperandAnalysis) and its op_str; -1 on error. */
 static int64_t
 text_from_analysis(TableObject *self, PyObject *op_str, PyObject *analysis)
@@ -353,16 +410,6 @@ text_from_analysis(TableObject *self, PyObject *op_str, PyObject *analysis)
     if (!PyTuple_Check(analysis) || PyTuple_GET_SIZE(analysis) != ANALYSIS_FIELDS) {
         PyErr_SetString(PyExc_TypeError, "analyse must return an 8-field tuple");
         return -1;
-    }
-    if (self->text_count == self->text_capacity) {
-        uint32_t capacity = self->text_capacity ? self->text_capacity * 2 : 1024;
-        Text *texts = PyMem_Realloc(self->texts, (size_t)capacity * sizeof(Text));
-        if (texts == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        self->texts = texts;
-        self->text_capacity = capacity;
     }
     Text text;
     memset(&text, 0, sizeof text);
@@ -404,27 +451,23 @@ text_from_analysis(TableObject *self, PyObject *op_str, PyObject *analysis)
         PyErr_SetString(PyExc_TypeError, "malformed instruction analysis");
         return -1;
     }
-    text.is_mov = PyUnicode_CompareWithASCIIString(text.mnemonic, "mov") == 0;
-    text.is_lea = PyUnicode_CompareWithASCIIString(text.mnemonic, "lea") == 0;
-    text.is_endbr = PyUnicode_CompareWithASCIIString(text.mnemonic, "endbr64") == 0 ||
-                    PyUnicode_CompareWithASCIIString(text.mnemonic, "endbr32") == 0;
     text.op_str = op_str;
     Py_INCREF(text.mnemonic);
     Py_INCREF(text.token);
     Py_INCREF(text.address_immediates);
     Py_INCREF(text.large_immediates);
     Py_XINCREF(text.op_str);
-    self->texts[self->text_count] = text;
-    return self->text_count++;
+    return text_append(self, &text);
 }
 
 
 #include "_native_analysis.h"
 
-/* Decodes a window at ``start`` (in an executable segment) into new rows, stopping at the
- * first instruction other than the first that the table already holds: from there on the
- * bytes are in sync with what is cached. 0, or -1 with an error. */
-static int
+/* Decodes a window at ``start`` (not in the table; in an executable segment) into new rows,
+ * stopping at the first instruction that the table already holds: from there on the bytes are
+ * in sync with what is cached. The row of ``start``, -2 when nothing decodes there, or -1 with
+ * an error. */
+static int64_t
 table_decode_window(TableObject *self, uint64_t start)
 {
     if (self->analyse == NULL) {
@@ -433,7 +476,7 @@ table_decode_window(TableObject *self, uint64_t start)
     }
     Py_ssize_t segment = table_segment(self, start);
     if (segment < 0 || !self->segment_executable[segment]) {
-        return 0;
+        return -2;
     }
     uint64_t offset = start - self->segment_starts[segment];
     uint64_t length = self->segment_lengths[segment] - offset;
@@ -454,6 +497,7 @@ table_decode_window(TableObject *self, uint64_t start)
     size_t remaining = (size_t)length;
     uint64_t next_address = start;
     int failed = 0, decoded_any = 0;
+    int64_t start_row = -2;
     while (!failed &&
            iter_function(self->handle, &cursor, &remaining, &next_address, insn_buffer)) {
         decoded_any = 1;
@@ -462,29 +506,35 @@ table_decode_window(TableObject *self, uint64_t start)
         uint16_t insn_size;
         memcpy(&insn_address, insn + address_offset, sizeof insn_address);
         memcpy(&insn_size, insn + size_offset, sizeof insn_size);
-        if (insn_address != start && table_find(self, insn_address) >= 0) {
+        /* One probe finds a decoded instruction and else the slot for the new row. */
+        size_t slot = SIZE_MAX;
+        if (table_probe(self, insn_address, &slot) >= 0) {
             break;
         }
+        uint32_t probed_count = self->count;
         const char *mnemonic_text = insn + mnemonic_offset;
         const char *op_str_text = insn + op_str_offset;
-        size_t mnemonic_length = strnlen(mnemonic_text, (size_t)mnemonic_capacity);
-        size_t op_str_length = strnlen(op_str_text, (size_t)op_str_capacity);
-        uint64_t hash = text_hash(mnemonic_text, mnemonic_length, op_str_text, op_str_length);
+        size_t mnemonic_length, op_str_length;
+        uint64_t hash = field_hash(mnemonic_text, (size_t)mnemonic_capacity,
+                                   0xcbf29ce484222325ULL, &mnemonic_length);
+        hash = field_hash(op_str_text, (size_t)op_str_capacity, hash, &op_str_length);
         MemoEntry *known =
             memo_slot(&self->memo, hash, mnemonic_text, mnemonic_length, op_str_text, op_str_length);
         int64_t text = known->text != NULL ? (int64_t)known->value : -1;
         uint64_t direct = 0;
         int is_direct = 0;
         if (text < 0) {
-            PyObject *mnemonic = text_field(mnemonic_text, mnemonic_length);
-            /* Interned: the cache keys keep it, and a few hundred mnemonics spell ~70k texts. */
-            if (mnemonic != NULL) {
-                PyUnicode_InternInPlace(&mnemonic);
+            /* The mnemonic's str (interned, borrowed from the table) and its kind, made once. */
+            int64_t name = names_index(&self->names, mnemonic_text, mnemonic_length);
+            PyObject *mnemonic = name >= 0 ? self->names.objects[name] : NULL;
+            int kind = name >= 0 ? self->names.kinds[name] : -1;
+            if (kind == KIND_UNKNOWN) {
+                kind = classify_mnemonic(self, mnemonic_text, mnemonic_length, mnemonic);
+                if (kind != -1) {
+                    self->names.kinds[name] = (int8_t)kind;
+                }
             }
-            PyObject *op_str = mnemonic ? text_field(op_str_text, op_str_length) : NULL;
-            PyObject *analysis = NULL;
-            int kind = op_str ? classify_mnemonic(self, mnemonic_text, mnemonic_length, mnemonic)
-                              : -1;
+            PyObject *op_str = NULL, *analysis = NULL;
             if (kind > KIND_PLAIN && direct_target(op_str_text, &direct) == 0 &&
                 (direct & self->address_mask) == direct) {
                 /* A direct branch: one text row per mnemonic, the target in the record. */
@@ -511,14 +561,27 @@ table_decode_window(TableObject *self, uint64_t start)
                     }
                 }
                 is_direct = 1;
-            } else if (kind >= 0) {
-                analysis = analyse_in_c(self, kind, mnemonic, op_str_text, op_str_length);
+            } else if (kind != -1) {
+                op_str = text_field(op_str_text, op_str_length);
             }
-            /* Everything the compiled analysis leaves (kind -2 or a NULL analysis without an
-             * error) goes to the Python analysis and its caches. */
-            PyObject *key = op_str && !is_direct && analysis == NULL && !PyErr_Occurred()
-                                ? PyTuple_Pack(2, mnemonic, op_str)
-                                : NULL;
+            int analysed = 0;
+            if (op_str != NULL && kind >= 0) {
+                Text fresh;
+                analysed = analyse_in_c(self, kind, mnemonic, mnemonic_text, mnemonic_length,
+                                        op_str_text, op_str_length, &fresh);
+                if (analysed > 0) {
+                    fresh.op_str = Py_NewRef(op_str);
+                    text = text_append(self, &fresh);
+                    if (text >= 0 && memo_add(&self->memo, hash, mnemonic_text, mnemonic_length,
+                                              op_str_text, op_str_length, (uint32_t)text) < 0) {
+                        text = -1;
+                    }
+                }
+            }
+            /* Everything the compiled analysis leaves (kind -2, or 0 from analyse_in_c) goes to
+             * the Python analysis and its caches. */
+            PyObject *key = op_str != NULL && analysed == 0 ? PyTuple_Pack(2, mnemonic, op_str)
+                                                            : NULL;
             if (key != NULL) {
                 analysis = PyDict_GetItemWithError(self->shared, key); /* borrowed */
                 if (analysis == NULL && !PyErr_Occurred()) {
@@ -539,16 +602,20 @@ table_decode_window(TableObject *self, uint64_t start)
             }
             Py_XDECREF(key);
             Py_XDECREF(op_str);
-            Py_XDECREF(mnemonic);
             if (text < 0) {
                 failed = 1;
                 break;
             }
         }
-        int64_t row = table_append(self, insn_address);
+        /* The Python analysis could in principle have grown the table since the probe. */
+        int64_t row = table_append_at(self, insn_address,
+                                      self->count == probed_count ? slot : SIZE_MAX);
         if (row < 0) {
             failed = 1;
             break;
+        }
+        if (insn_address == start) {
+            start_row = row;
         }
         Record *record = &self->records[row];
         Text *shape = &self->texts[text];
@@ -573,7 +640,7 @@ table_decode_window(TableObject *self, uint64_t start)
             return -1;
         }
     }
-    return failed ? -1 : 0;
+    return failed ? -1 : start_row;
 }
 
 /* Row of the instruction at ``address``, decoding it if needed (a row flagged invalid when it
@@ -581,18 +648,18 @@ table_decode_window(TableObject *self, uint64_t start)
 static int64_t
 table_decode(TableObject *self, uint64_t address)
 {
-    int64_t row = table_find(self, address);
+    size_t slot = SIZE_MAX;
+    int64_t row = table_probe(self, address, &slot);
     if (row >= 0) {
         return row;
     }
-    if (table_decode_window(self, address) < 0) {
-        return -1;
-    }
-    row = table_find(self, address);
-    if (row >= 0) {
+    uint32_t probed_count = self->count;
+    row = table_decode_window(self, address);
+    if (row != -2) {
         return row;
     }
-    row = table_append(self, address);
+    /* Nothing decoded there: the probe's slot is still free unless the table grew. */
+    row = table_append_at(self, address, self->count == probed_count ? slot : SIZE_MAX);
     if (row >= 0) {
         self->records[row].flags = FLAG_INVALID;
     }
@@ -748,10 +815,14 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->segment_executable = PyMem_Calloc((size_t)count + 1, 1);
     self->segment_data = PyMem_Calloc((size_t)count + 1, sizeof(PyObject *));
     self->slot_capacity = 8192;
-    self->slots = PyMem_Calloc(self->slot_capacity, sizeof(uint32_t));
+    self->slot_shift = 64 - 13;
+    self->slots = PyMem_Calloc(self->slot_capacity, sizeof(AddressSlot));
     if (self->no_values == NULL || self->owner_indexes == NULL || !self->segment_starts || !self->segment_lengths ||
         !self->segment_executable || !self->segment_data || !self->slots ||
-        memo_init(&self->memo) < 0 || memo_init(&self->branch_memo) < 0) {
+        memo_init(&self->memo) < 0 || memo_init(&self->branch_memo) < 0 ||
+        names_init(&self->names) < 0 ||
+        class_map_init(&self->register_class_map, register_classes) < 0 ||
+        class_map_init(&self->memory_size_map, memory_sizes) < 0) {
         if (!PyErr_Occurred()) {
             PyErr_NoMemory();
         }
@@ -830,6 +901,9 @@ table_dealloc(TableObject *self)
     Py_XDECREF(self->owner_indexes);
     memo_clear(&self->memo);
     memo_clear(&self->branch_memo);
+    names_clear(&self->names);
+    class_map_clear(&self->register_class_map);
+    class_map_clear(&self->memory_size_map);
     table_clear(self);
     Py_XDECREF(self->register_classes);
     Py_XDECREF(self->memory_sizes);

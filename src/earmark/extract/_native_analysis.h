@@ -97,24 +97,6 @@ token_append(char *token, size_t *used, size_t capacity, const char *text, size_
     return 0;
 }
 
-/* A str value of a dict keyed by the str made of ``text``: its UTF-8, or NULL (not there, or
- * an error is set). */
-static const char *
-lookup_class(PyObject *table, const char *text, size_t length, Py_ssize_t *size)
-{
-    PyObject *key = PyUnicode_DecodeASCII(text, (Py_ssize_t)length, "strict");
-    if (key == NULL) {
-        PyErr_Clear(); /* not ASCII: left to Python */
-        return NULL;
-    }
-    PyObject *value = PyDict_GetItemWithError(table, key); /* borrowed */
-    Py_DECREF(key);
-    if (value == NULL || !PyUnicode_Check(value)) {
-        return NULL;
-    }
-    return PyUnicode_AsUTF8AndSize(value, size);
-}
-
 /* The class of one operand (into ``class_text``), its role and value; 1 done, 0 left to
  * Python, -1 error. */
 static int
@@ -141,11 +123,10 @@ classify_operand(TableObject *self, const char *operand, size_t length, int bran
         if (prefix_length) {
             const char *space = memchr(operand, ' ', prefix_length);
             size_t word = space ? (size_t)(space - operand) : prefix_length;
-            const char *sized = lookup_class(self->memory_sizes, operand, word, &memory_class_length);
+            const char *sized = class_map_get(&self->memory_size_map, operand, word,
+                                              &memory_class_length);
             if (sized != NULL) {
                 memory_class = sized;
-            } else if (PyErr_Occurred()) {
-                return -1;
             } else {
                 memory_class_length = 1;
             }
@@ -222,15 +203,12 @@ classify_operand(TableObject *self, const char *operand, size_t length, int bran
     }
     Py_ssize_t register_length;
     const char *register_class =
-        lookup_class(self->register_classes, operand, length, &register_length);
+        class_map_get(&self->register_class_map, operand, length, &register_length);
     if (register_class != NULL) {
         return token_append(class_text, &used, class_capacity, register_class,
                             (size_t)register_length) < 0
                    ? 0
                    : 1;
-    }
-    if (PyErr_Occurred()) {
-        return -1;
     }
     int negative;
     uint64_t magnitude;
@@ -302,36 +280,54 @@ classify_mnemonic(TableObject *self, const char *text, size_t length, PyObject *
     return extra < 0 ? -1 : extra ? KIND_CONDITIONAL : KIND_PLAIN;
 }
 
-/* The 8-field analysis (_OperandAnalysis order) of a text, or NULL: with an error set, or
- * without one when the text is left to the Python analysis. */
+/* Most operands an instruction text has (x86 has at most four; more is left to Python). */
+#define MAX_OPERANDS 8
+
+/* A tuple of ``count`` addresses (the table's empty tuple for none), or NULL with an error. */
 static PyObject *
-analyse_in_c(TableObject *self, int kind, PyObject *mnemonic, const char *op_str,
-             size_t op_str_length)
+values_tuple(TableObject *self, const uint64_t *values, int count)
+{
+    if (count == 0) {
+        return Py_NewRef(self->no_values);
+    }
+    PyObject *tuple = PyTuple_New(count);
+    for (int i = 0; tuple != NULL && i < count; i++) {
+        PyObject *number = PyLong_FromUnsignedLongLong(values[i]);
+        if (number == NULL) {
+            Py_CLEAR(tuple);
+            break;
+        }
+        PyTuple_SET_ITEM(tuple, i, number);
+    }
+    return tuple;
+}
+
+/* The analysis of a text (_OperandAnalysis's fields) into ``text``, with new references to its
+ * mnemonic, token and immediates (op_str left NULL): 1, 0 when the text is left to the Python
+ * analysis, -1 with an error. Filled in place: building the 8-field tuple and reading it back
+ * cost more than the analysis. */
+static int
+analyse_in_c(TableObject *self, int kind, PyObject *mnemonic, const char *mnemonic_text,
+             size_t mnemonic_length, const char *op_str, size_t op_str_length, Text *text)
 {
     if (kind != KIND_PLAIN && op_str_length >= 2 && op_str[0] == '0' && op_str[1] == 'x' &&
         memchr(op_str, ',', op_str_length) == NULL) {
-        return NULL; /* a branch to a number not printed the usual way: Python's rule */
+        return 0; /* a branch to a number not printed the usual way: Python's rule */
     }
     char token[512];
     size_t used = 0;
-    Py_ssize_t mnemonic_length;
-    const char *mnemonic_text = PyUnicode_AsUTF8AndSize(mnemonic, &mnemonic_length);
-    if (mnemonic_text == NULL || token_append(token, &used, sizeof token, mnemonic_text,
-                                              (size_t)mnemonic_length) < 0) {
-        return NULL;
+    if (token_append(token, &used, sizeof token, mnemonic_text, mnemonic_length) < 0) {
+        return 0;
     }
-    PyObject *target = Py_None, *fixed = Py_None, *displacement = Py_None;
-    PyObject *address_list = PyList_New(0), *large_list = PyList_New(0);
-    PyObject *result = NULL;
-    int handled = address_list != NULL && large_list != NULL;
-    uint64_t target_value = 0, fixed_value = 0, displacement_value = 0;
-    int has_target = 0, memory_role = 0;
-    if (handled && op_str_length) {
+    uint64_t address_values[MAX_OPERANDS], large_values[MAX_OPERANDS];
+    int address_count = 0, large_count = 0;
+    memset(text, 0, sizeof *text);
+    text->kind = (uint8_t)kind;
+    if (op_str_length) {
         token_append(token, &used, sizeof token, " ", 1);
         const char *operand = op_str;
         const char *end = op_str + op_str_length;
-        int first = 1;
-        while (handled) {
+        for (int operands = 0;; operands++) {
             const char *next = operand;
             while (next < end && !(next[0] == ',' && next + 1 < end && next[1] == ' ')) {
                 next++;
@@ -339,28 +335,28 @@ analyse_in_c(TableObject *self, int kind, PyObject *mnemonic, const char *op_str
             char class_text[128];
             int role;
             uint64_t value;
-            int done = classify_operand(self, operand, (size_t)(next - operand), kind != KIND_PLAIN,
-                                        class_text, sizeof class_text, &role, &value);
-            if (done <= 0 || (!first && token_append(token, &used, sizeof token, ",", 1) < 0) ||
-                token_append(token, &used, sizeof token, class_text, strlen(class_text)) < 0) {
-                handled = 0;
-                break;
+            int done = operands < MAX_OPERANDS
+                           ? classify_operand(self, operand, (size_t)(next - operand),
+                                              kind != KIND_PLAIN, class_text,
+                                              sizeof class_text, &role, &value)
+                           : 0;
+            if (done <= 0) {
+                return done;
             }
-            first = 0;
+            if ((operands && token_append(token, &used, sizeof token, ",", 1) < 0) ||
+                token_append(token, &used, sizeof token, class_text, strlen(class_text)) < 0) {
+                return 0;
+            }
             if (role == ROLE_TARGET) {
-                target_value = value, has_target = 1;
+                text->target = value, text->has_target = 1;
             } else if (role == ROLE_FIXED_MEMORY) {
-                fixed_value = value, memory_role = 1;
+                text->memory = value, text->memory_kind = 1;
             } else if (role == ROLE_RIP_MEMORY) {
-                displacement_value = value, memory_role = 2;
-            } else if (role == ROLE_ADDRESS_IMMEDIATE || role == ROLE_LARGE_IMMEDIATE) {
-                PyObject *number = PyLong_FromUnsignedLongLong(value);
-                if (number == NULL ||
-                    PyList_Append(role == ROLE_ADDRESS_IMMEDIATE ? address_list : large_list,
-                                  number) < 0) {
-                    handled = 0;
-                }
-                Py_XDECREF(number);
+                text->memory = value, text->memory_kind = 2; /* mod 2**64, see record_memory */
+            } else if (role == ROLE_ADDRESS_IMMEDIATE) {
+                address_values[address_count++] = value;
+            } else if (role == ROLE_LARGE_IMMEDIATE) {
+                large_values[large_count++] = value;
             }
             if (next >= end) {
                 break;
@@ -368,31 +364,18 @@ analyse_in_c(TableObject *self, int kind, PyObject *mnemonic, const char *op_str
             operand = next + 2;
         }
     }
-    if (handled && !PyErr_Occurred()) {
-        PyObject *token_object = PyUnicode_FromStringAndSize(token, (Py_ssize_t)used);
-        if (token_object != NULL) {
-            /* Interned: ~70k instruction texts share ~3k tokens. */
-            PyUnicode_InternInPlace(&token_object);
-        }
-        target = has_target ? PyLong_FromUnsignedLongLong(target_value) : Py_NewRef(Py_None);
-        fixed = memory_role == 1 ? PyLong_FromUnsignedLongLong(fixed_value) : Py_NewRef(Py_None);
-        /* The displacement as a signed number, as the Python analysis gives it. */
-        displacement = memory_role == 2 ? PyLong_FromLongLong((int64_t)displacement_value)
-                                        : Py_NewRef(Py_None);
-        PyObject *address_tuple = PyList_AsTuple(address_list);
-        PyObject *large_tuple = PyList_AsTuple(large_list);
-        if (token_object && target && fixed && displacement && address_tuple && large_tuple) {
-            result = Py_BuildValue("(OOiOOOOO)", mnemonic, token_object, kind, target, fixed,
-                                   displacement, address_tuple, large_tuple);
-        }
-        Py_XDECREF(token_object);
-        Py_XDECREF(target);
-        Py_XDECREF(fixed);
-        Py_XDECREF(displacement);
-        Py_XDECREF(address_tuple);
-        Py_XDECREF(large_tuple);
+    int64_t token_name = names_index(&self->names, token, used);
+    if (token_name < 0) {
+        return -1;
     }
-    Py_XDECREF(address_list);
-    Py_XDECREF(large_list);
-    return result;
+    text->address_immediates = values_tuple(self, address_values, address_count);
+    text->large_immediates =
+        text->address_immediates ? values_tuple(self, large_values, large_count) : NULL;
+    if (text->large_immediates == NULL) {
+        Py_XDECREF(text->address_immediates);
+        return -1;
+    }
+    text->mnemonic = Py_NewRef(mnemonic);
+    text->token = Py_NewRef(self->names.objects[token_name]);
+    return 1;
 }

@@ -270,7 +270,9 @@ table_explore(TableObject *self, PyObject *args)
                 flow.pending.length = 0;
                 break;
             }
-            row = valid ? table_decode(self, address) : -2;
+            if (row < 0) { /* not decoded yet (a found row is reused: one probe) */
+                row = valid ? table_decode(self, address) : -2;
+            }
             if (row == -1) {
                 failed = 1;
                 break;
