@@ -199,6 +199,7 @@ typedef struct {
     uint32_t text_count, text_capacity;
     Memo memo, branch_memo;
     Names names; /* mnemonics and tokens */
+    AddressMap thunks; /* address -> import name or None (table_thunk) */
     ClassMap register_class_map, memory_size_map; /* copies of the two dicts below */
     uint32_t serial;
     uint64_t *owner_starts; /* function starts that own instructions, by index */
@@ -902,6 +903,7 @@ table_dealloc(TableObject *self)
     memo_clear(&self->memo);
     memo_clear(&self->branch_memo);
     names_clear(&self->names);
+    address_map_clear(&self->thunks);
     class_map_clear(&self->register_class_map);
     class_map_clear(&self->memory_size_map);
     table_clear(self);
@@ -928,37 +930,92 @@ table_decode_method(TableObject *self, PyObject *address_object)
     return row_object(self, table_decode(self, address));
 }
 
-/* jump_slot(address) -> the memory operand's address of a ``jmp [mem]`` at ``address`` (after an
- * endbr64/endbr32), or None: what FunctionRecovery.import_thunk reads, without building the
- * Instruction tuples (it is asked for every call target and proposed start). */
-static PyObject *
-table_jump_slot(TableObject *self, PyObject *address_object)
+/* The memory operand's address of a ``jmp [mem]`` at ``address`` (after an endbr64/endbr32)
+ * into ``*slot``: 1, 0 when there is none, -1 with an error. */
+static int
+table_slot_of(TableObject *self, uint64_t address, uint64_t *slot)
 {
+    int64_t row = table_decode(self, address);
+    if (row == -1) {
+        return -1;
+    }
+    if (!(self->records[row].flags & FLAG_INVALID) &&
+        self->texts[self->records[row].text].is_endbr) {
+        uint64_t next = address + self->records[row].size;
+        row = next > address ? table_decode(self, next) : -2;
+        if (row == -1) {
+            return -1;
+        }
+    }
+    if (row < 0 || self->records[row].flags & FLAG_INVALID) {
+        return 0;
+    }
+    const Record *record = &self->records[row];
+    if (self->texts[record->text].kind != KIND_JUMP || !(record->flags & FLAG_MEMORY)) {
+        return 0;
+    }
+    *slot = record_memory(self, record);
+    return 1;
+}
+
+/* FunctionRecovery.import_thunk for a valid address: "lib!name" when ``address`` is an import
+ * slot or an import stub (``jmp [slot]``), else None; remembered per address. It is asked for
+ * every call target and proposed start (~2 per function), so explore asks it here instead of
+ * calling back into Python. A new reference, or NULL with an error. */
+static PyObject *
+table_thunk(TableObject *self, uint64_t address, PyObject *import_slots)
+{
+    PyObject *known = address_map_get(&self->thunks, address);
+    if (known != NULL) {
+        return Py_NewRef(known);
+    }
+    PyObject *key = u64_object(address);
+    PyObject *name = key ? PyDict_GetItemWithError(import_slots, key) : NULL; /* borrowed */
+    Py_XDECREF(key);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    uint64_t slot;
+    int found = name == NULL || name == Py_None ? table_slot_of(self, address, &slot) : 0;
+    if (found < 0) {
+        return NULL;
+    }
+    if (found) {
+        key = u64_object(slot);
+        name = key ? PyDict_GetItemWithError(import_slots, key) : NULL;
+        Py_XDECREF(key);
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (name == NULL) {
+        name = Py_None;
+    }
+    return address_map_put(&self->thunks, address, name) < 0 ? NULL : Py_NewRef(name);
+}
+
+/* import_thunk(address, import_slots) -> "lib!name" or None (see table_thunk). */
+static PyObject *
+table_import_thunk(TableObject *self, PyObject *args)
+{
+    PyObject *address_object, *import_slots;
+    if (!PyArg_ParseTuple(args, "OO!", &address_object, &PyDict_Type, &import_slots)) {
+        return NULL;
+    }
     uint64_t address;
     int valid = address_value(address_object, &address);
     if (valid < 0) {
         return NULL;
     }
-    int64_t row = valid ? table_decode(self, address) : -2;
-    if (row == -1) {
+    if (valid) {
+        return table_thunk(self, address, import_slots);
+    }
+    /* Past 2**64 or negative: no stub there, only the slots themselves could name it. */
+    PyObject *name = PyDict_GetItemWithError(import_slots, address_object);
+    if (name == NULL && PyErr_Occurred()) {
         return NULL;
     }
-    if (row >= 0 && !(self->records[row].flags & FLAG_INVALID) &&
-        self->texts[self->records[row].text].is_endbr) {
-        uint64_t next = address + self->records[row].size;
-        row = next > address ? table_decode(self, next) : -2;
-        if (row == -1) {
-            return NULL;
-        }
-    }
-    if (row < 0 || self->records[row].flags & FLAG_INVALID) {
-        Py_RETURN_NONE;
-    }
-    const Record *record = &self->records[row];
-    if (self->texts[record->text].kind != KIND_JUMP || !(record->flags & FLAG_MEMORY)) {
-        Py_RETURN_NONE;
-    }
-    return u64_object(record_memory(self, record));
+    return Py_NewRef(name != NULL ? name : Py_None);
 }
 
 /* cached() -> {address: Instruction | None} of every row (for tests). */
@@ -1004,8 +1061,8 @@ table_owner(TableObject *self, PyObject *address_object)
 static PyMethodDef table_methods[] = {
     {"decode", (PyCFunction)table_decode_method, METH_O,
      "decode(address) -> Instruction | None (decoding a window when not cached)"},
-    {"jump_slot", (PyCFunction)table_jump_slot, METH_O,
-     "jump_slot(address) -> memory address of a jmp [mem] there (after endbr), or None"},
+    {"import_thunk", (PyCFunction)table_import_thunk, METH_VARARGS,
+     "import_thunk(address, import_slots) -> import name of a slot or stub there, or None"},
     {"cached", (PyCFunction)table_cached, METH_NOARGS,
      "cached() -> {address: Instruction | None} of everything decoded so far"},
     {"owner", (PyCFunction)table_owner, METH_O,

@@ -4,7 +4,7 @@
 /* --- explore ------------------------------------------------------------------------------- */
 
 #define EXPLORE_DOC                                                                           \
-    "explore(start, known, max_instructions, fragments, import_slots, no_return, import_thunk, " \
+    "explore(start, known, max_instructions, fragments, import_slots, no_return, " \
     "follow_indirect, body, lookback) -> (Body, invalid, truncated)"
 
 /* Growable uint64 arrays; ``valid`` is 0 for a value past 2**64 (pending addresses only). */
@@ -179,12 +179,12 @@ call_follow_indirect(PyObject *follow_indirect, PyObject *body, PyObject *jump,
 static PyObject *
 table_explore(TableObject *self, PyObject *args)
 {
-    PyObject *start_object, *known, *fragments, *import_slots, *no_return, *import_thunk;
+    PyObject *start_object, *known, *fragments, *import_slots, *no_return;
     PyObject *follow_indirect, *body_object;
     Py_ssize_t max_instructions, lookback;
-    if (!PyArg_ParseTuple(args, "OO!nO!O!OOOOn", &start_object, &PyDict_Type, &known,
+    if (!PyArg_ParseTuple(args, "OO!nO!O!OOOn", &start_object, &PyDict_Type, &known,
                           &max_instructions, &PyList_Type, &fragments, &PyDict_Type,
-                          &import_slots, &no_return, &import_thunk, &follow_indirect,
+                          &import_slots, &no_return, &follow_indirect,
                           &body_object, &lookback)) {
         return NULL;
     }
@@ -320,9 +320,7 @@ table_explore(TableObject *self, PyObject *args)
             if (text->kind == KIND_CALL) {
                 PyObject *name = NULL; /* new reference or NULL */
                 if (record->flags & FLAG_TARGET) {
-                    PyObject *target = u64_object(record->target);
-                    name = target ? PyObject_CallOneArg(import_thunk, target) : NULL;
-                    Py_XDECREF(target);
+                    name = table_thunk(self, record->target, import_slots);
                 } else if (record->flags & FLAG_MEMORY) {
                     PyObject *memory = u64_object(record_memory(self, record));
                     name = memory ? PyDict_GetItemWithError(import_slots, memory) : NULL;
@@ -393,7 +391,7 @@ table_explore(TableObject *self, PyObject *args)
                 } else if ((other && target_value != start) || !table_is_code(self, target_value)) {
                     failed = PyList_Append(tail_jumps, target) < 0;
                 } else {
-                    PyObject *name = PyObject_CallOneArg(import_thunk, target);
+                    PyObject *name = table_thunk(self, target_value, import_slots);
                     if (name == NULL) {
                         failed = 1;
                     } else if (name != Py_None) {

@@ -323,3 +323,81 @@ names_index(Names *names, const char *text, size_t length)
     names->kinds[names->count] = KIND_UNKNOWN;
     return names->count++;
 }
+
+/* --- AddressMap: address -> owned object (open addressing, at most half full) ---------------- */
+
+typedef struct {
+    uint64_t address;
+    PyObject *value; /* owned; NULL for an empty entry */
+} AddressEntry;
+
+typedef struct {
+    AddressEntry *entries;
+    size_t capacity, used; /* capacity: 0 or a power of two */
+} AddressMap;
+
+static inline size_t
+address_map_start(uint64_t address, size_t capacity)
+{
+    return (size_t)((address * 0x9E3779B97F4A7C15ULL) >> 32) & (capacity - 1);
+}
+
+/* The value at ``address`` (borrowed), or NULL. */
+static PyObject *
+address_map_get(const AddressMap *map, uint64_t address)
+{
+    if (map->capacity == 0) {
+        return NULL;
+    }
+    for (size_t i = address_map_start(address, map->capacity);; i = (i + 1) & (map->capacity - 1)) {
+        const AddressEntry *entry = &map->entries[i];
+        if (entry->value == NULL || entry->address == address) {
+            return entry->value;
+        }
+    }
+}
+
+/* Stores a new reference to ``value`` at ``address`` (not present); 0, or -1 with an error. */
+static int
+address_map_put(AddressMap *map, uint64_t address, PyObject *value)
+{
+    if (2 * (map->used + 1) > map->capacity) {
+        size_t capacity = map->capacity ? map->capacity * 2 : 1024;
+        AddressEntry *entries = PyMem_Calloc(capacity, sizeof(AddressEntry));
+        if (entries == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t i = 0; i < map->capacity; i++) {
+            if (map->entries[i].value != NULL) {
+                size_t j = address_map_start(map->entries[i].address, capacity);
+                while (entries[j].value != NULL) {
+                    j = (j + 1) & (capacity - 1);
+                }
+                entries[j] = map->entries[i];
+            }
+        }
+        PyMem_Free(map->entries);
+        map->entries = entries;
+        map->capacity = capacity;
+    }
+    size_t i = address_map_start(address, map->capacity);
+    while (map->entries[i].value != NULL) {
+        i = (i + 1) & (map->capacity - 1);
+    }
+    map->entries[i].address = address;
+    map->entries[i].value = Py_NewRef(value);
+    map->used++;
+    return 0;
+}
+
+static void
+address_map_clear(AddressMap *map)
+{
+    for (size_t i = 0; i < map->capacity; i++) {
+        Py_XDECREF(map->entries[i].value);
+    }
+    PyMem_Free(map->entries);
+    map->entries = NULL;
+    map->capacity = map->used = 0;
+}

@@ -117,7 +117,10 @@ class FunctionRecovery:
         self.sources: dict[int, str] = {}
         self.bodies: dict[int, FunctionBody] = {}
         self.queue: deque[int] = deque()
-        self._thunks: dict[int, str | None] = {}
+        self._thunks: dict[int, str | None] = {}  # import_thunk without the compiled table
+        # The compiled table reads import slots from a dict (explore, import_thunk).
+        slots = image.import_slots
+        self._import_slots = slots if isinstance(slots, dict) else dict(slots)
         self._limit_warned = False
         self.coverage = CodeCoverage(self.decoder)
         # Starts proposed since the last re-exploration check (see reexplore_overlapping).
@@ -169,15 +172,14 @@ class FunctionRecovery:
 
     def import_thunk(self, address: int) -> str | None:
         """ "lib!name" when ``address`` is an import stub (PLT entry, ``jmp [IAT]``)."""
+        table = self.decoder.table
+        if table is not None:  # the same reading in C, cached there for explore's calls too
+            thunk: str | None = table.import_thunk(address, self._import_slots)
+            return thunk
         if address in self._thunks:
             return self._thunks[address]
         name = self.image.import_slots.get(address)
-        table = self.decoder.table
-        if name is None and table is not None:  # the same reading in C, no Instructions built
-            slot = table.jump_slot(address)
-            if slot is not None:
-                name = self.image.import_slots.get(slot)
-        elif name is None:
+        if name is None:
             instruction = self.decoder.decode(address)
             if instruction is not None and instruction.mnemonic in ("endbr64", "endbr32"):
                 instruction = self.decoder.decode(address + instruction.size)
@@ -308,15 +310,13 @@ class FunctionRecovery:
         read from them later, the block and edge counts and the conditional branches'
         targets, comes from the Body)."""
         body = FunctionBody(start, source)
-        import_slots = self.image.import_slots
         instructions, body.invalid, body.truncated = table.explore(
             start,
             self.sources,
             self.limits.max_instructions_per_function,
             list(self._fragments_of.get(start, ())),
-            import_slots if isinstance(import_slots, dict) else dict(import_slots),
+            self._import_slots,
             NO_RETURN_IMPORTS,
-            self.import_thunk,
             self._follow_indirect_jump,
             body,
             JUMP_TABLE_LOOKBACK,
