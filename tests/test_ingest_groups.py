@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from earmark.cli import cli
+from earmark.config import Limits
 from earmark.errors import UsageError
 from earmark.ingest import (
     IngestGroup,
@@ -23,7 +26,9 @@ from earmark.ingest import (
     ingest_paths,
 )
 from earmark.ingest_manifest import MAX_MANIFEST_ROWS, read_manifest
+from earmark.ingest_pool import run_in_pool
 from earmark.model.kb import Tlp
+from earmark.model.sample import SampleFeatures
 from earmark.store import SqlStore, open_store
 from fixtures.build import FixtureBuilder
 from kb_factories import crashing_analyze_bytes, fake_analyze_bytes, fake_sample_bytes
@@ -204,6 +209,62 @@ def test_known_samples_across_groups_get_every_label(store: SqlStore, tmp_path: 
     assert (again.ingested, again.skipped) == (0, 4)
     assert store.revision() == revision + 1  # one new claim, nothing else written
     assert sorted(len(r.labels) for r in store.list_samples()) == [1, 1, 2]
+
+
+def slow_analyze_bytes(data: bytes, limits: Limits) -> SampleFeatures:
+    """fake_analyze_bytes, slowly for "sample 0": later files finish before it."""
+    if data.endswith(b"sample 0"):
+        time.sleep(0.5)
+    return crashing_analyze_bytes(data, limits)
+
+
+def test_samples_are_written_in_input_order(store: SqlStore, tmp_path: Path) -> None:
+    """Sample ids follow the inputs, whatever finishes first (a crash in the middle too), so
+    two builds of one collection agree on them."""
+    paths = fake_samples(tmp_path / "a", range(12))
+    crash = tmp_path / "a" / "sample005-crash.bin"
+    crash.write_bytes(b"CRASH" + fake_sample_bytes(99))
+    more = fake_samples(tmp_path / "b", range(12, 20))
+
+    summary = ingest_groups(
+        store,
+        [IngestGroup((tmp_path / "a",), LAZARUS), IngestGroup((tmp_path / "b",), APT28)],
+        jobs=2,
+        analyzer=slow_analyze_bytes,
+    )
+
+    assert (summary.ingested, summary.failed) == (20, 1)
+    expected = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths + more]
+    assert [r.sha256 for r in store.list_samples()] == expected
+    assert [Path(o.name).name for o in summary.outcomes][5:7] == [
+        "sample005-crash.bin",
+        "sample005.bin",
+    ]
+
+
+def _rank_after_a_pause(rank: int) -> int:
+    time.sleep(0.4 if rank == 0 else 0.0)
+    return rank
+
+
+def _submit_rank(pool: ProcessPoolExecutor, rank: int) -> Future[int]:
+    return pool.submit(_rank_after_a_pause, rank)
+
+
+def test_pool_hands_results_over_in_order_with_a_full_hold() -> None:
+    """The first job is slow: later results wait, at most workers x held_per_worker of them,
+    and every result still arrives, in order."""
+    finished: list[int] = []
+    run_in_pool(
+        iter(range(15)),
+        _submit_rank,
+        lambda rank, result: finished.append(result),
+        lambda rank: pytest.fail(f"job {rank} crashed"),
+        workers=2,
+        queued_per_worker=2,
+        held_per_worker=1,
+    )
+    assert finished == list(range(15))
 
 
 # --------------------------------------------------------------------------- manifest
