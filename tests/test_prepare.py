@@ -3,6 +3,8 @@ candidate stage and the artefact statistics, with the same result as building th
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import pickle
 import shutil
 from collections import Counter
@@ -14,9 +16,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from earmark.attribution import KnowledgeBase, open_knowledge_base
+from earmark.attribution import KnowledgeBase, index_cache_path, open_knowledge_base
 from earmark.correlate.code import build_feature_candidates, stored_samples
 from earmark.demo_build import DemoCorpus, build_demo_corpus
+from earmark.errors import StoreError
 from earmark.extract import analyze_file
 from earmark.index.artefacts import ArtefactStats, build_artefact_stats
 from earmark.index.compact_functions import (
@@ -37,6 +40,7 @@ from earmark.index.feature_candidates import (
 )
 from earmark.ingest import LabelTemplate, ingest_paths
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
+from earmark.store.sql import FreezeCodec, open_store
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +302,31 @@ def test_stage_rows_made_in_another_process_build_the_same_stage(corpus: DemoCor
     built = FeatureCandidateIndex.build_from_rows(rows)
     _assert_same_stage(built, FeatureCandidateIndex.build(samples, 4))
     assert built.stored.irregular  # the odd function, kept whole
+
+
+class _DyingCodec(FreezeCodec):
+    """Decodes as the default codec, except that a build process decoding without
+    instruction tokens dies at once (as one killed by the system would)."""
+
+    def from_bytes(self, data: bytes, *, instructions: bool = True) -> SampleFeatures:
+        if not instructions and multiprocessing.parent_process() is not None:
+            os._exit(9)
+        return super().from_bytes(data, instructions=instructions)
+
+
+def test_a_build_process_that_dies_is_a_store_error_and_the_next_build_succeeds(
+    corpus: DemoCorpus, tmp_path: Path
+) -> None:
+    database = tmp_path / "kb.db"
+    with open_knowledge_base(str(database)) as kb:
+        _ingest(kb, corpus)
+    with open_store(str(database), codec=_DyingCodec()) as store:
+        dying = KnowledgeBase(store, index_cache_path(str(database)))
+        with pytest.raises(StoreError, match="died"):
+            dying.prepare(jobs=2)
+        assert dying.feature_candidates() is not None  # built in this process instead
+    with open_knowledge_base(str(database)) as kb:
+        kb.prepare(jobs=2)
+        stage = kb.feature_candidates()
+        assert stage is not None and len(stage) > 0
+        assert kb.artefact_stats().revision == kb.index().revision
