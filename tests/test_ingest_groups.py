@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from earmark import ingest_manifest
 from earmark.cli import cli
 from earmark.config import Limits
 from earmark.errors import UsageError
@@ -25,7 +26,7 @@ from earmark.ingest import (
     ingest_groups,
     ingest_paths,
 )
-from earmark.ingest_manifest import MAX_MANIFEST_ROWS, read_manifest
+from earmark.ingest_manifest import read_manifest
 from earmark.ingest_pool import run_in_pool
 from earmark.model.kb import Tlp
 from earmark.model.sample import SampleFeatures
@@ -325,15 +326,20 @@ def test_bad_manifests_name_the_line(tmp_path: Path, text: str, message: str) ->
         read_manifest(manifest)
 
 
-def test_manifest_limits(tmp_path: Path) -> None:
+def test_manifest_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     not_text = tmp_path / "binary.csv"
     not_text.write_bytes(b"path\n\xff\xfe\n")
     with pytest.raises(UsageError, match="not UTF-8"):
         read_manifest(not_text)
-    rows = "".join(f"s{index}.exe\n" for index in range(MAX_MANIFEST_ROWS + 1))
-    too_long = write_manifest(tmp_path / "long", "path\n" + rows)
-    with pytest.raises(UsageError, match="rows: split the collection"):
+    monkeypatch.setattr(ingest_manifest, "MAX_MANIFEST_ROWS", 50)
+    rows = "".join(f"s{index}.exe\n" for index in range(50))
+    assert len(read_manifest(write_manifest(tmp_path / "full", "path\n" + rows))[0].paths) == 50
+    too_long = write_manifest(tmp_path / "long", "path\n" + rows + "one-more.exe\n")
+    with pytest.raises(UsageError, match="over 50 rows: split the collection"):
         read_manifest(too_long)
+    monkeypatch.setattr(ingest_manifest, "MAX_MANIFEST_BYTES", 1024)
+    with pytest.raises(UsageError, match="is over 1,024 bytes"):
+        read_manifest(write_manifest(tmp_path / "large", "path\n" + "x.exe\n" * 200))
 
 
 def test_cli_manifest_imports_a_collection(tmp_path: Path, builder: FixtureBuilder) -> None:

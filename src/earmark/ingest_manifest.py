@@ -28,13 +28,14 @@ from earmark.ingest import IngestGroup, LabelTemplate
 from earmark.model.kb import Tlp
 
 MANIFEST_COLUMNS = ("path", "actor", "family", "source", "tlp", "goodware")
-# Size of a manifest file: read whole before checking. ~100-300 bytes per row, so 64 MiB holds
-# far more rows than MAX_MANIFEST_ROWS; a larger file is not a manifest someone wrote.
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-# Rows of one manifest: 20x the design's 10,000-sample laptop collection. The parsed rows are
-# held in memory for the whole batch (~0.5 KB each when every row has labels of its own, so
-# ~100 MB at the limit); larger collections go in as several manifests.
-MAX_MANIFEST_ROWS = 200_000
+# Size of a manifest file: read whole before checking. Rows take ~100-300 bytes, so 32 MiB
+# holds MAX_MANIFEST_ROWS; a larger file is not a manifest someone wrote.
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024
+# Rows of one manifest: 10x the design's 10,000-sample laptop collection. The parsed rows are
+# held for the whole batch: ~0.8 KB each when every row has labels of its own (measured with
+# tracemalloc on 200,000 such rows: 157 MB held, 290 MB at the peak of reading, 2 CPU s per
+# 100,000 rows). Larger collections go in as several manifests.
+MAX_MANIFEST_ROWS = 100_000
 # Characters in one cell: PATH_MAX on Linux (4,096 bytes); names of actors, families and
 # sources are far shorter, and a longer cell is a broken quote swallowing the file.
 MAX_MANIFEST_CELL_CHARS = 4096
@@ -75,7 +76,7 @@ def _read_text(manifest: Path) -> str:
         raise UsageError(f"cannot read the manifest {manifest}: {error.strerror}") from None
     if len(data) > MAX_MANIFEST_BYTES:
         raise UsageError(
-            f"the manifest {manifest} is over {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB: "
+            f"the manifest {manifest} is over {MAX_MANIFEST_BYTES:,} bytes: "
             "split the collection into several manifests"
         )
     try:
