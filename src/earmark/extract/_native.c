@@ -173,9 +173,20 @@ typedef struct {
     uint8_t flags;
 } Record;
 
+/* Where the row of an address is kept. Inside an executable segment (nearly every row): a
+ * direct map, per segment, from each CODE_GRANULE bytes to a block of cells, one per byte
+ * offset, holding row + 1 (0: none); blocks are made on first use. Consecutive instructions
+ * then share cache lines, where a hash table cost a cache miss per probe (the largest cost of
+ * decoding beside capstone), and no rehash is ever needed; 4 bytes per byte of code touched
+ * is also less than the hash table's 16-32 bytes per instruction. Elsewhere (the invalid rows
+ * of addresses outside executable code): a hash table of AddressSlot. */
+#define CODE_GRANULE_BITS 8 /* 256 bytes: a 1 KB block, about two decode windows of code */
+#define CODE_GRANULE ((uint64_t)1 << CODE_GRANULE_BITS)
+#define INSTRUCTION_BYTES_GUESS 4 /* x86 code averages ~3.5 bytes an instruction */
+
 /* A slot of the address hash: the row (+1, 0 empty) and the address's low 32 bits, so that a
  * probe reads one cache line and a different address is mostly told apart without reading its
- * record (the row alone cost two dependent cache misses a probe on tables of 100k+ rows). */
+ * record. */
 typedef struct {
     uint32_t tag, row;
 } AddressSlot;
@@ -192,8 +203,14 @@ typedef struct {
     PyObject *shared, *local, *analyse, *instruction_type, *no_values;
     Record *records;
     uint32_t count, capacity;
-    AddressSlot *slots; /* address hash, open addressing, at most half full */
+    uint32_t **granules; /* per executable segment: block number + 1 of each granule */
+    uint32_t *cells;     /* the blocks, CODE_GRANULE cells each */
+    size_t block_count, block_capacity;
+    int disjoint_segments; /* no two segments overlap: any segment holding an address is it */
+    Py_ssize_t last_segment;
+    AddressSlot *slots; /* address hash outside executable segments, at most half full */
     size_t slot_capacity; /* a power of two: 2**(64 - slot_shift) */
+    size_t slot_used;
     int slot_shift;
     Text *texts;
     uint32_t text_count, text_capacity;
@@ -224,95 +241,6 @@ typedef struct {
 static PyTypeObject TableType;
 static PyTypeObject BodyType;
 
-/* Fibonacci hashing: the top bits of address * 2**64/phi spread the nearby addresses of code
- * evenly (the bits under them cluster). */
-static inline size_t
-address_slot(uint64_t address, int shift)
-{
-    return (size_t)((address * 0x9E3779B97F4A7C15ULL) >> shift);
-}
-
-/* Row of ``address``, or -1; ``*empty`` (when not NULL) is the slot where it would go. */
-static inline int64_t
-table_probe(const TableObject *self, uint64_t address, size_t *empty)
-{
-    size_t mask = self->slot_capacity - 1;
-    uint32_t tag = (uint32_t)address;
-    for (size_t i = address_slot(address, self->slot_shift);; i = (i + 1) & mask) {
-        AddressSlot slot = self->slots[i];
-        if (slot.row == 0) {
-            if (empty != NULL) {
-                *empty = i;
-            }
-            return -1;
-        }
-        if (slot.tag == tag && self->records[slot.row - 1].address == address) {
-            return slot.row - 1;
-        }
-    }
-}
-
-/* Row of ``address``, or -1. */
-static inline int64_t
-table_find(const TableObject *self, uint64_t address)
-{
-    return table_probe(self, address, NULL);
-}
-
-/* A new row for ``address`` (not present) in the empty slot ``slot`` that table_probe gave
- * (SIZE_MAX: probe for it here), or -1 with MemoryError. */
-static int64_t
-table_append_at(TableObject *self, uint64_t address, size_t slot)
-{
-    if (self->count == UINT32_MAX - 1) {
-        PyErr_SetString(PyExc_MemoryError, "instruction table full");
-        return -1;
-    }
-    if (self->count == self->capacity) {
-        uint32_t capacity = self->capacity ? self->capacity * 2 : 4096;
-        Record *records = PyMem_Realloc(self->records, (size_t)capacity * sizeof(Record));
-        if (records == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        self->records = records;
-        self->capacity = capacity;
-    }
-    if (2 * ((size_t)self->count + 1) > self->slot_capacity) {
-        size_t capacity = self->slot_capacity * 2;
-        int shift = self->slot_shift - 1;
-        AddressSlot *slots = PyMem_Calloc(capacity, sizeof(AddressSlot));
-        if (slots == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        for (uint32_t row = 0; row < self->count; row++) {
-            uint64_t known = self->records[row].address;
-            size_t i = address_slot(known, shift);
-            while (slots[i].row != 0) {
-                i = (i + 1) & (capacity - 1);
-            }
-            slots[i].tag = (uint32_t)known;
-            slots[i].row = row + 1;
-        }
-        PyMem_Free(self->slots);
-        self->slots = slots;
-        self->slot_capacity = capacity;
-        self->slot_shift = shift;
-        slot = SIZE_MAX;
-    }
-    if (slot == SIZE_MAX) {
-        table_probe(self, address, &slot);
-    }
-    uint32_t row = self->count++;
-    Record *record = &self->records[row];
-    memset(record, 0, sizeof *record);
-    record->address = address;
-    self->slots[slot].tag = (uint32_t)address;
-    self->slots[slot].row = row + 1;
-    return row;
-}
-
 /* Index of the segment holding ``address`` as disasm.InstructionDecoder.segment_at finds it
  * (the last one starting at or below it, if it reaches that far), or -1. */
 static Py_ssize_t
@@ -339,6 +267,165 @@ table_is_code(TableObject *self, uint64_t address)
 {
     Py_ssize_t index = table_segment(self, address);
     return index >= 0 && self->segment_executable[index];
+}
+
+/* The executable segment holding ``address`` (table_segment's answer), or -1. */
+static inline Py_ssize_t
+code_segment(TableObject *self, uint64_t address)
+{
+    Py_ssize_t last = self->last_segment;
+    if (self->disjoint_segments && last >= 0 &&
+        address - self->segment_starts[last] < self->segment_lengths[last]) {
+        return last; /* most lookups stay in the segment of the one before */
+    }
+    Py_ssize_t index = table_segment(self, address);
+    if (index < 0 || !self->segment_executable[index]) {
+        return -1;
+    }
+    self->last_segment = index;
+    return index;
+}
+
+/* Fibonacci hashing: the top bits of address * 2**64/phi spread nearby addresses evenly. */
+static inline size_t
+address_slot(uint64_t address, int shift)
+{
+    return (size_t)((address * 0x9E3779B97F4A7C15ULL) >> shift);
+}
+
+/* Row of ``address`` outside executable segments, or -1; ``*empty`` (when not NULL) is the
+ * slot where it would go. */
+static int64_t
+slots_probe(const TableObject *self, uint64_t address, size_t *empty)
+{
+    size_t mask = self->slot_capacity - 1;
+    uint32_t tag = (uint32_t)address;
+    for (size_t i = address_slot(address, self->slot_shift);; i = (i + 1) & mask) {
+        AddressSlot slot = self->slots[i];
+        if (slot.row == 0) {
+            if (empty != NULL) {
+                *empty = i;
+            }
+            return -1;
+        }
+        if (slot.tag == tag && self->records[slot.row - 1].address == address) {
+            return slot.row - 1;
+        }
+    }
+}
+
+/* Row of ``address``, or -1. */
+static inline int64_t
+table_find(TableObject *self, uint64_t address)
+{
+    Py_ssize_t segment = code_segment(self, address);
+    if (segment < 0) {
+        return slots_probe(self, address, NULL);
+    }
+    uint64_t offset = address - self->segment_starts[segment];
+    uint32_t block = self->granules[segment][offset >> CODE_GRANULE_BITS];
+    if (block == 0) {
+        return -1;
+    }
+    size_t cell = ((size_t)(block - 1) << CODE_GRANULE_BITS) | (offset & (CODE_GRANULE - 1));
+    return (int64_t)self->cells[cell] - 1;
+}
+
+/* The cell of ``address`` in executable segment ``segment``, its block made if new; NULL with
+ * MemoryError. */
+static uint32_t *
+table_cell(TableObject *self, Py_ssize_t segment, uint64_t address)
+{
+    uint64_t offset = address - self->segment_starts[segment];
+    uint32_t *block = &self->granules[segment][offset >> CODE_GRANULE_BITS];
+    if (*block == 0) {
+        if (self->block_count == UINT32_MAX - 1) {
+            PyErr_SetString(PyExc_MemoryError, "instruction table full");
+            return NULL;
+        }
+        if (self->cells == NULL) { /* room for every granule: blocks never move */
+            self->cells = PyMem_Malloc(self->block_capacity * CODE_GRANULE * sizeof(uint32_t));
+            if (self->cells == NULL) {
+                PyErr_NoMemory();
+                return NULL;
+            }
+        }
+        memset(self->cells + self->block_count * CODE_GRANULE, 0, CODE_GRANULE * sizeof(uint32_t));
+        *block = (uint32_t)++self->block_count;
+    }
+    return &self->cells[((size_t)(*block - 1) << CODE_GRANULE_BITS) | (offset & (CODE_GRANULE - 1))];
+}
+
+/* Puts ``row`` of an address outside executable segments into the hash; 0, or -1 with
+ * MemoryError. */
+static int
+slots_insert(TableObject *self, uint64_t address, uint32_t row)
+{
+    if (2 * (self->slot_used + 1) > self->slot_capacity) {
+        size_t capacity = self->slot_capacity * 2;
+        int shift = self->slot_shift - 1;
+        AddressSlot *slots = PyMem_Calloc(capacity, sizeof(AddressSlot));
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t i = 0; i < self->slot_capacity; i++) {
+            AddressSlot slot = self->slots[i];
+            if (slot.row != 0) {
+                size_t j = address_slot(self->records[slot.row - 1].address, shift);
+                while (slots[j].row != 0) {
+                    j = (j + 1) & (capacity - 1);
+                }
+                slots[j] = slot;
+            }
+        }
+        PyMem_Free(self->slots);
+        self->slots = slots;
+        self->slot_capacity = capacity;
+        self->slot_shift = shift;
+    }
+    size_t slot;
+    slots_probe(self, address, &slot);
+    self->slots[slot].tag = (uint32_t)address;
+    self->slots[slot].row = row + 1;
+    self->slot_used++;
+    return 0;
+}
+
+/* A new row for ``address`` (not present), or -1 with MemoryError. */
+static int64_t
+table_append(TableObject *self, uint64_t address)
+{
+    if (self->count == UINT32_MAX - 1) {
+        PyErr_SetString(PyExc_MemoryError, "instruction table full");
+        return -1;
+    }
+    if (self->count == self->capacity) {
+        uint32_t capacity = self->capacity ? self->capacity * 2 : 4096;
+        Record *records = PyMem_Realloc(self->records, (size_t)capacity * sizeof(Record));
+        if (records == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->records = records;
+        self->capacity = capacity;
+    }
+    uint32_t row = self->count;
+    Py_ssize_t segment = code_segment(self, address);
+    if (segment >= 0) {
+        uint32_t *cell = table_cell(self, segment, address);
+        if (cell == NULL) {
+            return -1;
+        }
+        *cell = row + 1;
+    } else if (slots_insert(self, address, row) < 0) {
+        return -1;
+    }
+    self->count++;
+    Record *record = &self->records[row];
+    memset(record, 0, sizeof *record);
+    record->address = address;
+    return row;
 }
 
 /* A Python int that is a valid address: its value, 1; an int outside 0..2**64-1: 0; -1 with an
@@ -507,12 +594,9 @@ table_decode_window(TableObject *self, uint64_t start)
         uint16_t insn_size;
         memcpy(&insn_address, insn + address_offset, sizeof insn_address);
         memcpy(&insn_size, insn + size_offset, sizeof insn_size);
-        /* One probe finds a decoded instruction and else the slot for the new row. */
-        size_t slot = SIZE_MAX;
-        if (table_probe(self, insn_address, &slot) >= 0) {
+        if (table_find(self, insn_address) >= 0) {
             break;
         }
-        uint32_t probed_count = self->count;
         const char *mnemonic_text = insn + mnemonic_offset;
         const char *op_str_text = insn + op_str_offset;
         size_t mnemonic_length, op_str_length;
@@ -608,9 +692,7 @@ table_decode_window(TableObject *self, uint64_t start)
                 break;
             }
         }
-        /* The Python analysis could in principle have grown the table since the probe. */
-        int64_t row = table_append_at(self, insn_address,
-                                      self->count == probed_count ? slot : SIZE_MAX);
+        int64_t row = table_append(self, insn_address);
         if (row < 0) {
             failed = 1;
             break;
@@ -649,18 +731,15 @@ table_decode_window(TableObject *self, uint64_t start)
 static int64_t
 table_decode(TableObject *self, uint64_t address)
 {
-    size_t slot = SIZE_MAX;
-    int64_t row = table_probe(self, address, &slot);
+    int64_t row = table_find(self, address);
     if (row >= 0) {
         return row;
     }
-    uint32_t probed_count = self->count;
     row = table_decode_window(self, address);
     if (row != -2) {
         return row;
     }
-    /* Nothing decoded there: the probe's slot is still free unless the table grew. */
-    row = table_append_at(self, address, self->count == probed_count ? slot : SIZE_MAX);
+    row = table_append(self, address); /* nothing decodes there */
     if (row >= 0) {
         self->records[row].flags = FLAG_INVALID;
     }
@@ -815,8 +894,9 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->segment_lengths = PyMem_Calloc((size_t)count + 1, sizeof(uint64_t));
     self->segment_executable = PyMem_Calloc((size_t)count + 1, 1);
     self->segment_data = PyMem_Calloc((size_t)count + 1, sizeof(PyObject *));
-    self->slot_capacity = 8192;
-    self->slot_shift = 64 - 13;
+    self->slot_capacity = 1024; /* few rows are outside executable code */
+    self->slot_shift = 64 - 10;
+    self->last_segment = -1;
     self->slots = PyMem_Calloc(self->slot_capacity, sizeof(AddressSlot));
     if (self->no_values == NULL || self->owner_indexes == NULL || !self->segment_starts || !self->segment_lengths ||
         !self->segment_executable || !self->segment_data || !self->slots ||
@@ -849,6 +929,43 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         self->segment_executable[i] = (uint8_t)executable;
         self->segment_data[i] = Py_NewRef(data);
         self->segment_count = i + 1;
+    }
+    self->granules = PyMem_Calloc((size_t)count + 1, sizeof(uint32_t *));
+    if (self->granules == NULL) {
+        PyErr_NoMemory();
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->disjoint_segments = 1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t length = self->segment_lengths[i];
+        if (i > 0 && self->segment_starts[i] - self->segment_starts[i - 1] <
+                         self->segment_lengths[i - 1]) {
+            self->disjoint_segments = 0;
+        }
+        if (self->segment_executable[i] && length > 0) {
+            size_t granules = (size_t)((length - 1) >> CODE_GRANULE_BITS) + 1;
+            self->granules[i] = PyMem_Calloc(granules, sizeof(uint32_t));
+            if (self->granules[i] == NULL) {
+                PyErr_NoMemory();
+                Py_DECREF(self);
+                return NULL;
+            }
+            self->block_capacity += granules;
+        }
+    }
+    /* Rows for about one instruction per INSTRUCTION_BYTES_GUESS bytes of code up front: the
+     * doublings from a small array copied the records several times (~1 % of decoding); what
+     * is not reached is never touched, so it costs address space, not memory. */
+    size_t guess = (size_t)(self->block_capacity * CODE_GRANULE / INSTRUCTION_BYTES_GUESS);
+    if (guess > 4096 && guess < UINT32_MAX / 2) {
+        self->records = PyMem_Malloc(guess * sizeof(Record));
+        if (self->records == NULL) {
+            PyErr_NoMemory();
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->capacity = (uint32_t)guess;
     }
     return (PyObject *)self;
 }
@@ -897,6 +1014,11 @@ table_dealloc(TableObject *self)
     }
     PyMem_Free(self->texts);
     PyMem_Free(self->records);
+    for (Py_ssize_t i = 0; self->granules != NULL && i < self->segment_count; i++) {
+        PyMem_Free(self->granules[i]);
+    }
+    PyMem_Free(self->granules);
+    PyMem_Free(self->cells);
     PyMem_Free(self->slots);
     PyMem_Free(self->owner_starts);
     Py_XDECREF(self->owner_indexes);
