@@ -179,3 +179,92 @@ def test_arbitrary_code_recovers_identically(
         exception_starts=(),
     )
     assert _recovered(image, True) == _recovered(image, False)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    first=st.binary(min_size=1, max_size=300),
+    second=st.binary(min_size=1, max_size=300),
+    offset=st.integers(min_value=0, max_value=320),
+    bits=st.sampled_from([32, 64]),
+    starts=st.lists(st.integers(min_value=-4, max_value=660), max_size=12),
+)
+def test_several_code_segments_decode_identically(
+    first: bytes, second: bytes, offset: int, bits: int, starts: list[int]
+) -> None:
+    """Executable segments side by side, apart or overlapping (the compiled table maps code
+    addresses per segment, and overlapping ones take the segment lookup every time)."""
+    base = 0x401000
+    segments = (
+        Segment(".text", base, first, True),
+        Segment(".text2", base + offset, second, True),
+        Segment(".data", 0x500000, first, False),
+    )
+    image = CodeImage(
+        arch="x86_64" if bits == 64 else "x86",
+        bits=bits,
+        image_base=base,
+        segments=segments,
+        entry_points=(base,),
+        symbol_functions=(),
+        export_addresses=(),
+        exception_starts=(),
+    )
+    caches = []
+    saved = disasm.ACCELERATOR
+    for accelerator in (saved, None):
+        disasm.ACCELERATOR = accelerator
+        try:
+            decoder = InstructionDecoder(image)
+        finally:
+            disasm.ACCELERATOR = saved
+        for start in starts:
+            decoder.decode(base + start)
+        caches.append(decoder.cached_instructions())
+    assert caches[0] == caches[1]
+
+
+def test_import_thunks_recover_identically() -> None:
+    """Calls through an import stub (endbr64; jmp [slot]), through the slot itself and a tail
+    jump to the stub name the same imports on both paths."""
+    base, slots = 0x401000, 0x500000
+    code = bytearray(0x40)
+
+    def rip(at: int, length: int, target: int) -> bytes:  # rel32 from the next instruction
+        return (target - (at + length)).to_bytes(4, "little", signed=True)
+
+    code[0x00:0x05] = b"\xe8" + rip(base + 0x00, 5, base + 0x10)  # call stub
+    code[0x05:0x0B] = b"\xff\x15" + rip(base + 0x05, 6, slots + 8)  # call [slot 2]
+    code[0x0B:0x10] = b"\xe9" + rip(base + 0x0B, 5, base + 0x20)  # jmp second stub (tail)
+    code[0x10:0x14] = b"\xf3\x0f\x1e\xfa"  # endbr64
+    code[0x14:0x1A] = b"\xff\x25" + rip(base + 0x14, 6, slots)  # jmp [slot 1]
+    code[0x20:0x26] = b"\xff\x25" + rip(base + 0x20, 6, slots + 16)  # jmp [slot 3]
+    image = CodeImage(
+        arch="x86_64",
+        bits=64,
+        image_base=base,
+        segments=(
+            Segment(".text", base, bytes(code), True),
+            Segment(".idata", slots, bytes(24), False),
+        ),
+        entry_points=(base,),
+        symbol_functions=(),
+        export_addresses=(),
+        exception_starts=(),
+        import_slots={
+            slots: "KERNEL32!GetTickCount",
+            slots + 8: "KERNEL32!Sleep",
+            slots + 16: "KERNEL32!SetLastError",
+        },
+    )
+    accelerated = _recovered(image, True)
+    assert accelerated == _recovered(image, False)
+    functions, _ = accelerated
+    assert isinstance(functions, tuple)
+    (entry,) = [f for f in functions if f.address == base]
+    assert entry.called_imports == (
+        "KERNEL32!GetTickCount",
+        "KERNEL32!Sleep",
+        "KERNEL32!SetLastError",
+    )
+    assert all(f.address not in (base + 0x10, base + 0x20) for f in functions)  # stubs
