@@ -101,6 +101,17 @@ text_field(const char *field, size_t length)
     return PyUnicode_DecodeASCII(field, (Py_ssize_t)length, "strict");
 }
 
+static int
+text_is_ascii(const char *text, size_t length)
+{
+    for (size_t i = 0; i < length; i++) {
+        if ((unsigned char)text[i] & 0x80) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 static uint64_t
 text_hash(const char *mnemonic, size_t mnemonic_length, const char *op_str, size_t op_str_length)
 {
@@ -151,7 +162,13 @@ direct_target(const char *text, uint64_t *target)
 /* What every instruction with one text shares (an _OperandAnalysis plus its op_str). */
 typedef struct {
     PyObject *mnemonic, *token, *address_immediates, *large_immediates; /* owned */
-    PyObject *op_str; /* owned; NULL for a direct branch: printed from the record's target */
+    /* op_str: owned; made on first use (text_op_str) from op_str_text, the memo's copy of the
+     * text (~1 in 4 decoded instructions is a new text, and few are ever asked for theirs). A
+     * direct branch has neither: its op_str is printed from the record's target. */
+    PyObject *op_str;
+    const char *op_str_text;
+    uint16_t op_str_length;
+    uint8_t printed_target;
     uint64_t target, memory; /* memory: absolute address, or RIP displacement mod 2**64 */
     uint8_t kind, has_target, memory_kind, is_mov, is_lea; /* memory_kind 0 none 1 fixed 2 rip */
     uint8_t is_endbr;
@@ -540,6 +557,7 @@ text_from_analysis(TableObject *self, PyObject *op_str, PyObject *analysis)
         return -1;
     }
     text.op_str = op_str;
+    text.printed_target = op_str == NULL;
     Py_INCREF(text.mnemonic);
     Py_INCREF(text.token);
     Py_INCREF(text.address_immediates);
@@ -641,26 +659,36 @@ table_decode_window(TableObject *self, uint64_t start)
                     Py_XDECREF(fields);
                     Py_XDECREF(token);
                     if (text >= 0 && memo_add(&self->branch_memo, mnemonic_hash, mnemonic_text,
-                                              mnemonic_length, "", 0, (uint32_t)text) < 0) {
+                                              mnemonic_length, "", 0, (uint32_t)text) == NULL) {
                         text = -1;
                     }
                 }
                 is_direct = 1;
-            } else if (kind != -1) {
-                op_str = text_field(op_str_text, op_str_length);
             }
             int analysed = 0;
-            if (op_str != NULL && kind >= 0) {
-                Text fresh;
-                analysed = analyse_in_c(self, kind, mnemonic, mnemonic_text, mnemonic_length,
-                                        op_str_text, op_str_length, &fresh);
-                if (analysed > 0) {
-                    fresh.op_str = Py_NewRef(op_str);
-                    text = text_append(self, &fresh);
-                    if (text >= 0 && memo_add(&self->memo, hash, mnemonic_text, mnemonic_length,
-                                              op_str_text, op_str_length, (uint32_t)text) < 0) {
-                        text = -1;
+            if (!is_direct && kind != -1) {
+                if (!text_is_ascii(op_str_text, op_str_length)) {
+                    op_str = text_field(op_str_text, op_str_length); /* raises as Python does */
+                } else if (kind >= 0) {
+                    Text fresh;
+                    analysed = analyse_in_c(self, kind, mnemonic, mnemonic_text,
+                                            mnemonic_length, op_str_text, op_str_length, &fresh);
+                    if (analysed > 0) {
+                        text = text_append(self, &fresh);
+                        const char *stored =
+                            text < 0 ? NULL
+                                     : memo_add(&self->memo, hash, mnemonic_text, mnemonic_length,
+                                                op_str_text, op_str_length, (uint32_t)text);
+                        if (stored == NULL) {
+                            text = -1;
+                        } else {
+                            self->texts[text].op_str_text = stored + mnemonic_length + 1;
+                            self->texts[text].op_str_length = (uint16_t)op_str_length;
+                        }
                     }
+                }
+                if (analysed == 0 && op_str == NULL && !PyErr_Occurred()) {
+                    op_str = text_field(op_str_text, op_str_length);
                 }
             }
             /* Everything the compiled analysis leaves (kind -2, or 0 from analyse_in_c) goes to
@@ -680,7 +708,7 @@ table_decode_window(TableObject *self, uint64_t start)
             if (analysis != NULL) {
                 text = text_from_analysis(self, op_str, analysis);
                 if (text >= 0 && memo_add(&self->memo, hash, mnemonic_text, mnemonic_length,
-                                          op_str_text, op_str_length, (uint32_t)text) < 0) {
+                                          op_str_text, op_str_length, (uint32_t)text) == NULL) {
                     text = -1;
                 }
                 Py_DECREF(analysis);
@@ -754,6 +782,17 @@ record_memory(const TableObject *self, const Record *record)
     return text->memory_kind == 2 ? record->address + record->size + text->memory : text->memory;
 }
 
+/* The op_str of a text that is not a direct branch (borrowed), made on first use; NULL with
+ * an error. */
+static PyObject *
+text_op_str(Text *text)
+{
+    if (text->op_str == NULL) {
+        text->op_str = text_field(text->op_str_text, text->op_str_length);
+    }
+    return text->op_str;
+}
+
 static PyObject *
 u64_object(uint64_t value)
 {
@@ -781,15 +820,14 @@ static PyObject *
 instruction_object(TableObject *self, uint32_t row)
 {
     const Record *record = &self->records[row];
-    const Text *text = &self->texts[record->text];
+    Text *text = &self->texts[record->text];
     PyObject *values[INSTRUCTION_FIELDS] = {NULL};
     values[0] = u64_object(record->address);
     values[1] = PyLong_FromLong(record->size);
     values[2] = text->mnemonic;
     Py_INCREF(values[2]);
-    if (text->op_str != NULL) {
-        values[3] = text->op_str;
-        Py_INCREF(values[3]);
+    if (!text->printed_target) {
+        values[3] = Py_XNewRef(text_op_str(text));
     } else {
         char printed[24];
         snprintf(printed, sizeof printed, "0x%llx", (unsigned long long)record->target);

@@ -35,17 +35,96 @@ typedef struct {
     uint32_t row;
 } AddressRow;
 
+/* Sorts ``pairs`` by address (unique in a body); 0, or -1 with MemoryError. Explore takes a
+ * body's instructions in a few ascending runs (one per chain of blocks), so adjacent runs are
+ * merged pass by pass (a natural merge sort): one pass over a straight-line body, where qsort
+ * made ~n log n comparator calls (measured ~2 % of analysis with its address lookups). */
 static int
-compare_address_rows(const void *first, const void *second)
+sort_address_rows(AddressRow *pairs, Py_ssize_t length)
 {
-    uint64_t a = ((const AddressRow *)first)->address, b = ((const AddressRow *)second)->address;
-    return (a > b) - (a < b);
+    Py_ssize_t first_run = 1;
+    while (first_run < length && pairs[first_run - 1].address <= pairs[first_run].address) {
+        first_run++;
+    }
+    if (first_run >= length) {
+        return 0;
+    }
+    AddressRow *buffer = PyMem_Malloc((size_t)length * sizeof(AddressRow));
+    if (buffer == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    AddressRow *source = pairs, *target = buffer;
+    for (;;) {
+        Py_ssize_t start = 0;
+        while (start < length) {
+            Py_ssize_t middle = start + 1;
+            while (middle < length && source[middle - 1].address <= source[middle].address) {
+                middle++;
+            }
+            if (start == 0 && middle == length) {
+                break; /* one run: sorted */
+            }
+            Py_ssize_t end = middle;
+            if (end < length) {
+                end++;
+                while (end < length && source[end - 1].address <= source[end].address) {
+                    end++;
+                }
+            }
+            Py_ssize_t a = start, b = middle, k = start;
+            while (a < middle && b < end) {
+                target[k++] = source[b].address < source[a].address ? source[b++] : source[a++];
+            }
+            while (a < middle) {
+                target[k++] = source[a++];
+            }
+            while (b < end) {
+                target[k++] = source[b++];
+            }
+            start = end;
+        }
+        if (start == 0) {
+            break;
+        }
+        AddressRow *swap = source;
+        source = target;
+        target = swap;
+    }
+    if (source != pairs) {
+        memcpy(pairs, source, (size_t)length * sizeof(AddressRow));
+    }
+    PyMem_Free(buffer);
+    return 0;
 }
 
-/* A Body over ``rows`` (taken over: freed with the body), or NULL. */
-static PyObject *
-body_from_rows(TableObject *table, Rows *rows)
+/* Position of ``address`` in ``length`` pairs sorted by address, or -1. */
+static Py_ssize_t
+pairs_position(const AddressRow *pairs, Py_ssize_t length, uint64_t address)
 {
+    Py_ssize_t low = 0, high = length;
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (pairs[middle].address == address) {
+            return middle;
+        }
+        if (pairs[middle].address < address) {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    return -1;
+}
+
+/* A Body over ``rows`` (taken over: freed with the body), or NULL. ``*sorted_pairs`` (when not
+ * NULL) receives its (address, row) pairs by address, for the caller to free; NULL when empty. */
+static PyObject *
+body_from_rows(TableObject *table, Rows *rows, AddressRow **sorted_pairs)
+{
+    if (sorted_pairs != NULL) {
+        *sorted_pairs = NULL;
+    }
     BodyObject *body = PyObject_New(BodyObject, &BodyType);
     if (body == NULL) {
         PyMem_Free(rows->rows);
@@ -70,11 +149,19 @@ body_from_rows(TableObject *table, Rows *rows)
             pairs[i].address = table->records[body->order[i]].address;
             pairs[i].row = body->order[i];
         }
-        qsort(pairs, (size_t)body->length, sizeof(AddressRow), compare_address_rows);
+        if (sort_address_rows(pairs, body->length) < 0) {
+            PyMem_Free(pairs);
+            Py_DECREF(body);
+            return NULL;
+        }
         for (Py_ssize_t i = 0; i < body->length; i++) {
             body->sorted[i] = pairs[i].row;
         }
-        PyMem_Free(pairs);
+        if (sorted_pairs != NULL) {
+            *sorted_pairs = pairs;
+        } else {
+            PyMem_Free(pairs);
+        }
     }
     return (PyObject *)body;
 }

@@ -291,11 +291,11 @@ table_explore(TableObject *self, PyObject *args)
                 trail[trail_length % lookback] = (uint32_t)row;
             }
             trail_length++;
-            const Text *text = &self->texts[record->text];
+            Text *text = &self->texts[record->text];
             uint64_t following = address + record->size;
             int following_valid = following >= address;
             if (text->kind == KIND_PLAIN) {
-                if (record->flags & FLAG_MEMORY && text->is_mov && text->op_str != NULL) {
+                if (record->flags & FLAG_MEMORY && text->is_mov && !text->printed_target) {
                     PyObject *memory = u64_object(record_memory(self, record));
                     PyObject *name = memory ? PyDict_GetItemWithError(import_slots, memory) : NULL;
                     Py_XDECREF(memory);
@@ -303,7 +303,8 @@ table_explore(TableObject *self, PyObject *args)
                         if (import_registers == NULL) {
                             import_registers = PyDict_New();
                         }
-                        PyObject *reg = import_registers ? first_operand(text->op_str) : NULL;
+                        PyObject *op_str = import_registers ? text_op_str(text) : NULL;
+                        PyObject *reg = op_str ? first_operand(op_str) : NULL;
                         failed = reg == NULL || PyDict_SetItem(import_registers, reg, name) < 0;
                         Py_XDECREF(reg);
                     } else if (PyErr_Occurred()) {
@@ -326,8 +327,9 @@ table_explore(TableObject *self, PyObject *args)
                     name = memory ? PyDict_GetItemWithError(import_slots, memory) : NULL;
                     Py_XINCREF(name);
                     Py_XDECREF(memory);
-                } else if (import_registers != NULL && text->op_str != NULL) {
-                    name = PyDict_GetItemWithError(import_registers, text->op_str);
+                } else if (import_registers != NULL && !text->printed_target) {
+                    PyObject *op_str = text_op_str(text);
+                    name = op_str ? PyDict_GetItemWithError(import_registers, op_str) : NULL;
                     Py_XINCREF(name);
                 }
                 if (PyErr_Occurred()) {
@@ -441,8 +443,9 @@ table_explore(TableObject *self, PyObject *args)
     }
     PyObject *result = NULL;
     BodyObject *body = NULL;
+    AddressRow *pairs = NULL; /* the body's (address, row) by address: lookups without records */
     if (!failed) {
-        body = (BodyObject *)body_from_rows(self, &rows);
+        body = (BodyObject *)body_from_rows(self, &rows, &pairs);
     } else {
         PyMem_Free(rows.rows);
     }
@@ -457,19 +460,21 @@ table_explore(TableObject *self, PyObject *args)
             }
         }
         leaders->length = unique;
+        Py_ssize_t length = body->length;
         for (Py_ssize_t i = 0; i < unique; i++) {
-            body->block_count += body_position(body, leaders->values[i]) >= 0;
+            body->block_count += pairs_position(pairs, length, leaders->values[i]) >= 0;
         }
         for (Py_ssize_t i = 0; i < flow.edges.length; i++) {
-            body->edge_count += body_position(body, flow.edges.values[i]) >= 0;
+            body->edge_count += pairs_position(pairs, length, flow.edges.values[i]) >= 0;
         }
-        for (Py_ssize_t i = 0; i < body->length; i++) {
-            const Record *record = &self->records[body->sorted[i]];
+        for (Py_ssize_t i = 0; i < length; i++) {
+            const Record *record = &self->records[pairs[i].row];
             uint8_t kind = self->texts[record->text].kind;
             uint64_t following = record->address + record->size;
             if ((kind == KIND_PLAIN || kind == KIND_CALL) && following > record->address &&
                 sorted_contains(leaders->values, unique, following) &&
-                body_position(body, following) >= 0) {
+                ((i + 1 < length && pairs[i + 1].address == following) ||
+                 pairs_position(pairs, length, following) >= 0)) {
                 body->edge_count++;
             }
         }
@@ -478,6 +483,7 @@ table_explore(TableObject *self, PyObject *args)
         flow.conditional.values = NULL;
         result = Py_BuildValue("(Nii)", (PyObject *)body, invalid, truncated);
     }
+    PyMem_Free(pairs);
     values_free(&flow.leaders);
     values_free(&flow.edges);
     values_free(&flow.conditional);

@@ -7,15 +7,21 @@
 
 typedef struct {
     uint64_t hash;
-    char *text; /* mnemonic, NUL, op_str; NULL for an empty slot */
+    char *text; /* mnemonic, NUL, op_str, NUL (in the arena); NULL for an empty slot */
     uint16_t mnemonic_length, op_str_length; /* cs_insn fields hold 32 and 160 bytes */
     uint32_t value;
 } MemoEntry;
+
+/* The texts' bytes are carved from chunks of MEMO_CHUNK_BYTES (each starting with a pointer to
+ * the one before), not one allocation each: a new text is ~1 in 4 decoded instructions. */
+#define MEMO_CHUNK_BYTES 65536
 
 typedef struct {
     MemoEntry *entries;
     size_t capacity; /* a power of two */
     size_t used;
+    char *chunk; /* the newest chunk, or NULL */
+    size_t chunk_used;
 } Memo;
 
 static int
@@ -23,6 +29,8 @@ memo_init(Memo *memo)
 {
     memo->capacity = 1024;
     memo->used = 0;
+    memo->chunk = NULL;
+    memo->chunk_used = 0;
     memo->entries = PyMem_Calloc(memo->capacity, sizeof(MemoEntry));
     if (memo->entries == NULL) {
         PyErr_NoMemory();
@@ -34,14 +42,35 @@ memo_init(Memo *memo)
 static void
 memo_clear(Memo *memo)
 {
-    if (memo->entries == NULL) {
-        return;
-    }
-    for (size_t i = 0; i < memo->capacity; i++) {
-        PyMem_Free(memo->entries[i].text);
+    while (memo->chunk != NULL) {
+        char *previous;
+        memcpy(&previous, memo->chunk, sizeof previous);
+        PyMem_Free(memo->chunk);
+        memo->chunk = previous;
     }
     PyMem_Free(memo->entries);
     memo->entries = NULL;
+}
+
+/* Room for ``length`` bytes in the arena, or NULL with MemoryError. */
+static char *
+memo_bytes(Memo *memo, size_t length)
+{
+    if (memo->chunk == NULL || memo->chunk_used + length > MEMO_CHUNK_BYTES) {
+        size_t size = sizeof(char *) + length > MEMO_CHUNK_BYTES ? sizeof(char *) + length
+                                                                 : MEMO_CHUNK_BYTES;
+        char *chunk = PyMem_Malloc(size);
+        if (chunk == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memcpy(chunk, &memo->chunk, sizeof memo->chunk);
+        memo->chunk = chunk;
+        memo->chunk_used = sizeof(char *);
+    }
+    char *bytes = memo->chunk + memo->chunk_used;
+    memo->chunk_used += length;
+    return bytes;
 }
 
 /* The slot holding this text, or the empty slot where it would go. */
@@ -64,8 +93,9 @@ memo_slot(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_lengt
     }
 }
 
-/* Remembers value for a text not yet present; 0, or -1 with MemoryError. */
-static int
+/* Remembers value for a text not yet present: its stored copy (mnemonic, NUL, op_str, NUL;
+ * kept as long as the memo), or NULL with MemoryError. */
+static const char *
 memo_add(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length,
          const char *op_str, size_t op_str_length, uint32_t value)
 {
@@ -74,7 +104,7 @@ memo_add(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length
         MemoEntry *entries = PyMem_Calloc(capacity, sizeof(MemoEntry));
         if (entries == NULL) {
             PyErr_NoMemory();
-            return -1;
+            return NULL;
         }
         for (size_t i = 0; i < memo->capacity; i++) {
             if (memo->entries[i].text != NULL) {
@@ -90,10 +120,9 @@ memo_add(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length
         memo->capacity = capacity;
     }
     MemoEntry *entry = memo_slot(memo, hash, mnemonic, mnemonic_length, op_str, op_str_length);
-    char *text = PyMem_Malloc(mnemonic_length + op_str_length + 2);
+    char *text = memo_bytes(memo, mnemonic_length + op_str_length + 2);
     if (text == NULL) {
-        PyErr_NoMemory();
-        return -1;
+        return NULL;
     }
     memcpy(text, mnemonic, mnemonic_length);
     text[mnemonic_length] = 0;
@@ -105,7 +134,7 @@ memo_add(Memo *memo, uint64_t hash, const char *mnemonic, size_t mnemonic_length
     entry->op_str_length = (uint16_t)op_str_length;
     entry->value = value;
     memo->used++;
-    return 0;
+    return text;
 }
 
 /* --- word-at-a-time hashing of cs_insn text fields ----------------------------------------- */
@@ -315,7 +344,7 @@ names_index(Names *names, const char *text, size_t length)
         return -1;
     }
     PyUnicode_InternInPlace(&object);
-    if (memo_add(&names->memo, hash, text, length, "", 0, names->count) < 0) {
+    if (memo_add(&names->memo, hash, text, length, "", 0, names->count) == NULL) {
         Py_DECREF(object);
         return -1;
     }
