@@ -18,6 +18,7 @@ from earmark import ingest_manifest
 from earmark.cli import cli
 from earmark.config import Limits
 from earmark.errors import UsageError
+from earmark.freeze import dump_features
 from earmark.ingest import (
     IngestGroup,
     IngestOutcome,
@@ -32,7 +33,12 @@ from earmark.model.kb import Tlp
 from earmark.model.sample import SampleFeatures
 from earmark.store import SqlStore, open_store
 from fixtures.build import FixtureBuilder
-from kb_factories import crashing_analyze_bytes, fake_analyze_bytes, fake_sample_bytes
+from kb_factories import (
+    crashing_analyze_bytes,
+    fake_analyze_bytes,
+    fake_sample_bytes,
+    make_features,
+)
 
 LAZARUS = LabelTemplate(actor="Lazarus Group", family="contopee", source="case 17-112")
 APT28 = LabelTemplate(actor="APT28", family="xagent", source="vendor report", tlp=Tlp.GREEN)
@@ -172,6 +178,30 @@ def test_copies_of_a_refused_sample_fail_alike(store: SqlStore, tmp_path: Path) 
         ("notes.bin", "UnsupportedFormatError"),
     ]
     assert store.stats().samples == 3
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_frozen_features_of_a_refused_sample_are_stored(tmp_path: Path, jobs: int) -> None:
+    """A copy that cannot be analysed does not take the frozen features of the same sample
+    down with it (separate calls would store them)."""
+    refused = tmp_path / "a" / "refused.bin"
+    refused.parent.mkdir()
+    refused.write_bytes(b"no fake sample magic here")
+    features = make_features("frozen", 6, sha256=hashlib.sha256(refused.read_bytes()).hexdigest())
+    dump_features(features, tmp_path / "features.emf")
+
+    with open_store(str(tmp_path / "kb.db")) as store:
+        summary = ingest_groups(
+            store,
+            [IngestGroup((refused,), LAZARUS), IngestGroup((tmp_path / "features.emf",), APT28)],
+            jobs=jobs,
+            analyzer=fake_analyze_bytes,
+        )
+        (record,) = store.list_samples()
+
+    assert summary.ingested == 1
+    assert [Path(f.name).name for f in summary.failures] == ["refused.bin"]
+    assert record.sha256 == features.sha256 and record.actors == {"APT28"}
 
 
 def test_a_crash_in_one_group_costs_only_its_file(store: SqlStore, tmp_path: Path) -> None:

@@ -225,9 +225,10 @@ class _Batch:
                 self.store.add_label(sha256, claim.label)
         self.report(IngestOutcome(name, IngestStatus.SKIPPED, sha256))
 
-    def known(self, name: str, sha256: str, claim: _Claim) -> bool:
+    def known(self, name: str, sha256: str, claim: _Claim, *, frozen: bool = False) -> bool:
         """True when this sample needs no analysis: its outcome is reported now, or when the
-        analysis of an earlier copy in this batch ends."""
+        analysis of an earlier copy in this batch ends. A ``frozen`` features file is stored
+        unless the sample is, whatever the analysis of a copy gives (as separate calls would)."""
         seen = self.seen.get(sha256)
         if seen is None:
             seen = self.seen[sha256] = _Seen()
@@ -236,6 +237,8 @@ class _Batch:
             seen.stored = True
         if seen.stored:
             self._relabel(name, sha256, seen, claim)
+        elif frozen:
+            return False
         elif seen.failure is not None:
             self.report(replace(seen.failure, name=name))
         else:
@@ -334,7 +337,7 @@ def _file_jobs(path: Path, claim: _Claim, batch: _Batch) -> Iterator[_Job]:
         except (FeaturesFileError, InputError) as error:
             batch.report(_failure(shown, error))
             return
-        if not batch.known(shown, features.sha256, claim):
+        if not batch.known(shown, features.sha256, claim, frozen=True):
             batch.write(shown, *_prepare(features, batch.store.codec), claim)
         return
     data: bytes | None = None  # stays None for a zip archive: its members are the samples
@@ -466,9 +469,10 @@ def ingest_groups(
 ) -> IngestSummary:
     """Ingest several groups of paths, each with its own labels, through one process pool.
 
-    The store ends as after one ``ingest_paths`` call per group in the same order (same
-    samples, rows and labels), but a sample met in several groups is analysed once and a
-    label met twice is recorded once. A group without labels makes no claim (source "ingest").
+    The store ends as after one ``ingest_paths`` call per group, in order: the same samples,
+    rows and labels, and the same sample ids (samples are written in input order, whichever
+    worker finishes first). A sample met in several groups is analysed once and gets each
+    group's label once. A group without labels makes no claim (source "ingest").
     ``jobs`` > 1 analyses in that many processes; 1 analyses in this process. ``on_progress``
     is called in this process after each file. ``analyzer`` must be a module-level function
     (it is sent to worker processes). Raises ``UsageError`` for ``jobs`` < 1 and
