@@ -199,7 +199,12 @@ typedef struct {
  * of addresses outside executable code): a hash table of AddressSlot. */
 #define CODE_GRANULE_BITS 8 /* 256 bytes: a 1 KB block, about two decode windows of code */
 #define CODE_GRANULE ((uint64_t)1 << CODE_GRANULE_BITS)
-#define INSTRUCTION_BYTES_GUESS 4 /* x86 code averages ~3.5 bytes an instruction */
+/* Rows and texts reserved up front per byte of executable code: PE bench (a)'s 103 files
+ * decoded 0.24-0.31 rows and made 0.04-0.13 new texts per byte of code, and the doublings
+ * from small arrays copied both several times (~1.5 % of analysis). What is not reached is
+ * never touched, so it costs address space, not memory. */
+#define CODE_BYTES_PER_ROW 3
+#define CODE_BYTES_PER_TEXT 10
 
 /* A slot of the address hash: the row (+1, 0 empty) and the address's low 32 bits, so that a
  * probe reads one cache line and a different address is mostly told apart without reading its
@@ -224,6 +229,11 @@ typedef struct {
     uint32_t *cells;     /* the blocks, CODE_GRANULE cells each */
     size_t block_count, block_capacity;
     int disjoint_segments; /* no two segments overlap: any segment holding an address is it */
+    /* Per executable segment, a bit per byte: the function starts FunctionRecovery knows
+     * (its ``sources``, kept in step with mark_start), made on first use. Explore asks at
+     * every instruction whether it flowed into another function; as a dict lookup that cost a
+     * new int and a lookup per instruction. */
+    uint8_t **start_bits;
     Py_ssize_t last_segment;
     AddressSlot *slots; /* address hash outside executable segments, at most half full */
     size_t slot_capacity; /* a power of two: 2**(64 - slot_shift) */
@@ -969,7 +979,8 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         self->segment_count = i + 1;
     }
     self->granules = PyMem_Calloc((size_t)count + 1, sizeof(uint32_t *));
-    if (self->granules == NULL) {
+    self->start_bits = PyMem_Calloc((size_t)count + 1, sizeof(uint8_t *));
+    if (self->granules == NULL || self->start_bits == NULL) {
         PyErr_NoMemory();
         Py_DECREF(self);
         return NULL;
@@ -992,18 +1003,20 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
             self->block_capacity += granules;
         }
     }
-    /* Rows for about one instruction per INSTRUCTION_BYTES_GUESS bytes of code up front: the
-     * doublings from a small array copied the records several times (~1 % of decoding); what
-     * is not reached is never touched, so it costs address space, not memory. */
-    size_t guess = (size_t)(self->block_capacity * CODE_GRANULE / INSTRUCTION_BYTES_GUESS);
-    if (guess > 4096 && guess < UINT32_MAX / 2) {
-        self->records = PyMem_Malloc(guess * sizeof(Record));
-        if (self->records == NULL) {
-            PyErr_NoMemory();
-            Py_DECREF(self);
-            return NULL;
-        }
-        self->capacity = (uint32_t)guess;
+    size_t code_bytes = self->block_capacity * CODE_GRANULE;
+    size_t rows = code_bytes / CODE_BYTES_PER_ROW, texts = code_bytes / CODE_BYTES_PER_TEXT;
+    if (rows > 4096 && rows < UINT32_MAX / 2) {
+        self->records = PyMem_Malloc(rows * sizeof(Record));
+        self->capacity = (uint32_t)rows;
+    }
+    if (texts > 1024 && texts < UINT32_MAX / 2) {
+        self->texts = PyMem_Malloc(texts * sizeof(Text));
+        self->text_capacity = (uint32_t)texts;
+    }
+    if ((self->capacity && self->records == NULL) || (self->text_capacity && self->texts == NULL)) {
+        PyErr_NoMemory();
+        Py_DECREF(self);
+        return NULL;
     }
     return (PyObject *)self;
 }
@@ -1055,7 +1068,11 @@ table_dealloc(TableObject *self)
     for (Py_ssize_t i = 0; self->granules != NULL && i < self->segment_count; i++) {
         PyMem_Free(self->granules[i]);
     }
+    for (Py_ssize_t i = 0; self->start_bits != NULL && i < self->segment_count; i++) {
+        PyMem_Free(self->start_bits[i]);
+    }
     PyMem_Free(self->granules);
+    PyMem_Free(self->start_bits);
     PyMem_Free(self->cells);
     PyMem_Free(self->slots);
     PyMem_Free(self->owner_starts);
@@ -1215,6 +1232,54 @@ table_owner(TableObject *self, PyObject *address_object)
     return u64_object(self->owner_starts[self->records[row].owner]);
 }
 
+/* Whether ``address`` is a function start marked by mark_start. */
+static inline int
+table_is_start(TableObject *self, uint64_t address)
+{
+    Py_ssize_t segment = code_segment(self, address);
+    if (segment < 0 || self->start_bits[segment] == NULL) {
+        return 0;
+    }
+    uint64_t offset = address - self->segment_starts[segment];
+    return (self->start_bits[segment][offset >> 3] >> (offset & 7)) & 1;
+}
+
+/* mark_start(address, known): a function start FunctionRecovery knows (or no longer knows). */
+static PyObject *
+table_mark_start(TableObject *self, PyObject *args)
+{
+    PyObject *address_object;
+    int known;
+    if (!PyArg_ParseTuple(args, "Op", &address_object, &known)) {
+        return NULL;
+    }
+    uint64_t address;
+    int valid = address_value(address_object, &address);
+    if (valid < 0) {
+        return NULL;
+    }
+    Py_ssize_t segment = valid ? code_segment(self, address) : -1;
+    if (segment < 0) {
+        PyErr_SetString(PyExc_ValueError, "function starts are in executable code");
+        return NULL;
+    }
+    uint64_t offset = address - self->segment_starts[segment];
+    uint8_t *bits = self->start_bits[segment];
+    if (bits == NULL) {
+        if (!known) {
+            Py_RETURN_NONE;
+        }
+        bits = PyMem_Calloc((size_t)(self->segment_lengths[segment] >> 3) + 1, 1);
+        if (bits == NULL) {
+            return PyErr_NoMemory();
+        }
+        self->start_bits[segment] = bits;
+    }
+    uint8_t bit = (uint8_t)(1u << (offset & 7));
+    bits[offset >> 3] = known ? (uint8_t)(bits[offset >> 3] | bit) : (uint8_t)(bits[offset >> 3] & ~bit);
+    Py_RETURN_NONE;
+}
+
 #include "_native_body.h"
 #include "_native_explore.h"
 
@@ -1223,6 +1288,8 @@ static PyMethodDef table_methods[] = {
      "decode(address) -> Instruction | None (decoding a window when not cached)"},
     {"import_thunk", (PyCFunction)table_import_thunk, METH_VARARGS,
      "import_thunk(address, import_slots) -> import name of a slot or stub there, or None"},
+    {"mark_start", (PyCFunction)table_mark_start, METH_VARARGS,
+     "mark_start(address, known): a function start explore must not flow into (or not)"},
     {"cached", (PyCFunction)table_cached, METH_NOARGS,
      "cached() -> {address: Instruction | None} of everything decoded so far"},
     {"owner", (PyCFunction)table_owner, METH_O,

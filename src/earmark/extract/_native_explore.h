@@ -4,7 +4,7 @@
 /* --- explore ------------------------------------------------------------------------------- */
 
 #define EXPLORE_DOC                                                                           \
-    "explore(start, known, max_instructions, fragments, import_slots, no_return, " \
+    "explore(start, max_instructions, fragments, import_slots, no_return, " \
     "follow_indirect, body, lookback) -> (Body, invalid, truncated)"
 
 /* Growable uint64 arrays; ``valid`` is 0 for a value past 2**64 (pending addresses only). */
@@ -179,12 +179,11 @@ call_follow_indirect(PyObject *follow_indirect, PyObject *body, PyObject *jump,
 static PyObject *
 table_explore(TableObject *self, PyObject *args)
 {
-    PyObject *start_object, *known, *fragments, *import_slots, *no_return;
+    PyObject *start_object, *fragments, *import_slots, *no_return;
     PyObject *follow_indirect, *body_object;
     Py_ssize_t max_instructions, lookback;
-    if (!PyArg_ParseTuple(args, "OO!nO!O!OOOn", &start_object, &PyDict_Type, &known,
-                          &max_instructions, &PyList_Type, &fragments, &PyDict_Type,
-                          &import_slots, &no_return, &follow_indirect,
+    if (!PyArg_ParseTuple(args, "OnO!O!OOOn", &start_object, &max_instructions, &PyList_Type,
+                          &fragments, &PyDict_Type, &import_slots, &no_return, &follow_indirect,
                           &body_object, &lookback)) {
         return NULL;
     }
@@ -232,8 +231,8 @@ table_explore(TableObject *self, PyObject *args)
             int64_t row = valid > 0 ? table_find(self, value) : -1;
             int inside = row >= 0 && !(self->records[row].flags & FLAG_INVALID) &&
                          self->records[row].stamp == serial;
-            int other = valid < 0 ? -1 : PyDict_Contains(known, fragment);
-            if (valid < 0 || other < 0) {
+            int other = valid > 0 && table_is_start(self, value);
+            if (valid < 0) {
                 failed = 1;
             } else if (!inside && !other && !truncated) {
                 failed = (valid && values_push(&flow.leaders, value, 1) < 0) ||
@@ -257,11 +256,7 @@ table_explore(TableObject *self, PyObject *args)
                 break;
             }
             if (valid && address != start) {
-                PyObject *key = u64_object(address);
-                int other = key ? PyDict_Contains(known, key) : -1;
-                Py_XDECREF(key);
-                if (other != 0) {
-                    failed = other < 0;
+                if (table_is_start(self, address)) {
                     break; /* flowed into another function */
                 }
             }
@@ -387,8 +382,8 @@ table_explore(TableObject *self, PyObject *args)
             if (text->kind == KIND_JUMP && record->flags & FLAG_TARGET) {
                 uint64_t target_value = record->target;
                 PyObject *target = u64_object(target_value);
-                int other = target ? PyDict_Contains(known, target) : -1;
-                if (other < 0) {
+                int other = table_is_start(self, target_value);
+                if (target == NULL) {
                     failed = 1;
                 } else if ((other && target_value != start) || !table_is_code(self, target_value)) {
                     failed = PyList_Append(tail_jumps, target) < 0;

@@ -162,6 +162,9 @@ class FunctionRecovery:
         if source in _GUESS_SOURCES and self._inside_unwind_range(address):
             return  # no function starts inside another's .pdata range
         self.sources[address] = source
+        table = self.decoder.table
+        if table is not None:  # explore in C reads the known starts from the table
+            table.mark_start(address, True)
         self.queue.append(address)
         self._new_starts.append(address)
 
@@ -217,6 +220,9 @@ class FunctionRecovery:
                 body.invalid and self.sources[start] in ("reference", "prologue", "tail")
             ):
                 del self.sources[start]  # a guess that decodes into garbage was not code
+                table = self.decoder.table
+                if table is not None:
+                    table.mark_start(start, False)
                 continue
             self.bodies[start] = body
             self.coverage.add(body)
@@ -308,11 +314,11 @@ class FunctionRecovery:
         loop above is the reference): the body's instructions stay rows of the table, and its
         leaders and successors stay in C (``leaders``/``successors`` are left empty; what is
         read from them later, the block and edge counts and the conditional branches'
-        targets, comes from the Body)."""
+        targets, comes from the Body). The starts it must not flow into are the table's
+        (``mark_start``, kept in step with ``sources`` by propose and drain)."""
         body = FunctionBody(start, source)
         instructions, body.invalid, body.truncated = table.explore(
             start,
-            self.sources,
             self.limits.max_instructions_per_function,
             list(self._fragments_of.get(start, ())),
             self._import_slots,
