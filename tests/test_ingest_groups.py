@@ -250,12 +250,15 @@ def slow_analyze_bytes(data: bytes, limits: Limits) -> SampleFeatures:
 
 
 def test_samples_are_written_in_input_order(store: SqlStore, tmp_path: Path) -> None:
-    """Sample ids follow the inputs, whatever finishes first (a crash in the middle too), so
-    two builds of one collection agree on them."""
+    """Sample ids follow the inputs, whatever finishes first (a crash in the middle too, and
+    a frozen features file met while earlier files are analysed), so two builds of one
+    collection agree on them."""
     paths = fake_samples(tmp_path / "a", range(12))
     crash = tmp_path / "a" / "sample005-crash.bin"
     crash.write_bytes(b"CRASH" + fake_sample_bytes(99))
     more = fake_samples(tmp_path / "b", range(12, 20))
+    frozen = make_features("frozen", 4)
+    dump_features(frozen, tmp_path / "b" / "sample012-frozen.emf")  # sorts before sample012.bin
 
     summary = ingest_groups(
         store,
@@ -264,8 +267,9 @@ def test_samples_are_written_in_input_order(store: SqlStore, tmp_path: Path) -> 
         analyzer=slow_analyze_bytes,
     )
 
-    assert (summary.ingested, summary.failed) == (20, 1)
-    expected = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths + more]
+    assert (summary.ingested, summary.failed) == (21, 1)
+    expected = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    expected += [frozen.sha256] + [hashlib.sha256(p.read_bytes()).hexdigest() for p in more]
     assert [r.sha256 for r in store.list_samples()] == expected
     assert [Path(o.name).name for o in summary.outcomes][5:7] == [
         "sample005-crash.bin",

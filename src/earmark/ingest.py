@@ -185,12 +185,15 @@ class _Claim:
 
 @dataclass(slots=True)
 class _Job:
-    """One sample waiting for analysis, with its bytes (read once, hashed, then analysed)."""
+    """One sample waiting for analysis, with its bytes (read once, hashed, then analysed), or
+    with the features of a frozen features file (no analysis: prepared by the parent, but
+    written in its turn like the others)."""
 
     name: str
     sha256: str
     data: bytes
     claim: _Claim
+    frozen: SampleFeatures | None = None
 
 
 @dataclass(slots=True)
@@ -338,7 +341,7 @@ def _file_jobs(path: Path, claim: _Claim, batch: _Batch) -> Iterator[_Job]:
             batch.report(_failure(shown, error))
             return
         if not batch.known(shown, features.sha256, claim, frozen=True):
-            batch.write(shown, *_prepare(features, batch.store.codec), claim)
+            yield _Job(shown, features.sha256, b"", claim, features)
         return
     data: bytes | None = None  # stays None for a zip archive: its members are the samples
     limit = batch.limits.max_file_bytes
@@ -440,7 +443,11 @@ def _run_in_pool(
     """Analyse in ``workers`` processes; this process writes (``earmark.ingest_pool``)."""
 
     def submit(pool: ProcessPoolExecutor, job: _Job) -> Future[_Analysis]:
-        return pool.submit(_analyze, analyzer, codec, job.data, batch.limits)
+        if job.frozen is None:
+            return pool.submit(_analyze, analyzer, codec, job.data, batch.limits)
+        prepared: Future[_Analysis] = Future()  # a result already at hand, for its turn
+        prepared.set_result(_prepare(job.frozen, codec))
+        return prepared
 
     def crashed(job: _Job) -> None:
         crash = MalformedFileError("the analysis process crashed on this file")
@@ -485,7 +492,11 @@ def ingest_groups(
     pending_jobs = _jobs(groups, datetime.now(UTC), batch)
     if jobs == 1:
         for job in pending_jobs:
-            _finish(job, _analyze(analyzer, store.codec, job.data, limits), batch)
+            if job.frozen is None:
+                result = _analyze(analyzer, store.codec, job.data, limits)
+            else:
+                result = _prepare(job.frozen, store.codec)
+            _finish(job, result, batch)
     else:
         _run_in_pool(pending_jobs, analyzer, store.codec, jobs, batch)
     return IngestSummary(tuple(batch.outcomes))
