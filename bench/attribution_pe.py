@@ -193,10 +193,9 @@ def _progress(engine: str, entry: dict[str, Any], seconds: float) -> None:
     )
 
 
-def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
-    from earmark.attribution import attribute_sample
-    from earmark.extract import analyze_file
-    from earmark.ingest import IngestGroup, LabelTemplate, ingest_groups
+def earmark_ingest_groups(phase: dict[str, Any]) -> list[Any]:
+    """The ``IngestGroup``s of a phase's KB part: one per project, one for goodware."""
+    from earmark.ingest import IngestGroup, LabelTemplate
 
     by_project: dict[str, list[str]] = {}
     for entry in phase["add"]:
@@ -212,6 +211,15 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
     if phase["goodware"]:
         goodware = tuple(e["path"] for e in phase["goodware"])
         groups.append(IngestGroup(goodware, LabelTemplate(goodware=True)))
+    return groups
+
+
+def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
+    from earmark.attribution import attribute_sample
+    from earmark.extract import analyze_file
+    from earmark.ingest import ingest_groups
+
+    groups = earmark_ingest_groups(phase)
     functions_before = kb.store.stats().functions
     workers_cpu_before = _children_cpu_seconds()
     with Stopwatch() as ingest_watch, watch_peak_memory() as ingest_memory:

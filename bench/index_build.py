@@ -110,7 +110,12 @@ def build_pe_a(db: Path) -> None:
 
 def pe_sequence() -> None:
     """The PE bench's (a)+(c) earmark child, step by step, with the peak after each step."""
-    from bench.attribution_pe import EARMARK_INGEST_JOBS, EARMARK_TOP_HYPOTHESES, build_groups
+    from bench.attribution_pe import (
+        EARMARK_INGEST_JOBS,
+        EARMARK_TOP_HYPOTHESES,
+        build_groups,
+        earmark_ingest_groups,
+    )
 
     def peak_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
@@ -134,21 +139,19 @@ def pe_sequence() -> None:
     step("plan")
     from earmark.attribution import attribute_sample, open_knowledge_base
     from earmark.extract import analyze_file
-    from earmark.ingest import LabelTemplate, ingest_paths
+    from earmark.extract.lief_assembly import release_lief_assembly
+    from earmark.ingest import ingest_groups
 
+    release_lief_assembly()  # as the bench's engine process does
     step("imports")
     with (
         tempfile.TemporaryDirectory(prefix="earmark-pe-sequence-") as temporary,
         open_knowledge_base(str(Path(temporary) / "kb.db")) as kb,
     ):
         for phase in phases:
-            setting, by_project = phase["setting"], dict[str, list[str]]()
-            for entry in phase["add"]:
-                by_project.setdefault(entry["project"], []).append(entry["path"])
-            for project, paths in sorted(by_project.items()):
-                template = LabelTemplate(actor=project, family=project, source="bench-pe")
-                ingest_paths(kb.store, paths, template, jobs=EARMARK_INGEST_JOBS)
-                step(f"{setting} ingest {project}")
+            setting = phase["setting"]
+            ingest_groups(kb.store, earmark_ingest_groups(phase), jobs=EARMARK_INGEST_JOBS)
+            step(f"{setting} ingest")
             kb.prepare(jobs=EARMARK_INGEST_JOBS)
             step(f"{setting} prepare")
             for entry in phase["queries"]:
