@@ -268,3 +268,42 @@ def test_import_thunks_recover_identically() -> None:
         "KERNEL32!SetLastError",
     )
     assert all(f.address not in (base + 0x10, base + 0x20) for f in functions)  # stubs
+
+
+@pytest.mark.parametrize("base", [0x401000, 2**64 - 8])
+def test_coverage_queries_match(base: int) -> None:
+    """Covered bytes, gaps and extents after recovery, at the top of the address space too
+    (a call wrapping past 2**64; queries below 0 and past 2**64)."""
+    from earmark.extract.functions import FunctionRecovery
+
+    code = b"\x90" * 6 + b"\xe8\x00\x00\x00\x00" + b"\xc3" + b"\xcc" * 4 + b"\x55\xc3"
+    image = CodeImage(
+        arch="x86_64",
+        bits=64,
+        image_base=base,
+        segments=(Segment(".text", base, code, True), Segment(".data", 0x500000, code, False)),
+        entry_points=(base,),
+        symbol_functions=(),
+        export_addresses=(base + 16,),
+        exception_starts=(),
+    )
+    probes = [-1, 0, base - 1, *range(base, base + len(code) + 2), 2**64 + 3]
+    answers = []
+    saved = disasm.ACCELERATOR
+    for accelerator in (saved, None):
+        disasm.ACCELERATOR = accelerator
+        try:
+            recovery = FunctionRecovery(image, DEFAULT_LIMITS, time.monotonic() + 60)
+            recovery.run()
+        finally:
+            disasm.ACCELERATOR = saved
+        coverage = recovery.coverage
+        answers.append(
+            (
+                [coverage.covered(address) for address in probes],
+                coverage.gaps(),
+                [coverage.inside_extent(address) for address in probes],
+            )
+        )
+    assert answers[0] == answers[1]
+    assert any(answers[0][0]) and answers[0][1]  # something covered, something not

@@ -234,6 +234,11 @@ typedef struct {
      * every instruction whether it flowed into another function; as a dict lookup that cost a
      * new int and a lookup per instruction. */
     uint8_t **start_bits;
+    /* CodeCoverage's byte maps (see "coverage" in _native_body.h), made on first use. */
+    Py_ssize_t cover_count;
+    uint64_t *cover_bases, *cover_lengths;
+    uint8_t **cover_maps;
+    int cover_disjoint;
     Py_ssize_t last_segment;
     AddressSlot *slots; /* address hash outside executable segments, at most half full */
     size_t slot_capacity; /* a power of two: 2**(64 - slot_shift) */
@@ -1073,6 +1078,12 @@ table_dealloc(TableObject *self)
     }
     PyMem_Free(self->granules);
     PyMem_Free(self->start_bits);
+    for (Py_ssize_t i = 0; self->cover_maps != NULL && i < self->cover_count; i++) {
+        PyMem_Free(self->cover_maps[i]);
+    }
+    PyMem_Free(self->cover_maps);
+    PyMem_Free(self->cover_bases);
+    PyMem_Free(self->cover_lengths);
     PyMem_Free(self->cells);
     PyMem_Free(self->slots);
     PyMem_Free(self->owner_starts);
@@ -1258,7 +1269,10 @@ table_mark_start(TableObject *self, PyObject *args)
     if (valid < 0) {
         return NULL;
     }
-    Py_ssize_t segment = valid ? code_segment(self, address) : -1;
+    if (!valid) { /* past 2**64 in a hostile image: explore never meets such an address */
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t segment = code_segment(self, address);
     if (segment < 0) {
         PyErr_SetString(PyExc_ValueError, "function starts are in executable code");
         return NULL;
@@ -1288,6 +1302,12 @@ static PyMethodDef table_methods[] = {
      "decode(address) -> Instruction | None (decoding a window when not cached)"},
     {"import_thunk", (PyCFunction)table_import_thunk, METH_VARARGS,
      "import_thunk(address, import_slots) -> import name of a slot or stub there, or None"},
+    {"cover_span", (PyCFunction)table_cover_span, METH_VARARGS,
+     "cover_span(address, size): mark one instruction's bytes covered"},
+    {"covered", (PyCFunction)table_covered, METH_O,
+     "covered(address) -> whether a recovered function's instruction covers the byte"},
+    {"gaps", (PyCFunction)table_gaps, METH_NOARGS,
+     "gaps() -> [(low, high)]: the uncovered ranges of the executable segments"},
     {"mark_start", (PyCFunction)table_mark_start, METH_VARARGS,
      "mark_start(address, known): a function start explore must not flow into (or not)"},
     {"cached", (PyCFunction)table_cached, METH_NOARGS,
@@ -1329,8 +1349,6 @@ static PyMethodDef methods[] = {
      "minhash_ids(ids, lengths, sizes, multiplier, mix, a, b) -> uint32 signatures (bytes)"},
     {"string_runs", string_runs, METH_VARARGS,
      "string_runs(data, min_length, max_length, limit) -> [(offset, wide, text)] by offset"},
-    {"body_spans", body_spans, METH_O,
-     "body_spans(bodies) -> (addresses, sizes): uint64 bytes of every instruction of the bodies"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -187,13 +187,13 @@ table_explore(TableObject *self, PyObject *args)
                           &body_object, &lookback)) {
         return NULL;
     }
-    uint64_t start;
-    if (address_value(start_object, &start) <= 0) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_ValueError, "a function start is an address");
-        }
+    uint64_t start = 0;
+    int start_valid = address_value(start_object, &start);
+    if (start_valid < 0) {
         return NULL;
     }
+    /* A start past 2**64 (an export of a hostile image mapped at the top of the address space)
+     * decodes to nothing, as on the Python path: an empty, invalid body. */
     PyObject *calls = PyObject_GetAttrString(body_object, "calls");
     PyObject *tail_jumps = PyObject_GetAttrString(body_object, "tail_jumps");
     PyObject *direct_jumps = PyObject_GetAttrString(body_object, "direct_jumps");
@@ -218,8 +218,8 @@ table_explore(TableObject *self, PyObject *args)
     }
     uint32_t serial = self->serial;
     if (!failed) {
-        failed = values_push(&flow.leaders, start, 1) < 0 ||
-                 values_push(&flow.pending, start, 1) < 0;
+        failed = (start_valid && values_push(&flow.leaders, start, 1) < 0) ||
+                 values_push(&flow.pending, start, start_valid) < 0;
     }
     while (!failed && (flow.pending.length || PyList_GET_SIZE(fragments))) {
         if (!flow.pending.length) {

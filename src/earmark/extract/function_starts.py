@@ -58,29 +58,32 @@ class CodeCoverage:
     Coverage only grows: when a function is re-explored and cut at a start found inside it,
     the bytes it loses belong to the function at that start, so they stay covered. Bytes are
     marked lazily, in one numpy pass over all functions added since the last query, because
-    marking instruction by instruction in Python cost as much as decoding them.
+    marking instruction by instruction in Python cost as much as decoding them; with the
+    compiled table, in C as each function is added (``Body.cover``).
     """
 
     def __init__(self, decoder: InstructionDecoder) -> None:
         code = sorted(
             (s for s in decoder.image.segments if s.executable), key=lambda s: s.virtual_address
         )
+        self._table = decoder.table
         self._bases = [segment.virtual_address for segment in code]
-        self._maps = [np.zeros(len(segment.data), dtype=bool) for segment in code]
+        # With the compiled table the byte maps are its own (Body.cover, Table.covered/gaps):
+        # marked body by body as they are added, with no numpy pass over copied spans.
+        self._maps = (
+            [np.zeros(len(segment.data), dtype=bool) for segment in code]
+            if self._table is None
+            else []
+        )
         # Address of an instruction -> start of the function that reaches it (SHARED_OWNER
         # when several do). With the compiled instruction table (disasm.ACCELERATOR) the
         # owners are kept in its rows instead and this dict stays empty.
         self.owners: dict[int, int] = {}
-        self._table = decoder.table
         # owner_of(address): start of the function owning the instruction at ``address``
         # (SHARED_OWNER when several do), or None. One lookup, bound once: heuristics ask it
         # ~10^5 times per sample. A coverage's bodies are all of its decoder's kind.
         self.owner_of: Callable[[int], int | None] = (
             self.owners.get if self._table is None else self._table.owner
-        )
-        accelerator = decoder.accelerator
-        self._spans = (
-            accelerator.body_spans if accelerator is not None and self._table is not None else None
         )
         self._pending: list[FunctionBody] = []
         self._extent_ends: dict[int, int] = {}  # function start -> end of its last byte
@@ -93,7 +96,10 @@ class CodeCoverage:
         instructions = body.instructions
         if not isinstance(instructions, dict):  # rows of the compiled table
             instructions.own(start)
-            self._pending.append(body)
+            end = instructions.cover()
+            if end is not None:
+                self._extent_ends[start] = end  # a re-explored body replaces its old end
+                self._sorted_extents = None
             return
         # Set operations and dict.update run in C; only addresses two functions share (a few
         # per cent) are looked at one by one.
@@ -103,6 +109,16 @@ class CodeCoverage:
         for address, owner in previous:
             if owner != start:
                 owners[address] = SHARED_OWNER
+        if self._table is not None:  # Instruction tuples over a compiled decoder (tests)
+            for address, instruction in instructions.items():
+                self._table.cover_span(address, instruction.size)
+            if instructions:
+                self._extent_ends[start] = max(
+                    (address + instruction.size) & _MAX_ADDRESS
+                    for address, instruction in instructions.items()
+                )
+                self._sorted_extents = None
+            return
         self._pending.append(body)
 
     def remove(self, body: FunctionBody) -> None:
@@ -133,12 +149,7 @@ class CodeCoverage:
     def _mark(self, pending: list[FunctionBody]) -> None:
         counts = [len(body.instructions) for body in pending]
         total = sum(counts)
-        if self._spans is not None and not any(isinstance(b.instructions, dict) for b in pending):
-            address_bytes, size_bytes = self._spans([body.instructions for body in pending])
-            addresses = np.frombuffer(address_bytes, dtype=np.uint64)
-            sizes = np.frombuffer(size_bytes, dtype=np.uint64)
-        else:
-            addresses, sizes = _spans_in_python(pending, total)
+        addresses, sizes = _spans_in_python(pending, total)
         with np.errstate(over="ignore"):  # an instruction ending past 2**64 wraps; harmless
             ends = addresses + sizes
         if total:
@@ -158,6 +169,9 @@ class CodeCoverage:
             _mark_intervals(coverage, lows, highs)
 
     def covered(self, address: int) -> bool:
+        if self._table is not None:
+            is_covered: bool = self._table.covered(address)
+            return is_covered
         if self._pending:
             self._flush()
         index = bisect.bisect_right(self._bases, address) - 1
@@ -179,6 +193,9 @@ class CodeCoverage:
 
     def gaps(self) -> list[tuple[int, int]]:
         """Maximal uncovered ranges of the executable segments, in address order."""
+        if self._table is not None:
+            compiled: list[tuple[int, int]] = self._table.gaps()
+            return compiled
         if self._pending:
             self._flush()
         found: list[tuple[int, int]] = []
