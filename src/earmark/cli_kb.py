@@ -66,7 +66,13 @@ def _ingest_exit_code(failures: tuple[IngestOutcome, ...]) -> int:
 @click.option("--source", default="ingest", show_default=True, help="Who says so (provenance).")
 @click.option("--tlp", type=_TLP_CHOICE, default=Tlp.AMBER.value, show_default=True)
 @click.option("--goodware", is_flag=True, help="Benign/library code: discounts what it contains.")
-@click.option("--jobs", type=int, default=1, show_default=True, help="Analysis processes.")
+@click.option(
+    "--jobs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes for the analysis, and for the index build that follows.",
+)
 @_DB_OPTION
 @click.pass_context
 def ingest(
