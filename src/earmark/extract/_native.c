@@ -227,7 +227,7 @@ typedef struct {
     uint32_t count, capacity;
     uint32_t **granules; /* per executable segment: block number + 1 of each granule */
     uint32_t *cells;     /* the blocks, CODE_GRANULE cells each */
-    size_t block_count, block_capacity;
+    size_t block_count, block_capacity, block_limit; /* limit: every granule of code */
     int disjoint_segments; /* no two segments overlap: any segment holding an address is it */
     /* Per executable segment, a bit per byte: the function starts FunctionRecovery knows
      * (its ``sources``, kept in step with mark_start), made on first use. Explore asks at
@@ -375,12 +375,17 @@ table_cell(TableObject *self, Py_ssize_t segment, uint64_t address)
             PyErr_SetString(PyExc_MemoryError, "instruction table full");
             return NULL;
         }
-        if (self->cells == NULL) { /* room for every granule: blocks never move */
-            self->cells = PyMem_Malloc(self->block_capacity * CODE_GRANULE * sizeof(uint32_t));
-            if (self->cells == NULL) {
+        if (self->block_count == self->block_capacity) {
+            size_t capacity = self->block_capacity ? self->block_capacity * 2 : 1024;
+            capacity = capacity < self->block_limit ? capacity : self->block_limit;
+            uint32_t *cells =
+                PyMem_Realloc(self->cells, capacity * CODE_GRANULE * sizeof(uint32_t));
+            if (cells == NULL) {
                 PyErr_NoMemory();
                 return NULL;
             }
+            self->cells = cells;
+            self->block_capacity = capacity;
         }
         memset(self->cells + self->block_count * CODE_GRANULE, 0, CODE_GRANULE * sizeof(uint32_t));
         *block = (uint32_t)++self->block_count;
@@ -1005,10 +1010,10 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
                 Py_DECREF(self);
                 return NULL;
             }
-            self->block_capacity += granules;
+            self->block_limit += granules;
         }
     }
-    size_t code_bytes = self->block_capacity * CODE_GRANULE;
+    size_t code_bytes = self->block_limit * CODE_GRANULE;
     size_t rows = code_bytes / CODE_BYTES_PER_ROW, texts = code_bytes / CODE_BYTES_PER_TEXT;
     if (rows > 4096 && rows < UINT32_MAX / 2) {
         self->records = PyMem_Malloc(rows * sizeof(Record));
