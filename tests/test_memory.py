@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from earmark import memory
 from earmark.memory import (
     cyclic_collector_paused,
     return_free_memory,
+    return_free_memory_past,
 )
 
 _GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -69,6 +71,48 @@ def test_large_blocks_go_back_to_the_system_when_freed() -> None:
     )
     returned, size = map(int, child.stdout.split())
     assert returned > 6 * size
+
+
+_SLACK_CHILD = """
+from pathlib import Path
+from earmark.memory import return_free_memory_past
+
+def resident():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+slack = 8 << 20
+assert not return_free_memory_past(slack)  # the first call: where growth is counted from
+pin = bytearray(2000)
+small = [bytearray(2000) for _ in range(1_000)]  # ~2 MB, within the slack
+del small
+assert not return_free_memory_past(slack)  # kept for the next unit of work
+blocks = [bytearray(2000) for _ in range(20_000)]  # ~40 MB of heap chunks, all touched
+pin2 = bytearray(2000)  # the heap top stays in use
+del blocks
+before = resident()
+assert return_free_memory_past(slack)
+returned = before - resident()
+assert not return_free_memory_past(slack)  # counted from the trim now
+print(returned)
+"""
+
+
+@pytest.mark.skipif(not _GLIBC, reason="malloc_trim is a glibc function")
+def test_free_heap_is_returned_only_past_the_slack() -> None:
+    # In a fresh interpreter, whose resident set only this code moves.
+    child = subprocess.run(
+        [sys.executable, "-c", _SLACK_CHILD], capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == 0, child.stderr
+    assert int(child.stdout) > 20_000_000
+
+
+def test_nothing_is_trimmed_past_the_slack_without_malloc_trim(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: None)  # musl, macOS, Windows
+    assert not return_free_memory_past(0)
+    assert not return_free_memory_past(0)
 
 
 def test_return_free_memory_answers_whether_it_could() -> None:

@@ -23,7 +23,7 @@ from earmark.extract.loader import LoadedSample, load_sample, parser_failures_as
 from earmark.extract.metadata import hash_file
 from earmark.extract.pe_image import PeHeader
 from earmark.extract.strings import extract_strings
-from earmark.memory import return_free_memory
+from earmark.memory import ANALYSIS_TRIM_SLACK_BYTES, return_free_memory_past
 from earmark.model.sample import (
     FEATURES_FORMAT_VERSION,
     ElfInfo,
@@ -61,8 +61,9 @@ def analyze_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SampleFeature
     finally:
         # The parse tree, decode tables and per-function work are freed by now; without a trim
         # glibc keeps their pages, and a process analysing sample after sample (queries, an
-        # ingest worker) creeps towards its largest sample's size (``earmark.memory``).
-        return_free_memory()
+        # ingest worker) creeps towards its largest sample's size (``earmark.memory``). Up to
+        # ANALYSIS_TRIM_SLACK_BYTES are kept for the next analysis to reuse.
+        return_free_memory_past(ANALYSIS_TRIM_SLACK_BYTES)
 
 
 def _analyze_bytes(data: bytes, limits: Limits) -> SampleFeatures:
