@@ -205,6 +205,10 @@ typedef struct {
  * never touched, so it costs address space, not memory. */
 #define CODE_BYTES_PER_ROW 3
 #define CODE_BYTES_PER_TEXT 10
+/* At most this much is reserved (32 MB of rows, 26 MB of texts; about 3 MB of code), so a
+ * large hostile code segment (up to the 128 MB file limit) grows its arrays as it decodes. */
+#define RESERVED_ROWS_LIMIT ((size_t)1 << 20)
+#define RESERVED_TEXTS_LIMIT ((size_t)1 << 18)
 
 /* A slot of the address hash: the row (+1, 0 empty) and the address's low 32 bits, so that a
  * probe reads one cache line and a different address is mostly told apart without reading its
@@ -1015,11 +1019,13 @@ table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     }
     size_t code_bytes = self->block_limit * CODE_GRANULE;
     size_t rows = code_bytes / CODE_BYTES_PER_ROW, texts = code_bytes / CODE_BYTES_PER_TEXT;
-    if (rows > 4096 && rows < UINT32_MAX / 2) {
+    rows = rows < RESERVED_ROWS_LIMIT ? rows : RESERVED_ROWS_LIMIT;
+    texts = texts < RESERVED_TEXTS_LIMIT ? texts : RESERVED_TEXTS_LIMIT;
+    if (rows > 4096) {
         self->records = PyMem_Malloc(rows * sizeof(Record));
         self->capacity = (uint32_t)rows;
     }
-    if (texts > 1024 && texts < UINT32_MAX / 2) {
+    if (texts > 1024) {
         self->texts = PyMem_Malloc(texts * sizeof(Text));
         self->text_capacity = (uint32_t)texts;
     }
