@@ -8,7 +8,8 @@ size. ``malloc_trim(0)`` releases every whole free page, wherever it sits in the
 
 PE bench (a), one process running the 23 queries (analysis and attribution each): RSS after
 the last query 272 -> 243 MB with a trim after each (docs/benchmarks.md, "Query process
-memory"). A trim costs about a millisecond.
+memory"). A trim costs about a millisecond, but the pages it hands back are faulted in again
+by the next unit of work, so analyses trim only past a slack (``return_free_memory_past``).
 """
 
 from __future__ import annotations
