@@ -15,9 +15,11 @@ setup(
             depends=[
                 "src/earmark/extract/_native_analysis.h",
                 "src/earmark/extract/_native_body.h",
+                "src/earmark/extract/_native_coverage.h",
                 "src/earmark/extract/_native_explore.h",
                 "src/earmark/extract/_native_memo.h",
                 "src/earmark/extract/_native_minhash.h",
+                "src/earmark/extract/_native_rows.h",
                 "src/earmark/extract/_native_strings.h",
             ],
             optional=True,
