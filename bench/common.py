@@ -425,6 +425,23 @@ def process_tree_rss_bytes() -> int:
     return total
 
 
+def process_tree_rss_sum_bytes() -> int:
+    """RSS of this process plus every live descendant, summed (~1 ms with two workers, against
+    ~6 ms for ``process_tree_rss_bytes``: it reads statm, not the page-by-page PSS)."""
+    try:
+        import psutil  # type: ignore[import-untyped]
+    except ImportError:
+        return current_rss_bytes()
+    me = psutil.Process()
+    total = int(me.memory_info().rss)
+    for child in me.children(recursive=True):
+        try:
+            total += int(child.memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
 def lifetime_peak_rss_bytes() -> int:
     """Peak RSS of this process since it started (getrusage; Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -433,6 +450,12 @@ def lifetime_peak_rss_bytes() -> int:
 # RSS sampling period. 20 ms catches allocations that live for a matching step (tens of ms)
 # while costing well under 1% of one core.
 MEMORY_SAMPLE_SECONDS = 0.02
+# The tree's PSS is read when the summed RSS of the tree reaches a new high (by this much) and
+# at least every TREE_PSS_SECONDS (copy-on-write turns a worker's shared pages private without
+# changing any RSS). Read at every sample, it cost ~6 ms of CPU each with two ingest workers,
+# 0.3 CPU s per second in the bench process, taken from the engine measured beside it.
+TREE_PSS_STEP_BYTES = 1 << 20
+TREE_PSS_SECONDS = 0.25
 
 
 @dataclass(slots=True)
@@ -460,9 +483,13 @@ def watch_peak_memory(interval: float = MEMORY_SAMPLE_SECONDS) -> Iterator[Memor
     stop = threading.Event()
 
     def sample() -> None:
+        high, last = 0, time.monotonic()
         while not stop.wait(interval):
             reading.peak_bytes = max(reading.peak_bytes, current_rss_bytes())
-            reading.tree_peak_bytes = max(reading.tree_peak_bytes, process_tree_rss_bytes())
+            summed = process_tree_rss_sum_bytes()
+            if summed > high + TREE_PSS_STEP_BYTES or time.monotonic() - last >= TREE_PSS_SECONDS:
+                high, last = max(high, summed), time.monotonic()
+                reading.tree_peak_bytes = max(reading.tree_peak_bytes, process_tree_rss_bytes())
 
     sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
     sampler.start()
