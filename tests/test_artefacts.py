@@ -26,11 +26,11 @@ from earmark.attribution import KnowledgeBase, attribute_sample, open_knowledge_
 from earmark.correlate.artefacts import escape_value, find_artefact_evidence
 from earmark.errors import IndexCacheError
 from earmark.extract import analyze_file
+from earmark.index.artefact_cache import load_artefact_stats
 from earmark.index.artefacts import (
     _NOT_WORD_CHARACTER,
     _WORD_CHARACTERS,
     is_distinctive_string,
-    load_artefact_stats,
     sample_artefacts,
 )
 from earmark.ingest import LabelTemplate, ingest_paths

@@ -33,12 +33,8 @@ from earmark.errors import UsageError
 from earmark.extract import analyze_file
 from earmark.freeze import load_features
 from earmark.index import DEFAULT_TOP_K, FunctionIndex, IndexCacheError
-from earmark.index.artefacts import (
-    ArtefactStats,
-    ArtefactStatsBuilder,
-    load_artefact_stats,
-    save_artefact_stats,
-)
+from earmark.index.artefact_cache import load_artefact_stats, save_artefact_stats
+from earmark.index.artefacts import ArtefactStats, ArtefactStatsBuilder
 from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
 from earmark.index.feature_candidates import FeatureCandidateIndex
 from earmark.index.similarity import compare_functions

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Final
 
 from earmark.errors import IndexCacheError
+from earmark.index.artefact_cache import load_artefact_stats, save_artefact_stats
 from earmark.index.artefacts import (
     RARE_ARTEFACT_WEIGHT,
     ArtefactStats,
     SampleArtefact,
     build_artefact_stats,
-    load_artefact_stats,
     sample_artefacts,
-    save_artefact_stats,
 )
 from earmark.model.evidence import Evidence
 from earmark.model.kb import SampleRecord
