@@ -151,8 +151,11 @@ slots_insert(TableObject *self, uint64_t address, uint32_t row)
         self->slot_capacity = capacity;
         self->slot_shift = shift;
     }
-    size_t slot;
-    slots_probe(self, address, &slot);
+    size_t slot = 0;
+    if (slots_probe(self, address, &slot) >= 0) { /* callers add only absent addresses */
+        PyErr_SetString(PyExc_RuntimeError, "instruction table: address added twice");
+        return -1;
+    }
     self->slots[slot].tag = (uint32_t)address;
     self->slots[slot].row = row + 1;
     self->slot_used++;
