@@ -118,3 +118,27 @@ def test_compiled_signatures_equal_numpy(streams: list[list[int]]) -> None:
     ids = np.array([i for s in streams for i in s], dtype=np.uint64)
     compiled = compiled_id_signatures(disasm.ACCELERATOR.minhash_ids, ids.tobytes(), lengths)
     assert np.array_equal(compiled, id_minhash_signatures(ids, lengths))
+
+
+@pytest.mark.skipif(disasm.ACCELERATOR is None, reason="the _native extension is not built")
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    rows=st.lists(
+        st.lists(st.integers(min_value=0, max_value=2**32 - 1), min_size=3, max_size=3),
+        max_size=6,
+    )
+)
+def test_compiled_rows_equal_numpy_rows(rows: list[list[int]]) -> None:
+    """uint32_rows (how compiled signatures become FunctionFeatures tuples) gives numpy's rows."""
+    assert disasm.ACCELERATOR is not None
+    array = np.array(rows, dtype=np.uint32).reshape(len(rows), 3)
+    assert disasm.ACCELERATOR.uint32_rows(array, 3) == [tuple(row) for row in array.tolist()]
+
+
+@pytest.mark.skipif(disasm.ACCELERATOR is None, reason="the _native extension is not built")
+def test_compiled_rows_reject_partial_rows() -> None:
+    assert disasm.ACCELERATOR is not None
+    with pytest.raises(ValueError, match="whole rows"):
+        disasm.ACCELERATOR.uint32_rows(b"\x00" * 8, 3)
+    with pytest.raises(ValueError, match="whole rows"):
+        disasm.ACCELERATOR.uint32_rows(b"", 0)

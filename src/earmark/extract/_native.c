@@ -1119,6 +1119,8 @@ static PyMethodDef methods[] = {
      "starts_containing(bodies, address) -> starts whose body holds the address"},
     {"minhash_ids", minhash_ids, METH_VARARGS,
      "minhash_ids(ids, lengths, sizes, multiplier, mix, a, b) -> uint32 signatures (bytes)"},
+    {"uint32_rows", uint32_rows, METH_VARARGS,
+     "uint32_rows(data, width) -> [(value, ...)]: native uint32 values, width per tuple"},
     {"string_runs", string_runs, METH_VARARGS,
      "string_runs(data, min_length, max_length, limit) -> [(offset, wide, text)] by offset"},
     {NULL, NULL, 0, NULL},

@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Final, NamedTuple, Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from earmark.extract.disasm import KIND_CALL, KIND_PLAIN, Instruction, InstructionDecoder
 from earmark.extract.minhash import (
@@ -25,7 +25,7 @@ from earmark.extract.minhash import (
     stream_minhash_signatures,
     token_id,
 )
-from earmark.model.sample import FunctionFeatures
+from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures
 
 # Longest string read at a referenced address; longer runs are data blobs, not messages.
 MAX_REFERENCED_STRING_CHARS: Final = 256
@@ -103,9 +103,7 @@ def build_features(
     functions: list[FunctionFeatures] = []
     compiled = not any(isinstance(body.instructions, dict) for body in bodies)
     # The compiled MinHash when the bodies are the compiled table's (their ids are at hand).
-    minhash_ids: Callable[..., bytes] | None = None
-    if compiled and decoder.accelerator is not None:
-        minhash_ids = decoder.accelerator.minhash_ids
+    accelerator = decoder.accelerator if compiled else None
     descriptions: list[_Description] = []
     if compiled:
         # Popped one by one (from the end of the reversed list, so in order): each body, and
@@ -132,7 +130,7 @@ def build_features(
                 check_deadline()
                 batch.append(_describe_in_python(body, decoder, strings_at))
             del bodies[:count]
-        functions.extend(_features_of_batch(batch, names, check_deadline, minhash_ids))
+        functions.extend(_features_of_batch(batch, names, check_deadline, accelerator))
     return tuple(functions)
 
 
@@ -185,16 +183,19 @@ def _features_of_batch(
     batch: list[_Description],
     names: dict[int, str],
     check_deadline: Callable[[], None],
-    minhash_ids: Callable[..., bytes] | None,
+    accelerator: ModuleType | None,
 ) -> list[FunctionFeatures]:
     """Features of a batch of described functions; MinHash runs once over the whole batch."""
-    if minhash_ids is not None:
-        signatures = _id_signatures(minhash_ids, [d.token_ids for d in batch]).tolist()
-        robust_signatures = _id_signatures(minhash_ids, [d.robust_ids for d in batch]).tolist()
+    signatures: list[tuple[int, ...]]
+    robust_signatures: list[tuple[int, ...]]
+    if accelerator is not None:
+        signatures = _id_signatures(accelerator, [d.token_ids for d in batch])
+        robust_signatures = _id_signatures(accelerator, [d.robust_ids for d in batch])
     else:
         streams = [d.stream for d in batch]
-        signatures = stream_minhash_signatures(streams).tolist()
-        robust_signatures = stream_minhash_signatures([robust_stream(s) for s in streams]).tolist()
+        signatures = [tuple(s) for s in stream_minhash_signatures(streams).tolist()]
+        robust = stream_minhash_signatures([robust_stream(s) for s in streams])
+        robust_signatures = [tuple(s) for s in robust.tolist()]
     functions: list[FunctionFeatures] = []
     for description, signature, robust_signature in zip(
         batch, signatures, robust_signatures, strict=True
@@ -209,7 +210,7 @@ def _features_of_batch(
                 edge_count=description.edge_count,
                 instruction_count=len(stream),
                 exact_hash=exact_hash(stream),
-                minhash=tuple(signature),
+                minhash=signature,
                 normalized=stream,
                 calls=tuple(sorted(set(description.calls))),
                 called_imports=tuple(dict.fromkeys(description.called_imports)),
@@ -217,19 +218,21 @@ def _features_of_batch(
                 constants=tuple(dict.fromkeys(description.constants)),
                 name=names.get(description.start),
                 source=description.source,
-                robust_minhash=tuple(robust_signature),
+                robust_minhash=robust_signature,
                 immediates=description.immediates,
             )
         )
     return functions
 
 
-def _id_signatures(
-    minhash_ids: Callable[..., bytes], streams: list[bytes]
-) -> npt.NDArray[np.uint32]:
-    """MinHash signatures of streams given as uint64 token-id bytes (compiled)."""
+def _id_signatures(accelerator: ModuleType, streams: list[bytes]) -> list[tuple[int, ...]]:
+    """MinHash signatures of streams given as uint64 token-id bytes (compiled), as the tuples
+    FunctionFeatures holds (made in C: numpy's tolist() and a tuple() per row built each
+    signature twice)."""
     lengths = np.fromiter((len(s) // 8 for s in streams), dtype=np.int64, count=len(streams))
-    return compiled_id_signatures(minhash_ids, b"".join(streams), lengths)
+    signatures = compiled_id_signatures(accelerator.minhash_ids, b"".join(streams), lengths)
+    rows: list[tuple[int, ...]] = accelerator.uint32_rows(signatures, MINHASH_PERMUTATIONS)
+    return rows
 
 
 _TOKEN_FEATURES: dict[str, tuple[int, int | None, tuple[int, ...]]] = {}
