@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -405,41 +406,40 @@ def current_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def _tree_total(pss: bool) -> int:
+    """PSS (``pss``) or RSS of this process plus every live descendant, summed; without
+    psutil, this process's RSS alone."""
+    try:
+        import psutil  # type: ignore[import-untyped]
+    except ImportError:
+        return current_rss_bytes()
+
+    def measure(process: Any) -> int:
+        return int(process.memory_full_info().pss if pss else process.memory_info().rss)
+
+    me = psutil.Process()
+    total = measure(me)
+    for child in me.children(recursive=True):
+        try:
+            total += measure(child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # a worker that ended between the listing and the read
+    return total
+
+
 def process_tree_rss_bytes() -> int:
     """Proportional set size of this process plus every live descendant (worker pools), summed.
 
     PSS splits each page among the processes that share it, so forked workers' copy-on-write
     library pages are not counted once per process (a sum of RSS would) and the total is what
     the process tree holds at once. Without psutil, this process's RSS alone."""
-    try:
-        import psutil  # type: ignore[import-untyped]
-    except ImportError:
-        return current_rss_bytes()
-    me = psutil.Process()
-    total = int(me.memory_full_info().pss)
-    for child in me.children(recursive=True):
-        try:
-            total += int(child.memory_full_info().pss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue  # a worker that ended between the listing and the read
-    return total
+    return _tree_total(pss=True)
 
 
 def process_tree_rss_sum_bytes() -> int:
     """RSS of this process plus every live descendant, summed (~1 ms with two workers, against
     ~6 ms for ``process_tree_rss_bytes``: it reads statm, not the page-by-page PSS)."""
-    try:
-        import psutil  # type: ignore[import-untyped]
-    except ImportError:
-        return current_rss_bytes()
-    me = psutil.Process()
-    total = int(me.memory_info().rss)
-    for child in me.children(recursive=True):
-        try:
-            total += int(child.memory_info().rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
+    return _tree_total(pss=False)
 
 
 def lifetime_peak_rss_bytes() -> int:
