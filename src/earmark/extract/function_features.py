@@ -430,10 +430,15 @@ def _read_string(decoder: InstructionDecoder, address: int) -> str | None:
         end = raw.find(b"\x00\x00", end + 1)
     if end >= MIN_REFERENCED_STRING_CHARS * 2:
         units = raw[:end]
-        if all(b == 0 for b in units[1::2]) and _printable(units[0::2]):
+        if not any(units[1::2]) and _printable(units[0::2]):
             return units[0::2].decode("ascii")
     return None
 
 
+# Printable ASCII, tab and line ends: what a referenced string may hold.
+_PRINTABLE_BYTES: Final = bytes(range(32, 127)) + b"\t\n\r"
+
+
 def _printable(data: bytes) -> bool:
-    return all(32 <= b < 127 or b in (9, 10, 13) for b in data)
+    # Deleting the allowed bytes runs in C; a generator over the bytes cost ~10x as much.
+    return not data.translate(None, _PRINTABLE_BYTES)
