@@ -215,7 +215,7 @@ def test_left_out_alternatives_change_no_match(text: str) -> None:
 _DEFANG_PIECES = st.sampled_from(
     ["a", "x", "h", "p", "s", ".", ":", "/", "@", "\\", "[", "]", "(", ")", "{", "}", " ", "\t",
      "hxxp", "hXXp", "h**p", "meow", "fxp", "[.]", "(dot)", "{at}", "[:]", "[://]", "\\.", "d",
-     "at", "dot", "\u212a", "\u017f"]
+     "at", "dot", "\u212a", "\u017f", "HXTP", "MeOw", "FXP", "[D]", "{DoT}", "(AT)", "(@)", "{.}"]
 )
 
 

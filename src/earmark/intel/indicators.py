@@ -50,9 +50,14 @@ _DEFANG_PATTERN = re.compile(
 _REPLACEMENT = {"scheme": "http", "ftp": "ftp", "sep": ":", "dot": ".", "at": "@"}
 
 
-# Every defanging form holds one of these (a scheme or separator form needs the colon after
-# it): text without any is left as it is without the scan (PE bench (a) KB: most strings).
-_DEFANG_MARK = re.compile(r"[:\[({\\]")
+# What every defanging form holds: its bracketed dot, colon or at ("[.", "(:", "{@", "[d]",
+# "(dot)", "{at}"), an escaped dot, or its scheme word. Text without any is left as it is
+# without the scan: the looser test of one bracket, colon or backslash let 21.6k of the PE
+# bench (a) KB's 51k scanned strings through, 115 of them defanged, and the scans cost ~0.07
+# of the indicator search's ~0.2 CPU s.
+_DEFANG_MARK = re.compile(
+    r"[\[({](?:[.:@]|d(?:ot)?[\]})]|at[\]})])|\\\.|h(?:xx|xt|\*\*)p|meow|fxp", re.IGNORECASE
+)
 
 
 def _refang_with_map(text: str) -> tuple[str, list[int] | None]:
