@@ -199,7 +199,8 @@ _NEED_PIECES = st.sampled_from(
     ["a", "k", "0", "8", ".", ":", "@", "://", "\\", "\\\\.\\pipe\\", "Global\\", "pipe",
      "Mozilla/5.0 (x)", "moz\u0131lla/", "\u212a", "\u017f", "http", "evil.com", "10.1.2.3",
      "bc1", "qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq", "44d88612fea8a8f36de82e1278abb02f",
-     "1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNa", "[.]", "hxxp", " "]
+     "1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNa", "[.]", "hxxp", " ", "Local\\", "SESSION\\1\\", "PIPE\\",
+     "x@y", "A", "Z", "-", "5", "F", "BC1", "44D88612FEA8A8F36DE82E1278ABB02F"]
 )
 
 
@@ -224,5 +225,6 @@ _DEFANG_PIECES = st.sampled_from(
 def test_text_without_defang_marks_is_not_scanned_for_them(text: str) -> None:
     refanged = indicators._refang_with_map(text)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(indicators, "_DEFANG_MARK", re.compile(""))  # every text is scanned
+        patch.setattr(indicators, "_DEFANG_CHARACTER", re.compile(""))  # every text is scanned
+        patch.setattr(indicators, "_DEFANG_MARK", re.compile(""))
         assert refanged == indicators._refang_with_map(text)

@@ -58,11 +58,14 @@ _REPLACEMENT = {"scheme": "http", "ftp": "ftp", "sep": ":", "dot": ".", "at": "@
 _DEFANG_MARK = re.compile(
     r"[\[({](?:[.:@]|d(?:ot)?[\]})]|at[\]})])|\\\.|h(?:xx|xt|\*\*)p|meow|fxp", re.IGNORECASE
 )
+# What the marks above need at least (a scheme word is only a form before a colon), tested
+# first because one character class scans several times faster than those alternatives.
+_DEFANG_CHARACTER = re.compile(r"[:\[({\\]")
 
 
 def _refang_with_map(text: str) -> tuple[str, list[int] | None]:
     """Refanged text and, when anything changed, the original index of each output character."""
-    if _DEFANG_MARK.search(text) is None:
+    if _DEFANG_CHARACTER.search(text) is None or _DEFANG_MARK.search(text) is None:
         return text, None
     pieces: list[str] = []
     index_map: list[int] = []
@@ -126,23 +129,31 @@ _CANDIDATE = re.compile(
 )
 
 
-# What each alternative cannot match without, as one of five marks of a text: a colon (url's
-# "://", ipv6), an "@" (email), a backslash (pipe, mutex), a dot (useragent's "5.0", ipv4,
-# domain), or length (hash 32+, base58 26+, monero 95 characters; bech32 14+ with "bc1").
+# What each alternative cannot match without, as one of five marks of a text: "://" or two
+# colons (url, ipv6), an "@" and a dot (email), a backslash after "pipe", "global", "local" or
+# "session" (pipe, mutex), a dot between letters or digits (useragent's "5.0", ipv4, domain),
+# or a run of 26 letters and digits (hash 32+, base58 26+, monero 95) or "bc1" (bech32).
+# Marks this close to each alternative let most strings of a binary skip the alternation:
+# C++ names hold "@" without a dot, paths a backslash, messages a full stop; over the strings
+# of the PE bench (a) KB the search took 0.17 CPU s with one character or the length as marks.
 _MARK_OF = {"url": 0, "ipv6": 0, "email": 1, "pipe": 2, "mutex": 2, "useragent": 3, "ipv4": 3,
             "domain": 3, "hash": 4, "bech32": 4, "monero": 4, "base58": 4}
 _LONG_TEXT = 26  # the shortest base58 address; hashes and monero are longer
+_LONG_RUN = re.compile(rf"[0-9A-Za-z]{{{_LONG_TEXT}}}")
+_DOTTED = re.compile(r"[0-9A-Za-z]\.[0-9A-Za-z]")
+_OBJECT_PREFIXES = ("pipe\\", "global\\", "local\\", "session\\")
 
 
 def _marks(text: str) -> tuple[bool, bool, bool, bool, bool]:
     """The marks of an ASCII text (see _MARK_OF); Unicode case folding ("ſ" matches "s")
     is why non-ASCII text gets the whole alternation instead."""
+    lowered = text.lower()
     return (
-        ":" in text,
-        "@" in text,
-        "\\" in text,
-        "." in text,
-        len(text) >= _LONG_TEXT or "bc1" in text.lower(),
+        "://" in text or text.count(":") >= 2,
+        "@" in text and "." in text,
+        "\\" in text and any(prefix in lowered for prefix in _OBJECT_PREFIXES),
+        "." in text and _DOTTED.search(text) is not None,
+        (len(text) >= _LONG_TEXT and _LONG_RUN.search(text) is not None) or "bc1" in lowered,
     )
 
 
