@@ -483,9 +483,14 @@ def extract_indicators(text: str, offset_base: int | None = None) -> list[Indica
 def indicators_from_strings(strings: Sequence[StringRef]) -> list[Indicator]:
     """Indicators in a sample's strings; each offset is the file offset of its first byte."""
     found: list[Indicator] = []
+    may_hold_indicator = _MAY_HOLD_INDICATOR.search
     for string in strings:
+        # _scan's precheck, here: most strings stop at it, and a call and an empty iterator
+        # for each measured 0.114 -> 0.110 CPU s over the PE bench (a) KB strings.
+        if may_hold_indicator(string.value) is None:
+            continue
         width = 2 if string.encoding == "utf-16le" else 1
-        for indicator, position in _scan(string.value):
+        for indicator, position in _scan_text(string.value):
             found.append(Indicator(indicator.type, indicator.value,
                                    string.offset + position * width))
     return found
