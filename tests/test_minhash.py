@@ -121,6 +121,21 @@ def test_compiled_signatures_equal_numpy(streams: list[list[int]]) -> None:
 
 
 @pytest.mark.skipif(disasm.ACCELERATOR is None, reason="the _native extension is not built")
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    streams=st.lists(st.lists(st.sampled_from([0, 1, 7, 2**32 - 1]), max_size=300), max_size=6)
+)
+def test_compiled_signatures_equal_numpy_with_repeats(streams: list[list[int]]) -> None:
+    """Streams from a few token ids repeat most shingles, which the compiled pass drops before
+    the permutations: the signatures stay the numpy reference's."""
+    assert disasm.ACCELERATOR is not None
+    lengths = np.array([len(s) for s in streams], dtype=np.int64)
+    ids = np.array([i for s in streams for i in s], dtype=np.uint64)
+    compiled = compiled_id_signatures(disasm.ACCELERATOR.minhash_ids, ids.tobytes(), lengths)
+    assert np.array_equal(compiled, id_minhash_signatures(ids, lengths))
+
+
+@pytest.mark.skipif(disasm.ACCELERATOR is None, reason="the _native extension is not built")
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(
     rows=st.lists(

@@ -4,8 +4,9 @@
 /* --- MinHash --------------------------------------------------------------------------------
  * minhash.id_minhash_signatures in one pass per function: every n-gram shingle of its token
  * ids, then for each permutation the minimum of ((a * x + b) mod 2**64) >> 32. Repeated
- * shingles are not removed first: a minimum does not change, and a 64-multiply pass over a
- * repeat costs less than sorting (a qsort per function made an earlier version as slow as
+ * shingles are dropped first through a small open-addressing set (a minimum does not change
+ * without them): 7.3M of the PE bench (a) KB's 16.8M shingles are distinct, and a probe costs
+ * less than a 64-permutation pass (a qsort per function made an earlier version as slow as
  * numpy). Same integer arithmetic as the numpy reference, so the same signatures; the tests
  * compare the two. */
 
@@ -42,6 +43,35 @@ minhash_minima(uint32_t *restrict minima, const uint32_t *restrict shingles, Py_
             minima[j] = value < minima[j] ? value : minima[j];
         }
     }
+}
+
+/* Moves the distinct values of shingles[0..count) to its front (order kept) and returns how
+ * many there are. ``table`` holds 2 * count or more zeroed slots, a power of two (mask + 1),
+ * and is zeroed again on return; a slot keeps value + 1, so 0 means empty. The shingles are
+ * already mixed hashes, so their low bits index the table directly. */
+static Py_ssize_t
+distinct_shingles(uint32_t *shingles, Py_ssize_t count, uint64_t *table, size_t mask)
+{
+    Py_ssize_t kept = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t key = (uint64_t)shingles[i] + 1;
+        size_t slot = (size_t)shingles[i] & mask;
+        while (table[slot] != 0 && table[slot] != key) {
+            slot = (slot + 1) & mask;
+        }
+        if (table[slot] == 0) {
+            table[slot] = key;
+            shingles[kept++] = shingles[i];
+        }
+    }
+    for (Py_ssize_t i = 0; i < kept; i++) {
+        size_t slot = (size_t)shingles[i] & mask;
+        while (table[slot] != (uint64_t)shingles[i] + 1) {
+            slot = (slot + 1) & mask;
+        }
+        table[slot] = 0;
+    }
+    return kept;
 }
 
 /* minhash_ids(ids, lengths, sizes, multiplier, mix, a, b) -> bytes
@@ -85,10 +115,16 @@ minhash_ids(PyObject *module, PyObject *args)
     }
     /* One stream's shingles (at most its length per n-gram size) and the split coefficients. */
     uint32_t *shingles = NULL, *coefficients = NULL;
+    uint64_t *table = NULL;
+    size_t table_size = 16;
+    while (result != NULL && table_size < 2 * ((size_t)longest * (size_t)size_count + 1)) {
+        table_size *= 2;
+    }
     if (result != NULL) {
         shingles = PyMem_Malloc(((size_t)longest * (size_t)size_count + 1) * sizeof(uint32_t));
         coefficients = PyMem_Malloc(((size_t)permutations * 4 + 1) * sizeof(uint32_t));
-        if (shingles == NULL || coefficients == NULL) {
+        table = PyMem_Calloc(table_size, sizeof(uint64_t));
+        if (shingles == NULL || coefficients == NULL || table == NULL) {
             Py_CLEAR(result);
             PyErr_NoMemory();
         }
@@ -119,12 +155,14 @@ minhash_ids(PyObject *module, PyObject *args)
             for (Py_ssize_t j = 0; j < permutations; j++) {
                 minima[j] = 0xFFFFFFFFu;
             }
+            count = distinct_shingles(shingles, count, table, table_size - 1);
             minhash_minima(minima, shingles, count, coefficients, permutations);
             offset += length;
         }
     }
     PyMem_Free(shingles);
     PyMem_Free(coefficients);
+    PyMem_Free(table);
     PyBuffer_Release(&ids);
     PyBuffer_Release(&lengths);
     PyBuffer_Release(&a);
