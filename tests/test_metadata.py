@@ -10,10 +10,14 @@ import subprocess
 from pathlib import Path
 
 import lief
+import numpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from earmark.config import DEFAULT_LIMITS
-from earmark.extract import analyze_bytes, analyze_file
+from earmark.extract import analyze_bytes, analyze_file, disasm
+from earmark.extract.metadata import shannon_entropy
 from earmark.extract.pe_metadata import parse_rich_header
 from fixtures.build import FixtureBuilder
 
@@ -167,3 +171,19 @@ def test_elf_metadata(builder: FixtureBuilder, toolchain: str, bits: int) -> Non
     imports = {item.name for item in features.imports}
     assert "printf" in imports  # clang -O2 folds the malloc/free pair away
     assert all(item.library == "libc.so.6" for item in features.imports if item.name == "printf")
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.binary(max_size=300) | st.lists(st.sampled_from(b"\x00\x01\xff"), max_size=40).map(bytes))
+def test_compiled_byte_counts_give_numpy_entropy(data: bytes) -> None:
+    """Section entropy from the compiled byte counts equals the numpy reference, bit for bit."""
+    if disasm.ACCELERATOR is None:
+        pytest.skip("the _native extension is not built")
+    compiled = shannon_entropy(data)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(disasm, "ACCELERATOR", None)
+        assert shannon_entropy(data) == compiled
+    if data:
+        counts = numpy.frombuffer(disasm.ACCELERATOR.byte_counts(data), dtype=numpy.int64)
+        reference = numpy.bincount(numpy.frombuffer(data, dtype=numpy.uint8), minlength=256)
+        assert counts.tolist() == reference.tolist()

@@ -1121,6 +1121,8 @@ static PyMethodDef methods[] = {
      "minhash_ids(ids, lengths, sizes, multiplier, mix, a, b) -> uint32 signatures (bytes)"},
     {"uint32_rows", uint32_rows, METH_VARARGS,
      "uint32_rows(data, width) -> [(value, ...)]: native uint32 values, width per tuple"},
+    {"byte_counts", byte_counts, METH_VARARGS,
+     "byte_counts(data) -> 256 native int64 counts of each byte value (bytes)"},
     {"string_runs", string_runs, METH_VARARGS,
      "string_runs(data, min_length, max_length, limit) -> [(offset, wide, text)] by offset"},
     {NULL, NULL, 0, NULL},

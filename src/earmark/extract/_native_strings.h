@@ -1,4 +1,4 @@
-/* String runs of a sample's bytes. Part of _native.c (one compilation unit, included once; split
+/* String runs and byte counts of a sample's bytes. Part of _native.c (one compilation unit, included once; split
  * so each part reads in one sitting). */
 
 /* --- String runs -----------------------------------------------------------------------------
@@ -188,6 +188,45 @@ done:
     PyMem_Free(wide.runs);
     PyMem_Free(even.runs);
     PyMem_Free(odd.runs);
+    PyBuffer_Release(&buffer);
+    return result;
+}
+
+/* byte_counts(data) -> bytes: how often each byte value occurs, 256 native int64 values (what
+ * numpy.bincount(..., minlength=256) gives for section entropy; numpy widened every byte to
+ * an int64 first, ~0.04 CPU s for the 20 MB of the PE bench (a) KB). Four tables counted in
+ * turn so that runs of one byte value do not wait on the previous increment of its counter. */
+static PyObject *
+byte_counts(PyObject *module, PyObject *args)
+{
+    Py_buffer buffer;
+    if (!PyArg_ParseTuple(args, "y*", &buffer)) {
+        return NULL;
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, 256 * sizeof(int64_t));
+    if (result != NULL) {
+        int64_t partial[4][256];
+        memset(partial, 0, sizeof partial);
+        const uint8_t *data = buffer.buf;
+        Py_ssize_t size = buffer.len, i = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (; i + 4 <= size; i += 4) {
+            partial[0][data[i]]++;
+            partial[1][data[i + 1]]++;
+            partial[2][data[i + 2]]++;
+            partial[3][data[i + 3]]++;
+        }
+        for (; i < size; i++) {
+            partial[0][data[i]]++;
+        }
+        Py_END_ALLOW_THREADS
+        int64_t totals[256];
+        for (int value = 0; value < 256; value++) {
+            totals[value] = partial[0][value] + partial[1][value] + partial[2][value] +
+                            partial[3][value];
+        }
+        memcpy(PyBytes_AS_STRING(result), totals, sizeof totals);
+    }
     PyBuffer_Release(&buffer);
     return result;
 }

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy
 import tlsh
 
+from earmark.extract import disasm
+
 # Longest text kept from any one sample field (PDB path, version string, section name...).
 # Real PDB paths and version values stay under 260 characters (MAX_PATH); longer ones are junk
 # or an attempt to bloat reports.
@@ -58,7 +60,13 @@ def shannon_entropy(data: bytes) -> float:
     """Bits per byte (0..8); LIEF's value is not used so PE and ELF are measured the same way."""
     if not data:
         return 0.0
-    counts = numpy.bincount(numpy.frombuffer(data, dtype=numpy.uint8), minlength=256)
+    accelerator = disasm.ACCELERATOR
+    if accelerator is not None:
+        # The same counts without numpy widening every byte to an int64 first (PE bench (a)
+        # KB sections: ~0.028 -> ~0.006 CPU s); the tests compare the two.
+        counts = numpy.frombuffer(accelerator.byte_counts(data), dtype=numpy.int64)
+    else:
+        counts = numpy.bincount(numpy.frombuffer(data, dtype=numpy.uint8), minlength=256)
     probabilities = counts[counts > 0] / len(data)
     # max() turns the -0.0 of a single-valued section into 0.0.
     return max(0.0, float(-(probabilities * numpy.log2(probabilities)).sum()))
