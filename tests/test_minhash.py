@@ -104,6 +104,14 @@ def test_empty_stream_gets_the_empty_signature() -> None:
     assert signatures[1].tolist() == minhash_signature(shingle_hashes(["ret"])).tolist()
 
 
+def _assert_compiled_equals_numpy(streams: list[list[int]]) -> None:
+    assert disasm.ACCELERATOR is not None
+    lengths = np.array([len(s) for s in streams], dtype=np.int64)
+    ids = np.array([i for s in streams for i in s], dtype=np.uint64)
+    compiled = compiled_id_signatures(disasm.ACCELERATOR.minhash_ids, ids.tobytes(), lengths)
+    assert np.array_equal(compiled, id_minhash_signatures(ids, lengths))
+
+
 @pytest.mark.skipif(disasm.ACCELERATOR is None, reason="the _native extension is not built")
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(
@@ -113,11 +121,7 @@ def test_empty_stream_gets_the_empty_signature() -> None:
 )
 def test_compiled_signatures_equal_numpy(streams: list[list[int]]) -> None:
     """The compiled MinHash (one pass per function) gives the numpy reference's signatures."""
-    assert disasm.ACCELERATOR is not None
-    lengths = np.array([len(s) for s in streams], dtype=np.int64)
-    ids = np.array([i for s in streams for i in s], dtype=np.uint64)
-    compiled = compiled_id_signatures(disasm.ACCELERATOR.minhash_ids, ids.tobytes(), lengths)
-    assert np.array_equal(compiled, id_minhash_signatures(ids, lengths))
+    _assert_compiled_equals_numpy(streams)
 
 
 @pytest.mark.skipif(disasm.ACCELERATOR is None, reason="the _native extension is not built")
@@ -128,11 +132,7 @@ def test_compiled_signatures_equal_numpy(streams: list[list[int]]) -> None:
 def test_compiled_signatures_equal_numpy_with_repeats(streams: list[list[int]]) -> None:
     """Streams from a few token ids repeat most shingles, which the compiled pass drops before
     the permutations: the signatures stay the numpy reference's."""
-    assert disasm.ACCELERATOR is not None
-    lengths = np.array([len(s) for s in streams], dtype=np.int64)
-    ids = np.array([i for s in streams for i in s], dtype=np.uint64)
-    compiled = compiled_id_signatures(disasm.ACCELERATOR.minhash_ids, ids.tobytes(), lengths)
-    assert np.array_equal(compiled, id_minhash_signatures(ids, lengths))
+    _assert_compiled_equals_numpy(streams)
 
 
 @pytest.mark.skipif(disasm.ACCELERATOR is None, reason="the _native extension is not built")

@@ -67,14 +67,21 @@ def _decoded(
         export_addresses=(),
         exception_starts=(),
     )
+    return _cache_after(image, accelerated, [base + start for start in starts])
+
+
+def _cache_after(
+    image: CodeImage, accelerated: bool, addresses: list[int]
+) -> dict[int, disasm.Instruction | None]:
+    """The cache of a decoder of ``image`` (compiled or Python) after decoding ``addresses``."""
     saved = disasm.ACCELERATOR
     disasm.ACCELERATOR = saved if accelerated else None
     try:
         decoder = InstructionDecoder(image)
     finally:
         disasm.ACCELERATOR = saved
-    for start in starts:
-        decoder.decode(base + start)
+    for address in addresses:
+        decoder.decode(address)
     return decoder.cached_instructions()
 
 
@@ -210,18 +217,8 @@ def test_several_code_segments_decode_identically(
         export_addresses=(),
         exception_starts=(),
     )
-    caches = []
-    saved = disasm.ACCELERATOR
-    for accelerator in (saved, None):
-        disasm.ACCELERATOR = accelerator
-        try:
-            decoder = InstructionDecoder(image)
-        finally:
-            disasm.ACCELERATOR = saved
-        for start in starts:
-            decoder.decode(base + start)
-        caches.append(decoder.cached_instructions())
-    assert caches[0] == caches[1]
+    addresses = [base + start for start in starts]
+    assert _cache_after(image, True, addresses) == _cache_after(image, False, addresses)
 
 
 def test_import_thunks_recover_identically() -> None:
