@@ -223,7 +223,9 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
     functions_before = kb.store.stats().functions
     workers_cpu_before = _children_cpu_seconds()
     with Stopwatch() as ingest_watch, watch_peak_memory() as ingest_memory:
-        summary = ingest_groups(kb.store, groups, jobs=EARMARK_INGEST_JOBS)
+        summary = ingest_groups(
+            kb.store, groups, jobs=EARMARK_INGEST_JOBS, rows=kb.row_spool()
+        )
     failures = [f"{o.name}: {o.error_type}" for o in summary.failures]
     ingest_workers_cpu = _children_cpu_seconds() - workers_cpu_before
     with Stopwatch() as build_watch, watch_peak_memory() as build_memory:

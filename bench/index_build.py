@@ -150,7 +150,8 @@ def pe_sequence() -> None:
     ):
         for phase in phases:
             setting = phase["setting"]
-            ingest_groups(kb.store, earmark_ingest_groups(phase), jobs=EARMARK_INGEST_JOBS)
+            groups = earmark_ingest_groups(phase)
+            ingest_groups(kb.store, groups, jobs=EARMARK_INGEST_JOBS, rows=kb.row_spool())
             step(f"{setting} ingest")
             kb.prepare(jobs=EARMARK_INGEST_JOBS)
             step(f"{setting} prepare")

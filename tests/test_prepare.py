@@ -38,7 +38,7 @@ from earmark.index.feature_candidates import (
     feature_keys,
     stage_rows,
 )
-from earmark.ingest import LabelTemplate, ingest_paths
+from earmark.ingest import IngestGroup, LabelTemplate, ingest_groups, ingest_paths
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
 from earmark.store.sql import FreezeCodec, open_store
 
@@ -330,3 +330,48 @@ def test_a_build_process_that_dies_is_a_store_error_and_the_next_build_succeeds(
         stage = kb.feature_candidates()
         assert stage is not None and len(stage) > 0
         assert kb.artefact_stats().revision == kb.index().revision
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_rows_spooled_by_ingest_build_what_decoding_builds(
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int
+) -> None:
+    """Samples ingested through the spool are not decoded by the next build, which is the
+    same as a build that decodes every sample; samples stored before are decoded."""
+    held_back = corpus.binary("delta", "O2")
+    with open_knowledge_base(str(tmp_path / "spooled.db")) as kb:
+        _ingest(kb, corpus)  # stored before: no spool
+        spool = kb.row_spool()
+        summary = ingest_paths(
+            kb.store, [held_back.path], LabelTemplate(actor="delta", source="test"), jobs=jobs
+        )
+        assert summary.ingested == 1 and len(spool) == 0  # ingest_paths took no spool
+        again = ingest_groups(
+            kb.store,
+            [IngestGroup((str(corpus.select(role="kb")[0].path),), LabelTemplate())],
+            jobs=jobs,
+            rows=spool,
+        )
+        assert again.skipped == 1 and len(spool) == 0  # stored already: nothing spooled
+    with open_knowledge_base(str(tmp_path / "fresh.db")) as kb:
+        for binary in corpus.select(role="kb"):
+            template = LabelTemplate(actor=binary.actor, family=binary.family, source="test")
+            ingest_groups(kb.store, [IngestGroup((str(binary.path),), template)],
+                          jobs=jobs, rows=kb.row_spool())  # fmt: skip
+        spooled = {record.sha256 for record in kb.samples().values()}
+        assert len(kb.row_spool()) == len(spooled) > 2
+        for binary in corpus.select(role="goodware"):  # after the spool: decoded by the build
+            ingest_paths(kb.store, [binary.path], LabelTemplate(goodware=True, source="test"))
+        decoded = _count_decodes(kb, monkeypatch)
+        kb.prepare(jobs=jobs)
+        assert len(kb.row_spool()) == 0  # emptied by the build
+        samples = kb.samples()
+        assert set(decoded) == {r.sha256 for r in samples.values()} - spooled != set()
+        stage, stats = kb.feature_candidates(), kb.artefact_stats()
+        assert stage is not None
+        apart = build_feature_candidates(kb.store, samples, kb.index().min_instructions)
+        assert apart is not None
+        _assert_same_stage(stage, apart)
+        _assert_same_stats(
+            stats, build_artefact_stats(stored_samples(kb.store, samples), kb.index().revision)
+        )

@@ -32,7 +32,7 @@ from earmark.demo_build import DemoBinary, Target, build_demo_corpus
 from earmark.errors import UsageError
 from earmark.extract import analyze_file
 from earmark.freeze import load_features
-from earmark.index import DEFAULT_TOP_K, FunctionIndex, IndexCacheError
+from earmark.index import DEFAULT_TOP_K, MIN_INSTRUCTIONS, FunctionIndex, IndexCacheError
 from earmark.index.artefact_cache import load_artefact_stats, save_artefact_stats
 from earmark.index.artefacts import ArtefactStats, ArtefactStatsBuilder
 from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
@@ -41,7 +41,7 @@ from earmark.index.similarity import compare_functions
 from earmark.ingest import IngestSummary, LabelTemplate, ingest_paths
 from earmark.intel import indicators_from_strings
 from earmark.intel.warninglists import default_warninglist_tables
-from earmark.kb_build import build_pass, stored_rows
+from earmark.kb_build import RowSpool, build_pass, stored_rows
 from earmark.memory import cyclic_collector_paused, return_free_memory
 from earmark.model.evidence import Evidence
 from earmark.model.intel import Indicator
@@ -104,6 +104,8 @@ class KnowledgeBase:
     # building it decodes every stored sample, so no query may pay it.
     _feature_candidates: tuple[int, FeatureCandidateIndex | None] | None = None
     _artefacts: ArtefactStats | None = None  # artefact pillar statistics, cached as <db>.artefacts
+    # Build rows of samples just ingested through this object's spool (``row_spool``).
+    _spool: RowSpool | None = None
 
     def artefact_stats(self) -> ArtefactStats:
         index = self.index()
@@ -137,6 +139,13 @@ class KnowledgeBase:
         self._index = index
         return index
 
+    def row_spool(self) -> RowSpool:
+        """Where ``ingest_groups(..., rows=...)`` leaves the build rows of the samples it
+        stores, for the next ``prepare`` of this object (emptied by it)."""
+        if self._spool is None:
+            self._spool = RowSpool(MIN_INSTRUCTIONS)
+        return self._spool
+
     def samples(self) -> dict[int, SampleRecord]:
         self.index()
         return self._samples
@@ -150,10 +159,14 @@ class KnowledgeBase:
         decodes the samples in that many processes (the same result)."""
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, not {jobs}")
-        with build_pass():
-            self._build_stage_and_artefacts(self.index(), jobs)
-            self.feature_candidates()
-            self.artefact_stats()
+        try:
+            with build_pass():
+                self._build_stage_and_artefacts(self.index(), jobs)
+                self.feature_candidates()
+                self.artefact_stats()
+        finally:
+            if self._spool is not None:
+                self._spool.clear()
         # Compiled once per installation (seconds), mapped by every later process.
         default_warninglist_tables()
 
@@ -185,7 +198,9 @@ class KnowledgeBase:
             except IndexCacheError:
                 pass  # missing, stale or damaged: built below, never trusted
         artefacts = ArtefactStatsBuilder()
-        rows = stored_rows(self.store, self._samples, min_instructions, artefacts, jobs)
+        rows = stored_rows(
+            self.store, self._samples, min_instructions, artefacts, jobs, self._spool
+        )
         kept = self._build_and_keep_feature_candidates(  # the pass feeds the artefacts too
             lambda: build_feature_candidates(self.store, self._samples, min_instructions, rows),
             index,

@@ -118,7 +118,9 @@ def ingest(
                     Text(f"{printable(outcome.name)}: {printable(outcome.error)}", style="red")
                 )
 
-        summary = ingest_groups(kb.store, groups, jobs=jobs, on_progress=report)
+        summary = ingest_groups(
+            kb.store, groups, jobs=jobs, on_progress=report, rows=kb.row_spool()
+        )
         if summary.ingested or summary.skipped:
             # Index building belongs to ingest: the next ``attribute`` finds it on disk.
             progress.update(task, description="indexing")

@@ -46,6 +46,7 @@ from earmark.ingest_pool import run_in_pool
 from earmark.intel import indicators_from_strings
 from earmark.intel.indicators import compile_patterns
 from earmark.intel.public_suffixes import host_parts
+from earmark.kb_build import RowSpool, SampleRows, sample_rows
 from earmark.memory import cyclic_collector_paused
 from earmark.model.intel import Indicator
 from earmark.model.kb import Provenance, SampleLabel, Tlp
@@ -214,6 +215,7 @@ class _Batch:
     on_progress: Callable[[IngestOutcome], None] | None
     outcomes: list[IngestOutcome] = field(default_factory=list)
     seen: dict[str, _Seen] = field(default_factory=dict)  # by sha256
+    spool: RowSpool | None = None  # build rows of the samples written, for the next prepare
 
     def report(self, outcome: IngestOutcome) -> None:
         self.outcomes.append(outcome)
@@ -250,7 +252,9 @@ class _Batch:
 
     def write(
         self, name: str, sample: PreparedSample, indicators: Sequence[Indicator], claim: _Claim
-    ) -> None:
+    ) -> bool:
+        """Store the sample (or add its claim when it is stored already); True when its
+        features were written by this call."""
         is_new = self.store.add_prepared(sample, claim.label, claim.provenance, indicators)
         status = IngestStatus.INGESTED if is_new else IngestStatus.SKIPPED
         self.report(IngestOutcome(name, status, sample.sha256))
@@ -260,6 +264,7 @@ class _Batch:
         waiting, seen.waiting = seen.waiting, []
         for copy_name, copy_claim in waiting:
             self._relabel(copy_name, sample.sha256, seen, copy_claim)
+        return is_new
 
     def fail(self, name: str, sha256: str, error: EarmarkError) -> None:
         """The analysis of ``sha256`` failed: so do the copies waiting for it."""
@@ -385,17 +390,27 @@ def _jobs(groups: Iterable[IngestGroup], recorded_at: datetime, batch: _Batch) -
                 batch.report(_failure(_printable(str(path)), missing))
 
 
-_Prepared = tuple[PreparedSample, list[Indicator]]
+_Prepared = tuple[PreparedSample, list[Indicator], SampleRows | None]
 _Analysis = _Prepared | InputError
 
 
-def _prepare(features: SampleFeatures, codec: FeaturesCodec) -> _Prepared:
-    """The rows to insert and the indicators in the sample's strings."""
+def _prepare(
+    features: SampleFeatures, codec: FeaturesCodec, rows_for: int | None = None
+) -> _Prepared:
+    """The rows to insert, the indicators in the sample's strings, and with ``rows_for``
+    (a ``min_instructions``) the sample's build rows (``kb_build.RowSpool``)."""
     sample = prepare_sample(features, codec.to_bytes(features))
-    return sample, indicators_from_strings(features.strings)
+    rows = None if rows_for is None else sample_rows(features, rows_for)
+    return sample, indicators_from_strings(features.strings), rows
 
 
-def _analyze(analyzer: Analyzer, codec: FeaturesCodec, data: bytes, limits: Limits) -> _Analysis:
+def _analyze(
+    analyzer: Analyzer,
+    codec: FeaturesCodec,
+    data: bytes,
+    limits: Limits,
+    rows_for: int | None = None,
+) -> _Analysis:
     """Runs in a worker: analysis, then everything the writing parent would otherwise compute
     (frozen bytes, rows, indicators); only the rows travel back, not the features (the
     parent's unpickling and row building measured more than its inserts). Typed input errors
@@ -411,7 +426,7 @@ def _analyze(analyzer: Analyzer, codec: FeaturesCodec, data: bytes, limits: Limi
             features = analyzer(data, limits)
         except InputError as error:
             return error
-        prepared = _prepare(features, codec)
+        prepared = _prepare(features, codec, rows_for)
         del features  # freed here, by reference counting, not walked when the pause ends
     return prepared
 
@@ -420,12 +435,16 @@ def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
     if isinstance(result, InputError):
         batch.fail(job.name, job.sha256, result)
         return
-    sample, indicators = result
+    sample, indicators, rows = result
     if sample.sha256 != job.sha256:
         error = InputError(f"analysis reported sha256 {sample.sha256}, the bytes hash otherwise")
         batch.fail(job.name, job.sha256, error)
-    else:
-        batch.write(job.name, sample, indicators, job.claim)
+    elif (
+        batch.write(job.name, sample, indicators, job.claim)  # features stored by this call
+        and rows is not None
+        and batch.spool is not None
+    ):
+        batch.spool.add(sample.sha256, rows)
 
 
 def _warm_before_fork() -> None:
@@ -441,12 +460,13 @@ def _run_in_pool(
     jobs: Iterator[_Job], analyzer: Analyzer, codec: FeaturesCodec, workers: int, batch: _Batch
 ) -> None:
     """Analyse in ``workers`` processes; this process writes (``earmark.ingest_pool``)."""
+    rows_for = None if batch.spool is None else batch.spool.min_instructions
 
     def submit(pool: ProcessPoolExecutor, job: _Job) -> Future[_Analysis]:
         if job.frozen is None:
-            return pool.submit(_analyze, analyzer, codec, job.data, batch.limits)
+            return pool.submit(_analyze, analyzer, codec, job.data, batch.limits, rows_for)
         prepared: Future[_Analysis] = Future()  # a result already at hand, for its turn
-        prepared.set_result(_prepare(job.frozen, codec))
+        prepared.set_result(_prepare(job.frozen, codec, rows_for))
         return prepared
 
     def crashed(job: _Job) -> None:
@@ -473,6 +493,7 @@ def ingest_groups(
     limits: Limits = DEFAULT_LIMITS,
     on_progress: Callable[[IngestOutcome], None] | None = None,
     analyzer: Analyzer = analyze_bytes,
+    rows: RowSpool | None = None,
 ) -> IngestSummary:
     """Ingest several groups of paths, each with its own labels, through one process pool.
 
@@ -482,20 +503,23 @@ def ingest_groups(
     group's label once. A group without labels makes no claim (source "ingest").
     ``jobs`` > 1 analyses in that many processes; 1 analyses in this process. ``on_progress``
     is called in this process after each file. ``analyzer`` must be a module-level function
-    (it is sent to worker processes). Raises ``UsageError`` for ``jobs`` < 1 and
+    (it is sent to worker processes). ``rows`` (``KnowledgeBase.row_spool()``) receives the
+    build rows of every sample this call stores, made while its features are at hand, so the
+    next ``prepare`` does not decode them again. Raises ``UsageError`` for ``jobs`` < 1 and
     ``StoreError`` when the knowledge base cannot be written; per-file problems are outcomes,
     not exceptions.
     """
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, not {jobs}")
-    batch = _Batch(store=store, limits=limits, on_progress=on_progress)
+    batch = _Batch(store=store, limits=limits, on_progress=on_progress, spool=rows)
+    rows_for = None if rows is None else rows.min_instructions
     pending_jobs = _jobs(groups, datetime.now(UTC), batch)
     if jobs == 1:
         for job in pending_jobs:
             if job.frozen is None:
-                result = _analyze(analyzer, store.codec, job.data, limits)
+                result = _analyze(analyzer, store.codec, job.data, limits, rows_for)
             else:
-                result = _prepare(job.frozen, store.codec)
+                result = _prepare(job.frozen, store.codec, rows_for)
             _finish(job, result, batch)
     else:
         _run_in_pool(pending_jobs, analyzer, store.codec, jobs, batch)
