@@ -186,7 +186,8 @@ def _rows_in_pool(
     queue: deque[Future[SampleRows]] = deque()
     try:
         for record in records:
-            queue.append(pool.submit(_rows_in_worker, store.load_features_blob(record.sha256)))
+            blob = store.load_features_blob(record.sha256)
+            queue.append(_submitted(pool, blob))
             if len(queue) >= jobs * QUEUED_ROWS_PER_PROCESS:
                 yield _result(queue.popleft())
         while queue:
@@ -195,11 +196,23 @@ def _rows_in_pool(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# The stored features are ours, so a build process that dies is a bug or was killed (out of
+# memory): the pool breaks, which a submit or a result reports, and the build stops.
+_DIED: Final = "a process decoding stored features for the build died"
+
+
+def _submitted(pool: ProcessPoolExecutor, blob: bytes) -> Future[SampleRows]:
+    try:
+        return pool.submit(_rows_in_worker, blob)
+    except BrokenProcessPool as error:
+        raise StoreError(_DIED) from error
+
+
 def _result(future: Future[SampleRows]) -> SampleRows:
     try:
         return future.result()
-    except BrokenProcessPool as error:  # the stored features are ours: a bug, or killed
-        raise StoreError("a process decoding stored features for the build died") from error
+    except BrokenProcessPool as error:
+        raise StoreError(_DIED) from error
 
 
 def _merged(
