@@ -375,3 +375,24 @@ def test_rows_spooled_by_ingest_build_what_decoding_builds(
         _assert_same_stats(
             stats, build_artefact_stats(stored_samples(kb.store, samples), kb.index().revision)
         )
+
+
+def test_a_full_spool_keeps_no_more_rows_and_the_build_decodes_the_rest(
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_knowledge_base(str(tmp_path / "kb.db")) as kb:
+        spool = kb.row_spool()
+        monkeypatch.setattr(spool, "max_samples", 2)
+        groups = [
+            IngestGroup((str(b.path),), LabelTemplate(actor=b.actor, source="test"))
+            for b in corpus.select(role="kb")
+        ]
+        ingest_groups(kb.store, groups, rows=spool)
+        assert len(spool) == 2 and not spool.has_room()
+        decoded = _count_decodes(kb, monkeypatch)
+        kb.prepare()
+        assert len(decoded) == len(kb.samples()) - 2
+        stage = kb.feature_candidates()
+        apart = build_feature_candidates(kb.store, kb.samples(), kb.index().min_instructions)
+        assert stage is not None and apart is not None
+        _assert_same_stage(stage, apart)

@@ -143,7 +143,7 @@ class KnowledgeBase:
         """Where ``ingest_groups(..., rows=...)`` leaves the build rows of the samples it
         stores, for the next ``prepare`` of this object (emptied by it)."""
         if self._spool is None:
-            self._spool = RowSpool(MIN_INSTRUCTIONS)
+            self._spool = RowSpool(MIN_INSTRUCTIONS, max_samples=MAX_FEATURE_STAGE_SAMPLES)
         return self._spool
 
     def samples(self) -> dict[int, SampleRecord]:

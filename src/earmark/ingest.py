@@ -447,6 +447,12 @@ def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
         batch.spool.add(sample.sha256, rows)
 
 
+def _rows_wanted(batch: _Batch) -> int | None:
+    """The ``min_instructions`` to make build rows for, while the batch's spool has room."""
+    spool = batch.spool
+    return spool.min_instructions if spool is not None and spool.has_room() else None
+
+
 def _warm_before_fork() -> None:
     """Build in this process what every worker would otherwise build on its first sample,
     so the forked workers share it: the public-suffix table of the indicator search, ~20 ms
@@ -460,9 +466,8 @@ def _run_in_pool(
     jobs: Iterator[_Job], analyzer: Analyzer, codec: FeaturesCodec, workers: int, batch: _Batch
 ) -> None:
     """Analyse in ``workers`` processes; this process writes (``earmark.ingest_pool``)."""
-    rows_for = None if batch.spool is None else batch.spool.min_instructions
-
     def submit(pool: ProcessPoolExecutor, job: _Job) -> Future[_Analysis]:
+        rows_for = _rows_wanted(batch)
         if job.frozen is None:
             return pool.submit(_analyze, analyzer, codec, job.data, batch.limits, rows_for)
         prepared: Future[_Analysis] = Future()  # a result already at hand, for its turn
@@ -512,10 +517,10 @@ def ingest_groups(
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, not {jobs}")
     batch = _Batch(store=store, limits=limits, on_progress=on_progress, spool=rows)
-    rows_for = None if rows is None else rows.min_instructions
     pending_jobs = _jobs(groups, datetime.now(UTC), batch)
     if jobs == 1:
         for job in pending_jobs:
+            rows_for = _rows_wanted(batch)
             if job.frozen is None:
                 result = _analyze(analyzer, store.codec, job.data, limits, rows_for)
             else:

@@ -117,12 +117,20 @@ class RowSpool:
     The rows are pickled into an unnamed temporary file that only this process wrote, with
     their offsets held here. A sample's stored features never change once written, so its
     rows stay valid; ``stored_rows`` uses them only for the ``min_instructions`` they were
-    made with, and ``KnowledgeBase.prepare`` empties the spool after each build."""
+    made with, and ``KnowledgeBase.prepare`` empties the spool after each build.
 
-    def __init__(self, min_instructions: int) -> None:
+    At most ``max_samples`` are kept (~0.7 KB per function on the PE bench KB): past the
+    feature stage's sample limit no build would read them, and an ingest of a large
+    collection should not fill the temporary directory."""
+
+    def __init__(self, min_instructions: int, max_samples: int) -> None:
         self.min_instructions = min_instructions
+        self.max_samples = max_samples
         self._file: IO[bytes] | None = None
         self._where: dict[str, tuple[int, int]] = {}
+
+    def has_room(self) -> bool:
+        return len(self._where) < self.max_samples
 
     def __len__(self) -> int:
         return len(self._where)
@@ -131,6 +139,9 @@ class RowSpool:
         return sha256 in self._where
 
     def add(self, sha256: str, rows: SampleRows) -> None:
+        """Keep the rows of ``sha256`` (dropped when the spool is full: decoded instead)."""
+        if not self.has_room():
+            return
         if self._file is None:
             # Held open across calls (closed by ``clear``): no ``with`` block spans its life.
             self._file = tempfile.TemporaryFile(prefix="earmark-rows-")  # noqa: SIM115
