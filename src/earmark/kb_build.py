@@ -90,22 +90,27 @@ class _RowMaker:
 
     def __call__(self, blob: bytes) -> SampleRows:
         features = self._codec.from_bytes(blob, instructions=False)
-        return SampleRows(
-            stage=stage_rows(features.functions, self._min_instructions, self._text_keys),
-            artefacts=artefact_rows(features, self._string_keys),
-            functions=len(features.functions),
-        )
+        return _rows(features, self._min_instructions, self._text_keys, self._string_keys)
+
+
+def _rows(
+    features: SampleFeatures,
+    min_instructions: int,
+    text_keys: TextKeys,
+    string_keys: dict[str, int] | None = None,
+) -> SampleRows:
+    return SampleRows(
+        stage=stage_rows(features.functions, min_instructions, text_keys),
+        artefacts=artefact_rows(features, string_keys),
+        functions=len(features.functions),
+    )
 
 
 def sample_rows(features: SampleFeatures, min_instructions: int) -> SampleRows:
     """The ``SampleRows`` of features at hand (an ingest worker's, just analysed), as the
     build would make them from the stored copy: the frozen format reads back equal (``==``),
     and the rows never read the instruction tokens the build leaves out."""
-    return SampleRows(
-        stage=stage_rows(features.functions, min_instructions, TextKeys()),
-        artefacts=artefact_rows(features),
-        functions=len(features.functions),
-    )
+    return _rows(features, min_instructions, TextKeys())
 
 
 class RowSpool:
