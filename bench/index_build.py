@@ -47,9 +47,12 @@ def _peak_mb() -> float:
 
 
 def _cache_digest(db: Path) -> str:
+    """Digest of the built caches beside ``db``: the function index, the feature stage, the
+    artefact statistics. The row cache (``<db>.rows``) is left out: its files record the
+    stored bytes they were made from, and those hold the analysis time."""
     digest = hashlib.sha256()
     for cache in sorted(db.parent.glob(db.name + ".*")):
-        if cache.is_dir():
+        if cache.is_dir() and cache.suffix != ".rows":
             for item in sorted(cache.iterdir()):
                 digest.update(item.name.encode())
                 digest.update(item.read_bytes())

@@ -39,6 +39,7 @@ from earmark.index.feature_candidates import (
     stage_rows,
 )
 from earmark.ingest import IngestGroup, LabelTemplate, ingest_groups, ingest_paths
+from earmark.kb_rows import RowSpool
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
 from earmark.store.sql import FreezeCodec, open_store
 
@@ -76,7 +77,7 @@ def _count_decodes(kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> Counte
     return decoded
 
 
-def _assert_same_stage(a: FeatureCandidateIndex, b: FeatureCandidateIndex) -> None:
+def assert_same_stage(a: FeatureCandidateIndex, b: FeatureCandidateIndex) -> None:
     assert np.array_equal(a.keys, b.keys)
     assert np.array_equal(a.postings, b.postings)
     for name in (*NUMERIC_COLUMNS, "minhash", "robust_minhash", "source_codes"):
@@ -92,7 +93,7 @@ def _assert_same_stage(a: FeatureCandidateIndex, b: FeatureCandidateIndex) -> No
     ]
 
 
-def _assert_same_stats(a: ArtefactStats, b: ArtefactStats) -> None:
+def assert_same_stats(a: ArtefactStats, b: ArtefactStats) -> None:
     for name in ("keys", "owner_count", "goodware_count", "weight", "listed_offsets",
                  "listed_owner", "listed_sample", "sample_ids", "rare_strings"):  # fmt: skip
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
@@ -123,7 +124,7 @@ def test_prepare_decodes_each_sample_once_and_builds_what_separate_passes_build(
         index = kb.index()
         apart = build_feature_candidates(kb.store, samples, index.min_instructions)
         assert apart is not None
-        _assert_same_stage(stage, apart)
+        assert_same_stage(stage, apart)
         # Sweeping for common keys after every sample files the same postings.
         swept = FeatureCandidateIndex.build(
             ((r.sample_id, f.functions) for r, f in stored_samples(kb.store, samples)),
@@ -132,16 +133,19 @@ def test_prepare_decodes_each_sample_once_and_builds_what_separate_passes_build(
         )
         assert np.array_equal(swept.keys, apart.keys)
         assert np.array_equal(swept.postings, apart.postings)
-        _assert_same_stats(
+        assert_same_stats(
             stats, build_artefact_stats(stored_samples(kb.store, samples), index.revision)
         )
 
 
+@pytest.mark.parametrize("database", ["file", "memory"])
 def test_prepare_after_an_ingest_rebuilds_both_from_one_pass(
-    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
 ) -> None:
+    """Beside a SQLite KB the rows of the samples decoded before are read from the row cache
+    and only the new sample is decoded; without a cache directory every sample is."""
     held_back = corpus.binary("delta", "O2")
-    with open_knowledge_base(str(tmp_path / "kb.db")) as kb:
+    with open_knowledge_base(str(tmp_path / "kb.db") if database == "file" else ":memory:") as kb:
         _ingest(kb, corpus)
         kb.prepare()
         before = kb.feature_candidates()
@@ -149,10 +153,20 @@ def test_prepare_after_an_ingest_rebuilds_both_from_one_pass(
         ingest_paths(kb.store, [held_back.path], LabelTemplate(actor="delta", source="test"))
         decoded = _count_decodes(kb, monkeypatch)
         kb.prepare()
-        assert set(decoded.values()) == {1} and len(decoded) == len(kb.samples())
+        samples = kb.samples()
+        new = {r.sha256 for r in samples.values() if "delta" in r.actors}
+        assert set(decoded.values()) == {1}
+        assert set(decoded) == (new if database == "file" else {r.sha256 for r in samples.values()})
         after = kb.feature_candidates()
         assert after is not None and len(after) > len(before)
         assert kb.artefact_stats().revision == kb.index().revision
+        apart = build_feature_candidates(kb.store, samples, kb.index().min_instructions)
+        assert apart is not None
+        assert_same_stage(after, apart)
+        assert_same_stats(
+            kb.artefact_stats(),
+            build_artefact_stats(stored_samples(kb.store, samples), kb.index().revision),
+        )
 
 
 @given(
@@ -300,7 +314,7 @@ def test_stage_rows_made_in_another_process_build_the_same_stage(corpus: DemoCor
     assert rows[0][1].block is not None and rows[1][1].block is None
     assert len(rows[1][1].functions) == len(rows[1][1]) > 10
     built = FeatureCandidateIndex.build_from_rows(rows)
-    _assert_same_stage(built, FeatureCandidateIndex.build(samples, 4))
+    assert_same_stage(built, FeatureCandidateIndex.build(samples, 4))
     assert built.stored.irregular  # the odd function, kept whole
 
 
@@ -339,7 +353,7 @@ def test_rows_spooled_by_ingest_build_what_decoding_builds(
     """Samples ingested through the spool are not decoded by the next build, which is the
     same as a build that decodes every sample; samples stored before are decoded."""
     held_back = corpus.binary("delta", "O2")
-    with open_knowledge_base(str(tmp_path / "spooled.db")) as kb:
+    with open_knowledge_base(":memory:") as kb:  # no cache directory: the spool
         _ingest(kb, corpus)  # stored before: no spool
         spool = kb.row_spool()
         summary = ingest_paths(
@@ -353,7 +367,7 @@ def test_rows_spooled_by_ingest_build_what_decoding_builds(
             rows=spool,
         )
         assert again.skipped == 1 and len(spool) == 0  # stored already: nothing spooled
-    with open_knowledge_base(str(tmp_path / "fresh.db")) as kb:
+    with open_knowledge_base(":memory:") as kb:
         for binary in corpus.select(role="kb"):
             template = LabelTemplate(actor=binary.actor, family=binary.family, source="test")
             ingest_groups(kb.store, [IngestGroup((str(binary.path),), template)],
@@ -371,8 +385,8 @@ def test_rows_spooled_by_ingest_build_what_decoding_builds(
         assert stage is not None
         apart = build_feature_candidates(kb.store, samples, kb.index().min_instructions)
         assert apart is not None
-        _assert_same_stage(stage, apart)
-        _assert_same_stats(
+        assert_same_stage(stage, apart)
+        assert_same_stats(
             stats, build_artefact_stats(stored_samples(kb.store, samples), kb.index().revision)
         )
 
@@ -380,8 +394,9 @@ def test_rows_spooled_by_ingest_build_what_decoding_builds(
 def test_a_full_spool_keeps_no_more_rows_and_the_build_decodes_the_rest(
     corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with open_knowledge_base(str(tmp_path / "kb.db")) as kb:
+    with open_knowledge_base(":memory:") as kb:
         spool = kb.row_spool()
+        assert isinstance(spool, RowSpool)
         monkeypatch.setattr(spool, "max_samples", 2)
         groups = [
             IngestGroup((str(b.path),), LabelTemplate(actor=b.actor, source="test"))
@@ -395,4 +410,4 @@ def test_a_full_spool_keeps_no_more_rows_and_the_build_decodes_the_rest(
         stage = kb.feature_candidates()
         apart = build_feature_candidates(kb.store, kb.samples(), kb.index().min_instructions)
         assert stage is not None and apart is not None
-        _assert_same_stage(stage, apart)
+        assert_same_stage(stage, apart)

@@ -41,7 +41,8 @@ from earmark.index.similarity import compare_functions
 from earmark.ingest import IngestSummary, LabelTemplate, ingest_paths
 from earmark.intel import indicators_from_strings
 from earmark.intel.warninglists import default_warninglist_tables
-from earmark.kb_build import RowSpool, build_pass, stored_rows
+from earmark.kb_build import build_pass, stored_rows
+from earmark.kb_rows import BuildRows, RowCache, RowSpool
 from earmark.memory import cyclic_collector_paused, return_free_memory
 from earmark.model.evidence import Evidence
 from earmark.model.intel import Indicator
@@ -104,8 +105,8 @@ class KnowledgeBase:
     # building it decodes every stored sample, so no query may pay it.
     _feature_candidates: tuple[int, FeatureCandidateIndex | None] | None = None
     _artefacts: ArtefactStats | None = None  # artefact pillar statistics, cached as <db>.artefacts
-    # Build rows of samples just ingested through this object's spool (``row_spool``).
-    _spool: RowSpool | None = None
+    # Build rows of samples ingested through ``row_spool``: beside a SQLite KB its row cache.
+    _spool: BuildRows | None = None
 
     def artefact_stats(self) -> ArtefactStats:
         index = self.index()
@@ -139,11 +140,19 @@ class KnowledgeBase:
         self._index = index
         return index
 
-    def row_spool(self) -> RowSpool:
+    def row_spool(self) -> BuildRows:
         """Where ``ingest_groups(..., rows=...)`` leaves the build rows of the samples it
-        stores, for the next ``prepare`` of this object (emptied by it)."""
+        stores: beside a SQLite KB, its row cache ``<db>.rows/``, which every later build
+        reads and adds the rows of the samples it decodes to; otherwise a spool for the next
+        ``prepare`` of this object (emptied by it)."""
         if self._spool is None:
-            self._spool = RowSpool(MIN_INSTRUCTIONS, max_samples=MAX_FEATURE_STAGE_SAMPLES)
+            path = self._row_cache_path()
+            limit = MAX_FEATURE_STAGE_SAMPLES
+            self._spool = (
+                RowSpool(MIN_INSTRUCTIONS, max_samples=limit)
+                if path is None
+                else RowCache(path, MIN_INSTRUCTIONS, max_samples=limit)
+            )
         return self._spool
 
     def samples(self) -> dict[int, SampleRecord]:
@@ -165,7 +174,7 @@ class KnowledgeBase:
                 self.feature_candidates()
                 self.artefact_stats()
         finally:
-            if self._spool is not None:
+            if isinstance(self._spool, RowSpool):
                 self._spool.clear()
         # Compiled once per installation (seconds), mapped by every later process.
         default_warninglist_tables()
@@ -198,9 +207,8 @@ class KnowledgeBase:
             except IndexCacheError:
                 pass  # missing, stale or damaged: built below, never trusted
         artefacts = ArtefactStatsBuilder()
-        rows = stored_rows(
-            self.store, self._samples, min_instructions, artefacts, jobs, self._spool
-        )
+        at_hand = self._spool if self.index_path is None else self.row_spool()
+        rows = stored_rows(self.store, self._samples, min_instructions, artefacts, jobs, at_hand)
         kept = self._build_and_keep_feature_candidates(  # the pass feeds the artefacts too
             lambda: build_feature_candidates(self.store, self._samples, min_instructions, rows),
             index,
@@ -248,6 +256,12 @@ class KnowledgeBase:
 
     def _artefact_cache_path(self) -> Path | None:
         return None if self.index_path is None else self.index_path.with_suffix(".artefacts")
+
+    def _row_cache_path(self) -> Path | None:
+        """``<db>.rows`` beside ``<db>.index`` (``kb_rows.RowCache``)."""
+        if self.index_path is None:
+            return None
+        return self.index_path.with_name(self.index_path.name.removesuffix(".index") + ".rows")
 
     def _feature_cache_path(self) -> Path | None:
         """``<db>.features`` beside ``<db>.index`` (its own directory: saving the function

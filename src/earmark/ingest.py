@@ -46,7 +46,7 @@ from earmark.ingest_pool import run_in_pool
 from earmark.intel import indicators_from_strings
 from earmark.intel.indicators import compile_patterns
 from earmark.intel.public_suffixes import host_parts
-from earmark.kb_build import RowSpool, SampleRows, sample_rows
+from earmark.kb_rows import BuildRows, SampleRows, sample_rows
 from earmark.memory import cyclic_collector_paused
 from earmark.model.intel import Indicator
 from earmark.model.kb import Provenance, SampleLabel, Tlp
@@ -215,7 +215,7 @@ class _Batch:
     on_progress: Callable[[IngestOutcome], None] | None
     outcomes: list[IngestOutcome] = field(default_factory=list)
     seen: dict[str, _Seen] = field(default_factory=dict)  # by sha256
-    spool: RowSpool | None = None  # build rows of the samples written, for the next prepare
+    spool: BuildRows | None = None  # build rows of the samples written, for the next prepare
 
     def report(self, outcome: IngestOutcome) -> None:
         self.outcomes.append(outcome)
@@ -398,7 +398,7 @@ def _prepare(
     features: SampleFeatures, codec: FeaturesCodec, rows_for: int | None = None
 ) -> _Prepared:
     """The rows to insert, the indicators in the sample's strings, and with ``rows_for``
-    (a ``min_instructions``) the sample's build rows (``kb_build.RowSpool``)."""
+    (a ``min_instructions``) the sample's build rows (``kb_rows.BuildRows``)."""
     sample = prepare_sample(features, codec.to_bytes(features))
     rows = None if rows_for is None else sample_rows(features, rows_for)
     return sample, indicators_from_strings(features.strings), rows
@@ -444,7 +444,7 @@ def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
         and rows is not None
         and batch.spool is not None
     ):
-        batch.spool.add(sample.sha256, rows)
+        batch.spool.add(sample.sha256, rows, sample.features_blob)
 
 
 def _rows_wanted(batch: _Batch) -> int | None:
@@ -498,7 +498,7 @@ def ingest_groups(
     limits: Limits = DEFAULT_LIMITS,
     on_progress: Callable[[IngestOutcome], None] | None = None,
     analyzer: Analyzer = analyze_bytes,
-    rows: RowSpool | None = None,
+    rows: BuildRows | None = None,
 ) -> IngestSummary:
     """Ingest several groups of paths, each with its own labels, through one process pool.
 

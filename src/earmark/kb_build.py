@@ -9,32 +9,25 @@ them; docs/benchmarks.md, "Index build cost").
 from __future__ import annotations
 
 import gc
-import os
-import pickle
-import tempfile
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import IO, Final
+from typing import Final
 
 from earmark.errors import StoreError
-from earmark.index.artefacts import ArtefactRows, ArtefactStatsBuilder, artefact_rows
-from earmark.index.feature_candidates import StageRows, TextKeys, stage_rows
+from earmark.index.artefacts import ArtefactStatsBuilder
+from earmark.index.feature_candidates import StageRows, TextKeys
+from earmark.kb_rows import Origin, RowCache, RowSpool, SampleRows, origin_of, rows_of
 from earmark.memory import cyclic_collector_paused, map_large_blocks, return_free_memory
 from earmark.model.kb import SampleRecord
-from earmark.model.sample import SampleFeatures
 from earmark.store import FeaturesCodec, Store
 
 __all__ = [
     "QUEUED_ROWS_PER_PROCESS",
     "RETURN_MEMORY_EVERY_FUNCTIONS",
-    "RowSpool",
-    "SampleRows",
     "build_pass",
-    "sample_rows",
     "stored_rows",
 ]
 
@@ -68,16 +61,6 @@ def build_pass() -> Iterator[None]:
         return_free_memory()
 
 
-@dataclass(frozen=True, slots=True)
-class SampleRows:
-    """What one stored sample adds to a KB-wide build: its feature stage rows and its
-    artefact rows, made from its decoded features alone (``_RowMaker``)."""
-
-    stage: StageRows
-    artefacts: ArtefactRows
-    functions: int  # functions decoded (the pass's memory bookkeeping)
-
-
 class _RowMaker:
     """Decodes a stored sample (without instruction tokens) into its ``SampleRows``; its
     memos of text keys and string keys last as long as it does (one build, in one process)."""
@@ -90,86 +73,7 @@ class _RowMaker:
 
     def __call__(self, blob: bytes) -> SampleRows:
         features = self._codec.from_bytes(blob, instructions=False)
-        return _rows(features, self._min_instructions, self._text_keys, self._string_keys)
-
-
-def _rows(
-    features: SampleFeatures,
-    min_instructions: int,
-    text_keys: TextKeys,
-    string_keys: dict[str, int] | None = None,
-) -> SampleRows:
-    return SampleRows(
-        stage=stage_rows(features.functions, min_instructions, text_keys),
-        artefacts=artefact_rows(features, string_keys),
-        functions=len(features.functions),
-    )
-
-
-def sample_rows(features: SampleFeatures, min_instructions: int) -> SampleRows:
-    """The ``SampleRows`` of features at hand (an ingest worker's, just analysed), as the
-    build would make them from the stored copy: the frozen format reads back equal (``==``),
-    and the rows never read the instruction tokens the build leaves out."""
-    return _rows(features, min_instructions, TextKeys())
-
-
-class RowSpool:
-    """The build rows of the samples an ingest has just written, made by its workers while
-    they held the features (``ingest_groups(..., rows=spool)``), so that the next build in
-    this process reads them instead of decoding those samples again (PE bench (a) KB:
-    decoding was ~0.5 of ~1.9 CPU s of ``prepare``, and the rows cost the workers ~0.4 s).
-
-    The rows are pickled into an unnamed temporary file that only this process wrote, with
-    their offsets held here. A sample's stored features never change once written, so its
-    rows stay valid; ``stored_rows`` uses them only for the ``min_instructions`` they were
-    made with, and ``KnowledgeBase.prepare`` empties the spool after each build.
-
-    At most ``max_samples`` are kept (~0.7 KB per function on the PE bench KB): past the
-    feature stage's sample limit no build would read them, and an ingest of a large
-    collection should not fill the temporary directory."""
-
-    def __init__(self, min_instructions: int, max_samples: int) -> None:
-        self.min_instructions = min_instructions
-        self.max_samples = max_samples
-        self._file: IO[bytes] | None = None
-        self._where: dict[str, tuple[int, int]] = {}
-
-    def has_room(self) -> bool:
-        return len(self._where) < self.max_samples
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, sha256: object) -> bool:
-        return sha256 in self._where
-
-    def add(self, sha256: str, rows: SampleRows) -> None:
-        """Keep the rows of ``sha256`` (dropped when the spool is full: decoded instead)."""
-        if not self.has_room():
-            return
-        if self._file is None:
-            # Held open across calls (closed by ``clear``): no ``with`` block spans its life.
-            self._file = tempfile.TemporaryFile(prefix="earmark-rows-")  # noqa: SIM115
-        data = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
-        offset = self._file.seek(0, os.SEEK_END)
-        self._file.write(data)
-        self._where[sha256] = (offset, len(data))
-
-    def take(self, sha256: str) -> SampleRows:
-        """The rows of ``sha256`` (KeyError when not spooled)."""
-        offset, length = self._where[sha256]
-        assert self._file is not None  # set by the add that recorded the offset
-        self._file.seek(offset)
-        rows = pickle.loads(self._file.read(length))  # written by this process, above
-        if not isinstance(rows, SampleRows):
-            raise StoreError("build row spool damaged")
-        return rows
-
-    def clear(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file = None
-        self._where = {}
+        return rows_of(features, self._min_instructions, self._text_keys, self._string_keys)
 
 
 _worker_rows: _RowMaker | None = None  # a build process's maker (``_start_worker``)
@@ -192,24 +96,35 @@ def _rows_in_worker(blob: bytes) -> SampleRows:
 
 def _rows_in_pool(
     store: Store, records: Sequence[SampleRecord], min_instructions: int, jobs: int
-) -> Iterator[SampleRows]:
-    """Each record's ``SampleRows``, in order, made by ``jobs`` processes. This process reads
-    the blobs (the store's connection stays here) and keeps QUEUED_ROWS_PER_PROCESS per
-    process in flight, so at most that many blobs and results wait in memory."""
+) -> Iterator[tuple[Origin, SampleRows]]:
+    """Each record's stored bytes' origin and ``SampleRows``, in order, made by ``jobs``
+    processes. This process reads the blobs (the store's connection stays here) and keeps
+    QUEUED_ROWS_PER_PROCESS per process in flight, so at most that many blobs and results
+    wait in memory."""
     pool = ProcessPoolExecutor(
         max_workers=jobs, initializer=_start_worker, initargs=(store.codec, min_instructions)
     )
-    queue: deque[Future[SampleRows]] = deque()
+    queue: deque[tuple[Origin, Future[SampleRows]]] = deque()
     try:
         for record in records:
             blob = store.load_features_blob(record.sha256)
-            queue.append(_submitted(pool, blob))
+            queue.append((origin_of(blob), _submitted(pool, blob)))
             if len(queue) >= jobs * QUEUED_ROWS_PER_PROCESS:
-                yield _result(queue.popleft())
+                origin, future = queue.popleft()
+                yield origin, _result(future)
         while queue:
-            yield _result(queue.popleft())
+            origin, future = queue.popleft()
+            yield origin, _result(future)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _rows_here(
+    store: Store, records: Sequence[SampleRecord], maker: _RowMaker
+) -> Iterator[tuple[Origin, SampleRows]]:
+    for record in records:
+        blob = store.load_features_blob(record.sha256)
+        yield origin_of(blob), maker(blob)
 
 
 # The stored features are ours, so a build process that dies is a bug or was killed (out of
@@ -231,16 +146,55 @@ def _result(future: Future[SampleRows]) -> SampleRows:
         raise StoreError(_DIED) from error
 
 
-def _merged(
-    records: Sequence[SampleRecord], made: Iterator[SampleRows], spool: RowSpool | None
-) -> Iterator[SampleRows]:
-    """Each record's rows in order: spooled ones read back, the others as ``made`` (which
-    holds exactly those, in the same order) gives them."""
+def _kept(
+    store: Store, records: Sequence[SampleRecord], kept: RowSpool | RowCache | None
+) -> dict[str, Origin | None]:
+    """The samples whose rows ``kept`` holds, each with the origin its rows must have been
+    made from (None: spooled, or cached by that object, so known to be this store's). A cache
+    file some other process wrote is checked against the stored bytes (reading them costs
+    ~0.3 ms per sample against ~10 ms to decode one)."""
+    if kept is None:
+        return {}
+    if isinstance(kept, RowSpool):
+        return {record.sha256: None for record in records if record.sha256 in kept}
+    found: dict[str, Origin | None] = {}
     for record in records:
-        if spool is not None and record.sha256 in spool:
-            yield spool.take(record.sha256)
+        if record.sha256 in kept:
+            found[record.sha256] = None
+        elif kept.origin_needed(record.sha256):
+            origin = origin_of(store.load_features_blob(record.sha256))
+            if kept.usable(record.sha256, origin):
+                found[record.sha256] = origin
+    return found
+
+
+def _merged(
+    store: Store,
+    records: Sequence[SampleRecord],
+    made: Iterator[tuple[Origin, SampleRows]],
+    kept: RowSpool | RowCache | None,
+    found: Mapping[str, Origin | None],
+    maker: _RowMaker,
+) -> Iterator[SampleRows]:
+    """Each record's rows in order: those ``kept`` holds read back, the others as ``made``
+    (which holds exactly those, in the same order) gives them, and then kept in a cache."""
+    for record in records:
+        sha256 = record.sha256
+        if sha256 in found:
+            if isinstance(kept, RowSpool):
+                yield kept.take(sha256)
+                continue
+            assert kept is not None  # found is empty without it
+            rows = kept.get(sha256, found[sha256])
+            if rows is None:  # damaged since it was checked: decoded here instead
+                origin, rows = next(_rows_here(store, [record], maker))
+                kept.keep(sha256, rows, origin)
+            yield rows
         else:
-            yield next(made)
+            origin, rows = next(made)
+            if isinstance(kept, RowCache):
+                kept.keep(sha256, rows, origin)
+            yield rows
     for _ in made:  # none left; this lets a pool generator end and shut its pool down
         raise RuntimeError("more decoded rows than samples")
 
@@ -251,26 +205,29 @@ def stored_rows(
     min_instructions: int,
     artefacts: ArtefactStatsBuilder,
     jobs: int = 1,
-    spool: RowSpool | None = None,
+    kept: RowSpool | RowCache | None = None,
 ) -> Iterator[tuple[int, StageRows]]:
     """Every stored sample's (sample id, feature stage rows) in ``correlate.code.
     stored_samples``' order (by sha256), its artefact rows added to ``artefacts`` on the
     way, so the feature stage build and the artefact statistics share one decoding pass.
 
     ``jobs`` > 1 decodes and converts in that many processes (what this process does per
-    sample is then adding rows): the result does not depend on it. Samples whose rows are
-    in ``spool`` (made for ``min_instructions``) are not decoded."""
+    sample is then adding rows): the result does not depend on it. Samples whose rows
+    ``kept`` holds (made for ``min_instructions``) are not decoded; with a ``RowCache``,
+    the rows of every sample decoded are written to it for the next build."""
     records = sorted(samples.values(), key=lambda record: record.sha256)
-    if spool is not None and spool.min_instructions != min_instructions:
-        spool = None
-    to_decode = [r for r in records if spool is None or r.sha256 not in spool]
+    if kept is not None and kept.min_instructions != min_instructions:
+        kept = None
+    found = _kept(store, records, kept)
+    to_decode = [record for record in records if record.sha256 not in found]
+    maker = _RowMaker(store.codec, min_instructions)
     if jobs > 1 and len(to_decode) > 1:
         made = _rows_in_pool(store, to_decode, min_instructions, jobs)
     else:
-        maker = _RowMaker(store.codec, min_instructions)
-        made = (maker(store.load_features_blob(record.sha256)) for record in to_decode)
+        made = _rows_here(store, to_decode, maker)
     decoded = 0
-    for record, rows in zip(records, _merged(records, made, spool), strict=True):
+    merged = _merged(store, records, made, kept, found, maker)
+    for record, rows in zip(records, merged, strict=True):
         artefacts.add_rows(record, rows.artefacts)
         decoded += rows.functions
         yield record.sample_id, rows.stage

@@ -1,0 +1,188 @@
+"""The row cache beside a SQLite KB (``<db>.rows/``, ``kb_rows.RowCache``): later builds read
+the rows of every sample stored before instead of decoding it, build what decoding builds,
+and never trust a file that does not match the stored sample."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from earmark.attribution import KnowledgeBase, open_knowledge_base
+from earmark.correlate.code import build_feature_candidates, stored_samples
+from earmark.demo_build import DemoCorpus, build_demo_corpus
+from earmark.index.artefacts import build_artefact_stats
+from earmark.index.feature_candidates import TextKeys
+from earmark.ingest import IngestGroup, LabelTemplate, ingest_groups, ingest_paths
+from earmark.kb_rows import ROW_FORMAT_VERSION, RowCache, origin_of, rows_of
+from earmark.model.sample import SampleFeatures
+from earmark.store.sql import FreezeCodec
+from test_prepare import assert_same_stage, assert_same_stats
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    return build_demo_corpus(tmp_path_factory.mktemp("rows") / "corpus", "gcc", ("O2",))
+
+
+def _groups(corpus: DemoCorpus) -> list[IngestGroup]:
+    groups = [
+        IngestGroup((str(b.path),), LabelTemplate(actor=b.actor, family=b.family, source="t"))
+        for b in corpus.select(role="kb")
+    ]
+    goodware = tuple(str(b.path) for b in corpus.select(role="goodware"))
+    return [*groups, IngestGroup(goodware, LabelTemplate(goodware=True, source="t"))]
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
+    """Stored features decoded in this process, by blob length (builds here run jobs=1)."""
+    decoded: Counter[int] = Counter()
+    decode = FreezeCodec.from_bytes
+
+    def counting(self: FreezeCodec, blob: bytes, *, instructions: bool = True) -> SampleFeatures:
+        decoded[len(blob)] += 1
+        return decode(self, blob, instructions=instructions)
+
+    monkeypatch.setattr(FreezeCodec, "from_bytes", counting)
+    return decoded
+
+
+def _assert_built_as_decoding_builds(kb: KnowledgeBase) -> None:
+    samples = kb.samples()
+    stage = kb.feature_candidates()
+    apart = build_feature_candidates(kb.store, samples, kb.index().min_instructions)
+    assert stage is not None and apart is not None and len(stage) > 0
+    assert_same_stage(stage, apart)
+    expected = build_artefact_stats(stored_samples(kb.store, samples), kb.index().revision)
+    assert_same_stats(kb.artefact_stats(), expected)
+
+
+def _drop_built_caches(database: Path) -> None:
+    """Forces the next ``prepare`` to build the stage and statistics of the same revision."""
+    for suffix in (".index", ".features", ".artefacts"):
+        path = Path(f"{database}{suffix}")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _cached(database: Path) -> dict[str, Path]:
+    return {path.stem: path for path in Path(f"{database}.rows").glob("*.rows")}
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_later_build_reads_every_earlier_sample_from_the_cache(
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int
+) -> None:
+    database = tmp_path / "kb.db"
+    with open_knowledge_base(str(database)) as kb:
+        kb_groups = _groups(corpus)
+        ingest_groups(kb.store, kb_groups[:-1], jobs=jobs, rows=kb.row_spool())
+        ingest_paths(kb.store, list(kb_groups[-1].paths), LabelTemplate(goodware=True))
+        assert isinstance(kb.row_spool(), RowCache)
+        written_by_ingest = set(_cached(database))
+        kb.prepare(jobs=jobs)  # decodes the goodware (no rows from ingest) and caches them
+        samples = {record.sha256 for record in kb.samples().values()}
+        assert written_by_ingest and written_by_ingest < samples == set(_cached(database))
+        _assert_built_as_decoding_builds(kb)
+    held_back = corpus.binary("delta", "O2")
+    with open_knowledge_base(str(database)) as kb:  # a new process would start like this
+        ingest_paths(kb.store, [held_back.path], LabelTemplate(actor="delta"))
+        decoded = _count_decodes(monkeypatch)
+        kb.prepare()
+        assert sum(decoded.values()) == 1  # the new sample only: the rest read, origin-checked
+        _assert_built_as_decoding_builds(kb)
+        assert set(_cached(database)) == {r.sha256 for r in kb.samples().values()}
+
+
+def test_damaged_foreign_and_outdated_files_are_decoded_again_and_replaced(
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = tmp_path / "kb.db"
+    with open_knowledge_base(str(database)) as kb:
+        ingest_groups(kb.store, _groups(corpus), rows=kb.row_spool())
+        kb.prepare()
+    files = sorted(_cached(database).values())
+    assert len(files) == 4
+    damaged, truncated, foreign, outdated = files
+    shutil.copyfile(truncated, foreign)  # another sample's rows under this one's name
+    body = bytearray(damaged.read_bytes())
+    body[-1] ^= 0xFF
+    damaged.write_bytes(bytes(body))
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    header = bytearray(outdated.read_bytes())
+    struct.pack_into("<H", header, 8, ROW_FORMAT_VERSION + 1)
+    outdated.write_bytes(bytes(header))
+    _drop_built_caches(database)
+    with open_knowledge_base(str(database)) as kb:
+        decoded = _count_decodes(monkeypatch)
+        kb.prepare()
+        assert sum(decoded.values()) == 4
+        _assert_built_as_decoding_builds(kb)
+    _drop_built_caches(database)
+    with open_knowledge_base(str(database)) as kb:  # rewritten: nothing decoded any more
+        decoded = _count_decodes(monkeypatch)
+        kb.prepare()
+        assert sum(decoded.values()) == 0
+        _assert_built_as_decoding_builds(kb)
+
+
+def test_a_rows_path_that_cannot_be_written_costs_only_the_decoding(
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = tmp_path / "kb.db"
+    Path(f"{database}.rows").write_text("not a directory")
+    with open_knowledge_base(str(database)) as kb:
+        summary = ingest_groups(kb.store, _groups(corpus), rows=kb.row_spool())
+        assert summary.failed == 0
+        decoded = _count_decodes(monkeypatch)
+        kb.prepare()
+        assert sum(decoded.values()) == len(kb.samples())
+        _assert_built_as_decoding_builds(kb)
+
+
+def test_rows_of_an_irregular_sample_or_past_the_limit_are_not_kept(
+    corpus: DemoCorpus, tmp_path: Path
+) -> None:
+    """Rows that the columns cannot hold are not written (every build decodes that sample),
+    and no more than ``max_samples`` files are written."""
+    binaries = corpus.select(role="kb")
+    codec = FreezeCodec()
+    blobs = [codec.to_bytes(_features(b.path)) for b in binaries[:3]]
+    made = [rows_of(codec.from_bytes(blob), 5, TextKeys()) for blob in blobs]
+    cache = RowCache(tmp_path / "rows", 5, max_samples=2)
+    irregular = made[0].stage.__class__(
+        addresses=made[0].stage.addresses,
+        sources=made[0].stage.sources,
+        block=None,
+        functions=(),
+        keys=made[0].stage.keys,
+        key_counts=made[0].stage.key_counts,
+    )
+    cache.keep("a" * 64, made[0].__class__(irregular, made[0].artefacts, 1), origin_of(blobs[0]))
+    assert not (tmp_path / "rows" / f"{'a' * 64}.rows").exists()
+    for name, rows, blob in zip("bcd", made, blobs, strict=True):
+        cache.add(name * 64, rows, blob)
+    assert sorted(p.name[0] for p in (tmp_path / "rows").glob("*.rows")) == ["b", "c"]
+    again = RowCache(tmp_path / "rows", 5, max_samples=2)
+    assert not again.has_room()
+    read = again.get("b" * 64, origin_of(blobs[0]))
+    assert read is not None and read.stage.block is not None and made[0].stage.block is not None
+    assert np.array_equal(read.stage.block.minhash, made[0].stage.block.minhash)
+    assert read.artefacts == made[0].artefacts and read.stage.addresses == made[0].stage.addresses
+    assert again.get("b" * 64, origin_of(blobs[1])) is None  # made from other bytes
+    assert again.get("b" * 64) is None  # not written by this object: the origin is needed
+    assert RowCache(tmp_path / "rows", 6, max_samples=2).get("b" * 64, origin_of(blobs[0])) is None
+
+
+def _features(path: Path) -> SampleFeatures:
+    from earmark.extract import analyze_file
+
+    return analyze_file(path)
