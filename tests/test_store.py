@@ -144,6 +144,23 @@ def test_empty_function_table(store: SqlStore) -> None:
     table = store.load_function_table()
     assert len(table) == 0
     assert table.minhash.shape == (0, MINHASH_PERMUTATIONS)
+    assert [len(column) for column in store.load_function_ids()] == [0, 0, 0]
+
+
+def test_function_ids_are_the_tables_id_columns(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = [make_features(seed, count) for seed, count in ((20, 5), (21, 0), (22, 8))]
+    for features in samples:
+        store.add_sample(features, None)
+    table = store.load_function_table()
+    assert max(table.address.tolist()) >= 2**63  # unsigned values above int64 survive
+    monkeypatch.setattr(sql_module, "FUNCTION_TABLE_FETCH_ROWS", 3)  # 13 rows: 5 round trips
+    function_id, sample_id, address = store.load_function_ids()
+    assert function_id.tolist() == table.function_id.tolist()
+    assert sample_id.tolist() == table.sample_id.tolist()
+    assert address.dtype == np.uint64 and address.tolist() == table.address.tolist()
+    assert not (function_id.flags.writeable or address.flags.writeable)
 
 
 def test_list_samples_and_sample_labels_agree(store: SqlStore) -> None:

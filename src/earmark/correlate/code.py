@@ -126,10 +126,9 @@ def build_feature_candidates(
     not consumed when the stage is skipped. Without them the samples are decoded here."""
     if len(samples) > MAX_FEATURE_STAGE_SAMPLES:
         return None
-    table = store.load_function_table()
-    # Sorted copies of three columns; the table's MinHash rows are freed before decoding.
-    function_ids = StoredFunctionIds(table.sample_id, table.address, table.function_id)
-    del table
+    function_id, sample_id, address = store.load_function_ids()  # not the MinHash rows
+    function_ids = StoredFunctionIds(sample_id, address, function_id)  # sorted copies
+    del function_id, sample_id, address
     if rows is None:
         decoded = _functions_of(stored_samples(store, samples))
         return FeatureCandidateIndex.build(decoded, min_instructions, function_ids)

@@ -13,6 +13,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
+import numpy as np
+import numpy.typing as npt
+
 from earmark.model.intel import ActorProfile, Indicator, IntelRelation, IntelReport
 from earmark.model.kb import FunctionTable, Provenance, SampleLabel, SampleRecord
 from earmark.model.sample import SampleFeatures
@@ -155,6 +158,13 @@ class Store(Protocol):
 
     def load_function_table(self) -> FunctionTable:
         """All stored functions as parallel numpy arrays, ordered by function id."""
+        ...
+
+    def load_function_ids(
+        self,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+        """``load_function_table``'s function_id, sample_id and address columns alone (what
+        maps a sample's function to its id), without reading the MinHash rows."""
         ...
 
     def stats(self) -> StoreStats: ...

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Self, cast
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.url import URL
@@ -471,6 +472,28 @@ class SqlStore:
         if blob is None:
             raise StoreError(f"sample {sha256} is not in the knowledge base")
         return bytes(blob)
+
+    def load_function_ids(
+        self,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+        """(function_id, sample_id, address) of every function, ordered by function id; read
+        in ``FUNCTION_TABLE_FETCH_ROWS`` chunks like the whole table (PE bench (a)+(c) KB,
+        47.3k functions: ~0.02 against ~0.06 s for ``load_function_table``)."""
+        columns = schema.functions.c
+        query = select(columns.id, columns.sample_id, columns.address).order_by(columns.id)
+        chunks: list[npt.NDArray[np.int64]] = []
+        with self._read("read function ids") as connection:
+            cursor = _bulk_read_cursor(connection)
+            cursor.execute(str(query.compile(dialect=connection.dialect)))
+            while chunk := cursor.fetchmany(FUNCTION_TABLE_FETCH_ROWS):
+                chunks.append(np.array(chunk, dtype=np.int64).reshape(len(chunk), 3))
+            cursor.close()
+        rows = np.concatenate(chunks) if chunks else np.zeros((0, 3), dtype=np.int64)
+        function_id, sample_id = rows[:, 0].copy(), rows[:, 1].copy()
+        address = rows[:, 2].copy().view(np.uint64)  # stored as the int64 of the same bits
+        for array in (function_id, sample_id, address):
+            array.setflags(write=False)
+        return function_id, sample_id, address
 
     def load_function_table(self) -> FunctionTable:
         """All functions as numpy arrays, ordered by function id; the arrays are read-only."""
