@@ -72,8 +72,9 @@ PROTOCOL = f"""\
   55-80 %); files reaching earmark's verdict threshold ({VERDICT_SCORE}) are counted too.
 Whole third-party files are never labelled as the project that shipped them (default run).
 KB files are labelled family = actor = project (earmark: `ingest_groups`, one group per
-project, through one pool of {EARMARK_INGEST_JOBS} worker processes into a temporary SQLite KB;
-MCRIT: in-process, `MemoryStorage`, fake queue, MinHash pools off, see bench/README.md).
+project, through one pool of {EARMARK_INGEST_JOBS} worker processes (`--earmark-jobs`) into a
+temporary SQLite KB; MCRIT: in-process, `MemoryStorage`, fake queue, MinHash pools off, see
+bench/README.md).
 Predicted project = top family hypothesis (earmark) / top family of
 `getBestSampleMatchesPerFamily` (MCRIT); projects an engine does not list score 0; MRR and
 top-1 count ties as a random order (bench/common.py). Margin = score(true project) −
@@ -223,15 +224,13 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
     functions_before = kb.store.stats().functions
     workers_cpu_before = _children_cpu_seconds()
     with Stopwatch() as ingest_watch, watch_peak_memory() as ingest_memory:
-        summary = ingest_groups(
-            kb.store, groups, jobs=EARMARK_INGEST_JOBS, rows=kb.row_spool()
-        )
+        summary = ingest_groups(kb.store, groups, jobs=phase["jobs"], rows=kb.row_spool())
     failures = [f"{o.name}: {o.error_type}" for o in summary.failures]
     ingest_workers_cpu = _children_cpu_seconds() - workers_cpu_before
     with Stopwatch() as build_watch, watch_peak_memory() as build_memory:
         # Everything a query reads (function index and feature candidate stage), as
         # ``earmark ingest --jobs 2`` builds it: no query pays for index building.
-        kb.prepare(jobs=EARMARK_INGEST_JOBS)
+        kb.prepare(jobs=phase["jobs"])
         index = kb.index()
     workers_cpu = _children_cpu_seconds() - workers_cpu_before
     stats = kb.store.stats()
@@ -361,7 +360,11 @@ def run_child(engine: str, plan_path: Path, out_path: Path) -> None:
             with open_knowledge_base(str(Path(temporary) / "kb.db")) as kb:
                 for phase in group["phases"]:
                     # Code-only runs (--code-only) leave the artefact pillar out.
-                    phase = {**phase, "artefacts": group.get("artefacts", True)}
+                    phase = {
+                        **phase,
+                        "artefacts": group.get("artefacts", True),
+                        "jobs": group.get("jobs", EARMARK_INGEST_JOBS),
+                    }
                     phases_out.append({"setting": phase["setting"], **_earmark_phase(kb, phase)})
         else:
             from bench.peers.mcrit_peer import McritInProcess
@@ -750,6 +753,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--code-only", action="store_true", help="earmark without its artefact pillar"
     )
     parser.add_argument(
+        "--earmark-jobs",
+        type=int,
+        default=EARMARK_INGEST_JOBS,
+        help=f"earmark's ingest workers and build processes (default {EARMARK_INGEST_JOBS}; "
+        "1 analyses in the engine's own process)",
+    )
+    parser.add_argument(
         "--goodware-third-party",
         action="store_true",
         help="earmark-only variant: ingest KB releases' third-party files as goodware",
@@ -781,8 +791,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups, raw, command = saved["groups"], saved["raw"], saved["command"]
     else:
         groups = build_groups(files, args)
+        if args.earmark_jobs < 1:
+            parser.error("--earmark-jobs must be at least 1")
         for group in groups:
             group["artefacts"] = not args.code_only
+            group["jobs"] = args.earmark_jobs
         engines = ["earmark"] if args.skip_mcrit else list(ENGINES)
         raw = []
         with tempfile.TemporaryDirectory(prefix="bench-attribution-pe-") as temporary:
