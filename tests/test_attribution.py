@@ -287,7 +287,7 @@ def test_feature_stage_cache_gives_the_same_case(
         raise AssertionError("the cached feature stage was rebuilt")
 
     with monkeypatch.context() as patch:
-        patch.setattr("earmark.attribution.build_feature_candidates", must_not_build)
+        patch.setattr("earmark.knowledge_base.build_feature_candidates", must_not_build)
         with open_knowledge_base(database) as kb:
             assert attribute(kb, query) == built
     postings = cache / "postings.npy"

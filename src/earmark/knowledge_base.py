@@ -1,0 +1,240 @@
+"""The knowledge base a query runs against: an open store plus everything built from it
+(the function index, the feature candidate stage, the artefact statistics), built by
+``prepare`` at ingest and cached beside a SQLite file, so no query pays a build.
+
+Caches beside ``<db>`` (a SQLite file; in-memory and server databases build in memory, once per
+process): ``<db>.index/`` (function index), ``<db>.features/`` (feature candidate stage),
+``<db>.artefacts/`` (artefact statistics), each keyed by the store's revision, and
+``<db>.rows/`` (each sample's build rows, ``earmark.kb_rows.RowCache``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from earmark.correlate.artefacts import artefact_stats_for
+from earmark.correlate.code import MAX_FEATURE_STAGE_SAMPLES, build_feature_candidates
+from earmark.errors import UsageError
+from earmark.index import MIN_INSTRUCTIONS, FunctionIndex, IndexCacheError
+from earmark.index.artefact_cache import load_artefact_stats, save_artefact_stats
+from earmark.index.artefacts import ArtefactStats, ArtefactStatsBuilder
+from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
+from earmark.index.feature_candidates import FeatureCandidateIndex
+from earmark.intel.warninglists import default_warninglist_tables
+from earmark.kb_build import build_pass, stored_rows
+from earmark.kb_rows import BuildRows, RowCache, RowSpool
+from earmark.memory import return_free_memory
+from earmark.model.kb import SampleRecord
+from earmark.store import Store, open_store, resolve_database_url
+
+__all__ = ["KnowledgeBase", "index_cache_path", "open_knowledge_base"]
+
+
+@dataclass
+class KnowledgeBase:
+    """An open store plus its function index, built or loaded on first use."""
+
+    store: Store
+    index_path: Path | None  # None: keep the index in memory only
+    _index: FunctionIndex | None = None
+    _samples: dict[int, SampleRecord] = field(default_factory=dict)
+    # The second candidate stage of the store revision: built by ``prepare`` (at ingest) and
+    # mapped from ``<db>.features``, or built once per process for a KB without a cache path;
+    # building it decodes every stored sample, so no query may pay it.
+    _feature_candidates: tuple[int, FeatureCandidateIndex | None] | None = None
+    _artefacts: ArtefactStats | None = None  # artefact pillar statistics, cached as <db>.artefacts
+    # Build rows of samples ingested through ``row_spool``: beside a SQLite KB its row cache.
+    _spool: BuildRows | None = None
+
+    def artefact_stats(self) -> ArtefactStats:
+        index = self.index()
+        if self._artefacts is None or self._artefacts.revision != index.revision:
+            self._artefacts = None  # a stale revision's: not kept alive during the build
+            cache = self._artefact_cache_path()
+            self._artefacts = artefact_stats_for(self.store, self._samples, index.revision, cache)
+        return self._artefacts
+
+    def index(self) -> FunctionIndex:
+        revision = self.store.revision()
+        if self._index is not None and self._index.revision == revision:
+            return self._index
+        # Nothing of a stale revision (index, stage, statistics) is held while the new index
+        # is loaded or built (PE bench: (c)'s build after (a)'s queries, peak 259 -> 226 MB).
+        self._index = None
+        self._feature_candidates = None
+        self._artefacts = None
+        return_free_memory()
+        self._samples = dict(self.store.sample_labels())
+        index: FunctionIndex | None = None
+        if self.index_path is not None:
+            try:
+                index = FunctionIndex.load(self.index_path, revision)
+            except IndexCacheError:
+                index = None  # damaged cache: rebuilt below, never trusted
+        if index is None or index.rarity is None:
+            index = FunctionIndex.build(self.store.load_function_table(), revision, self._samples)
+            if self.index_path is not None:
+                index.save(self.index_path)
+        self._index = index
+        return index
+
+    def row_spool(self) -> BuildRows:
+        """Where ``ingest_groups(..., rows=...)`` leaves the build rows of the samples it
+        stores: beside a SQLite KB, its row cache ``<db>.rows/``, which every later build
+        reads and adds the rows of the samples it decodes to; otherwise a spool for the next
+        ``prepare`` of this object (emptied by it)."""
+        if self._spool is None:
+            path = self._row_cache_path()
+            limit = MAX_FEATURE_STAGE_SAMPLES
+            self._spool = (
+                RowSpool(MIN_INSTRUCTIONS, max_samples=limit)
+                if path is None
+                else RowCache(path, MIN_INSTRUCTIONS, max_samples=limit)
+            )
+        return self._spool
+
+    def samples(self) -> dict[int, SampleRecord]:
+        self.index()
+        return self._samples
+
+    def prepare(self, jobs: int = 1) -> None:
+        """Build (and cache beside a SQLite KB) every index a query reads: the function index,
+        the feature candidate stage, the artefact statistics, and the per-installation
+        warninglist table. ``earmark ingest`` calls it after writing, so the first query after
+        an ingest does not pay the build (seconds: it decodes every stored sample's features,
+        once for the feature stage and the artefact statistics together). ``jobs`` > 1
+        decodes the samples in that many processes (the same result)."""
+        if jobs < 1:
+            raise UsageError(f"jobs must be at least 1, not {jobs}")
+        try:
+            with build_pass():
+                self._build_stage_and_artefacts(self.index(), jobs)
+                self.feature_candidates()
+                self.artefact_stats()
+        finally:
+            if isinstance(self._spool, RowSpool):
+                self._spool.clear()
+        # Compiled once per installation (seconds), mapped by every later process.
+        default_warninglist_tables()
+
+    def _build_stage_and_artefacts(self, index: FunctionIndex, jobs: int) -> None:
+        """When neither the feature stage nor the artefact statistics of this revision are
+        at hand, both are built from one decoding pass over the stored samples (PE bench KB:
+        prepare 9.1 -> 5.6 CPU s against decoding every sample once per build;
+        docs/benchmarks.md, "Query latency and memory")."""
+        revision, min_instructions = index.revision, index.min_instructions
+        if (
+            len(self._samples) > MAX_FEATURE_STAGE_SAMPLES
+            or (self._feature_candidates is not None and self._feature_candidates[0] == revision)
+            or (self._artefacts is not None and self._artefacts.revision == revision)
+        ):
+            return
+        cached = self._cached_feature_candidates(revision, min_instructions)
+        if cached is not None:
+            self._feature_candidates = (revision, cached)
+            return
+        # A stale revision's stage (mapped pages a query touched count as resident) and
+        # statistics are dropped before the build, not held alongside the new ones.
+        self._feature_candidates = None
+        self._artefacts = None
+        cache = self._artefact_cache_path()
+        if cache is not None:
+            try:
+                self._artefacts = load_artefact_stats(cache, revision)
+                return
+            except IndexCacheError:
+                pass  # missing, stale or damaged: built below, never trusted
+        artefacts = ArtefactStatsBuilder()
+        at_hand = self._spool if self.index_path is None else self.row_spool()
+        rows = stored_rows(self.store, self._samples, min_instructions, artefacts, jobs, at_hand)
+        kept = self._build_and_keep_feature_candidates(  # the pass feeds the artefacts too
+            lambda: build_feature_candidates(self.store, self._samples, min_instructions, rows),
+            index,
+        )
+        self._feature_candidates = (revision, kept)
+        stats = artefacts.finish(revision)
+        if cache is not None:
+            save_artefact_stats(stats, cache)
+        self._artefacts = stats
+
+    def feature_candidates(self) -> FeatureCandidateIndex | None:
+        """The optimisation-robust candidate stage (None past its sample limit)."""
+        index = self.index()
+        if self._feature_candidates is None or self._feature_candidates[0] != index.revision:
+            self._feature_candidates = None  # a stale revision's: not kept during the build
+            built = self._cached_feature_candidates(index.revision, index.min_instructions)
+            if built is None:
+                build = partial(build_feature_candidates, self.store, self._samples)
+                built = self._build_and_keep_feature_candidates(
+                    lambda: build(index.min_instructions), index
+                )
+            self._feature_candidates = (index.revision, built)
+        return self._feature_candidates[1]
+
+    def _build_and_keep_feature_candidates(
+        self, build: Callable[[], FeatureCandidateIndex | None], index: FunctionIndex
+    ) -> FeatureCandidateIndex | None:
+        """A stage built, saved beside a SQLite KB and then served from the mapped files (pages
+        shared with the page cache). The built arrays are freed before the saved ones are mapped
+        and checked, never in memory together (PE bench KB: a 10 MB higher peak when they were)."""
+        built, cache = build(), self._feature_cache_path()
+        if built is None or cache is None:
+            return built
+        if not save_feature_candidates(built, cache, index.revision, index.min_instructions):
+            return built
+        del built  # the only reference
+        return_free_memory()
+        mapped = self._cached_feature_candidates(index.revision, index.min_instructions)
+        if mapped is None:  # just written, yet unreadable: built again, kept in memory
+            return build_feature_candidates(self.store, self._samples, index.min_instructions)
+        # The load checks read whole columns (~12 MB of pages on the PE bench KB); a query
+        # faults in only what it reads.
+        mapped.release_pages()
+        return mapped
+
+    def _artefact_cache_path(self) -> Path | None:
+        return None if self.index_path is None else self.index_path.with_suffix(".artefacts")
+
+    def _row_cache_path(self) -> Path | None:
+        """``<db>.rows`` beside ``<db>.index`` (``kb_rows.RowCache``)."""
+        if self.index_path is None:
+            return None
+        return self.index_path.with_name(self.index_path.name.removesuffix(".index") + ".rows")
+
+    def _feature_cache_path(self) -> Path | None:
+        """``<db>.features`` beside ``<db>.index`` (its own directory: saving the function
+        index replaces ``<db>.index`` wholesale)."""
+        if self.index_path is None:
+            return None
+        return self.index_path.with_name(self.index_path.name.removesuffix(".index") + ".features")
+
+    def _cached_feature_candidates(
+        self, revision: int, min_instructions: int
+    ) -> FeatureCandidateIndex | None:
+        cache = self._feature_cache_path()
+        if cache is None or len(self._samples) > MAX_FEATURE_STAGE_SAMPLES:
+            return None
+        try:
+            return load_feature_candidates(cache, revision, min_instructions)
+        except IndexCacheError:
+            return None  # damaged cache: rebuilt by the caller, never trusted
+
+
+def index_cache_path(database: str | None) -> Path | None:
+    """``<db file>.index`` for a SQLite file, None for memory or server databases."""
+    url = resolve_database_url(database)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    db_path = Path(url.database)
+    return db_path.with_name(db_path.name + ".index")
+
+
+@contextmanager
+def open_knowledge_base(database: str | None = None) -> Iterator[KnowledgeBase]:
+    """The store at ``database`` (path, URL, None for $EARMARK_DB/./earmark.db) and its index."""
+    with open_store(database) as store:
+        yield KnowledgeBase(store, index_cache_path(database))
