@@ -134,6 +134,24 @@ def test_damaged_foreign_and_outdated_files_are_decoded_again_and_replaced(
         _assert_built_as_decoding_builds(kb)
 
 
+def test_files_of_samples_the_kb_does_not_hold_are_deleted_by_the_next_build(
+    corpus: DemoCorpus, tmp_path: Path
+) -> None:
+    """A KB deleted and created again at the same path leaves the old KB's files behind."""
+    database = tmp_path / "kb.db"
+    with open_knowledge_base(str(database)) as kb:
+        ingest_groups(kb.store, _groups(corpus), rows=kb.row_spool())
+        kb.prepare()
+    cached = _cached(database)
+    stray = Path(f"{database}.rows") / f"{'e' * 64}.rows"
+    shutil.copyfile(next(iter(cached.values())), stray)
+    _drop_built_caches(database)
+    with open_knowledge_base(str(database)) as kb:
+        kb.prepare()
+        assert not stray.exists()
+        assert set(_cached(database)) == set(cached) == {r.sha256 for r in kb.samples().values()}
+
+
 def test_a_rows_path_that_cannot_be_written_costs_only_the_decoding(
     corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -218,6 +218,8 @@ def stored_rows(
     records = sorted(samples.values(), key=lambda record: record.sha256)
     if kept is not None and kept.min_instructions != min_instructions:
         kept = None
+    if isinstance(kept, RowCache):
+        kept.prune({record.sha256 for record in records})
     found = _kept(store, records, kept)
     to_decode = [record for record in records if record.sha256 not in found]
     maker = _RowMaker(store.codec, min_instructions)

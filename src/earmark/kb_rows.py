@@ -17,6 +17,7 @@ the directory (a damaged, foreign or outdated file) is ignored and the sample is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import struct
@@ -227,6 +228,22 @@ class RowCache:
         if self._files is not None and sha256 not in self._written:
             self._files += 1
         self._written[sha256] = origin
+
+    def prune(self, stored: set[str]) -> None:
+        """Delete the files of samples not in ``stored`` (the KB's sha256s): left by a KB that
+        was deleted and created again at the same path, they would hold room under
+        ``max_samples`` forever."""
+        try:
+            with os.scandir(self.directory) as entries:
+                names = [entry.name for entry in entries if entry.name.endswith(".rows")]
+        except OSError:
+            return
+        for name in names:
+            if name.removesuffix(".rows") not in stored:
+                with contextlib.suppress(OSError):  # best effort, as every write
+                    (self.directory / name).unlink()
+                self._written.pop(name.removesuffix(".rows"), None)
+        self._files = None  # counted again when next asked
 
     def origin_needed(self, sha256: str) -> bool:
         """Whether ``get`` needs the stored bytes' origin: a file exists that this object did
