@@ -18,6 +18,7 @@ from earmark.demo_build import DemoCorpus, build_demo_corpus
 from earmark.index.artefacts import build_artefact_stats
 from earmark.index.feature_candidates import TextKeys
 from earmark.ingest import IngestGroup, LabelTemplate, ingest_groups, ingest_paths
+from earmark.intel.warninglists import CACHE_DIR_ENV_VAR
 from earmark.kb_rows import ROW_FORMAT_VERSION, RowCache, origin_of, rows_of
 from earmark.model.sample import SampleFeatures
 from earmark.store.sql import FreezeCodec
@@ -100,6 +101,28 @@ def test_a_later_build_reads_every_earlier_sample_from_the_cache(
         assert sum(decoded.values()) == 1  # the new sample only: the rest read, origin-checked
         _assert_built_as_decoding_builds(kb)
         assert set(_cached(database)) == {r.sha256 for r in kb.samples().values()}
+
+
+def test_a_server_kb_keeps_its_rows_in_the_installation_cache(
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, postgres_url: str
+) -> None:
+    """A PostgreSQL KB has no folder beside it: its rows go under $EARMARK_CACHE_DIR, and a
+    later process (which builds its stage and statistics in memory) decodes nothing."""
+    monkeypatch.setenv(CACHE_DIR_ENV_VAR, str(tmp_path / "cache"))
+    with open_knowledge_base(postgres_url) as kb:
+        assert isinstance(kb.row_spool(), RowCache)
+        ingest_groups(kb.store, _groups(corpus), rows=kb.row_spool())
+        kb.prepare()
+        _assert_built_as_decoding_builds(kb)
+    (directory,) = (tmp_path / "cache" / "rows").iterdir()
+    with open_knowledge_base(postgres_url) as kb:  # a query process on the server KB
+        decoded = _count_decodes(monkeypatch)
+        assert kb.feature_candidates() is not None and kb.artefact_stats() is not None
+        assert sum(decoded.values()) == 0  # both from one pass over the cached rows
+        _assert_built_as_decoding_builds(kb)
+        assert {path.stem for path in directory.glob("*.rows")} == {
+            record.sha256 for record in kb.samples().values()
+        }
 
 
 def test_damaged_foreign_and_outdated_files_are_decoded_again_and_replaced(

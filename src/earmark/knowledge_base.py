@@ -5,11 +5,13 @@
 Caches beside ``<db>`` (a SQLite file; in-memory and server databases build in memory, once per
 process): ``<db>.index/`` (function index), ``<db>.features/`` (feature candidate stage),
 ``<db>.artefacts/`` (artefact statistics), each keyed by the store's revision, and
-``<db>.rows/`` (each sample's build rows, ``earmark.kb_rows.RowCache``).
+``<db>.rows/`` (each sample's build rows, ``earmark.kb_rows.RowCache``; a server database's
+under ``$EARMARK_CACHE_DIR/rows/``, see ``row_cache_path``).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,14 +26,14 @@ from earmark.index.artefact_cache import load_artefact_stats, save_artefact_stat
 from earmark.index.artefacts import ArtefactStats, ArtefactStatsBuilder
 from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
 from earmark.index.feature_candidates import FeatureCandidateIndex
-from earmark.intel.warninglists import default_warninglist_tables
+from earmark.intel.warninglists import cache_dir, default_warninglist_tables
 from earmark.kb_build import build_pass, stored_rows
 from earmark.kb_rows import BuildRows, RowCache, RowSpool
 from earmark.memory import return_free_memory
 from earmark.model.kb import SampleRecord
 from earmark.store import Store, open_store, resolve_database_url
 
-__all__ = ["KnowledgeBase", "index_cache_path", "open_knowledge_base"]
+__all__ = ["KnowledgeBase", "index_cache_path", "open_knowledge_base", "row_cache_path"]
 
 
 @dataclass
@@ -40,6 +42,9 @@ class KnowledgeBase:
 
     store: Store
     index_path: Path | None  # None: keep the index in memory only
+    # The row cache's directory (``row_cache_path``); None: beside ``index_path`` if there is
+    # one, else no cache (a spool per ingest).
+    rows_path: Path | None = None
     _index: FunctionIndex | None = None
     _samples: dict[int, SampleRecord] = field(default_factory=dict)
     # The second candidate stage of the store revision: built by ``prepare`` (at ingest) and
@@ -52,6 +57,9 @@ class KnowledgeBase:
 
     def artefact_stats(self) -> ArtefactStats:
         index = self.index()
+        if self._artefacts is None or self._artefacts.revision != index.revision:
+            # Neither at hand (a server KB's query process): both from one pass, as prepare.
+            self._build_stage_and_artefacts(index, jobs=1)
         if self._artefacts is None or self._artefacts.revision != index.revision:
             self._artefacts = None  # a stale revision's: not kept alive during the build
             cache = self._artefact_cache_path()
@@ -84,8 +92,8 @@ class KnowledgeBase:
 
     def row_spool(self) -> BuildRows:
         """Where ``ingest_groups(..., rows=...)`` leaves the build rows of the samples it
-        stores: beside a SQLite KB, its row cache ``<db>.rows/``, which every later build
-        reads and adds the rows of the samples it decodes to; otherwise a spool for the next
+        stores: the KB's row cache (``row_cache_path``), which every later build reads and
+        adds the rows of the samples it decodes to; for an in-memory KB a spool for the next
         ``prepare`` of this object (emptied by it)."""
         if self._spool is None:
             path = self._row_cache_path()
@@ -149,7 +157,7 @@ class KnowledgeBase:
             except IndexCacheError:
                 pass  # missing, stale or damaged: built below, never trusted
         artefacts = ArtefactStatsBuilder()
-        at_hand = self._spool if self.index_path is None else self.row_spool()
+        at_hand = self._spool if self._row_cache_path() is None else self.row_spool()
         rows = stored_rows(self.store, self._samples, min_instructions, artefacts, jobs, at_hand)
         kept = self._build_and_keep_feature_candidates(  # the pass feeds the artefacts too
             lambda: build_feature_candidates(self.store, self._samples, min_instructions, rows),
@@ -164,6 +172,8 @@ class KnowledgeBase:
     def feature_candidates(self) -> FeatureCandidateIndex | None:
         """The optimisation-robust candidate stage (None past its sample limit)."""
         index = self.index()
+        if self._feature_candidates is None or self._feature_candidates[0] != index.revision:
+            self._build_stage_and_artefacts(index, jobs=1)  # see artefact_stats
         if self._feature_candidates is None or self._feature_candidates[0] != index.revision:
             self._feature_candidates = None  # a stale revision's: not kept during the build
             built = self._cached_feature_candidates(index.revision, index.min_instructions)
@@ -200,9 +210,9 @@ class KnowledgeBase:
         return None if self.index_path is None else self.index_path.with_suffix(".artefacts")
 
     def _row_cache_path(self) -> Path | None:
-        """``<db>.rows`` beside ``<db>.index`` (``kb_rows.RowCache``)."""
-        if self.index_path is None:
-            return None
+        """``rows_path``, or ``<db>.rows`` beside ``<db>.index`` (``kb_rows.RowCache``)."""
+        if self.rows_path is not None or self.index_path is None:
+            return self.rows_path
         return self.index_path.with_name(self.index_path.name.removesuffix(".index") + ".rows")
 
     def _feature_cache_path(self) -> Path | None:
@@ -233,8 +243,26 @@ def index_cache_path(database: str | None) -> Path | None:
     return db_path.with_name(db_path.name + ".index")
 
 
+def row_cache_path(database: str | None) -> Path | None:
+    """The row cache's directory: ``<db file>.rows`` for a SQLite file; for a server database,
+    one directory per database URL (password left out) in the per-installation cache
+    (``$EARMARK_CACHE_DIR/rows/``), since the server has no folder of ours beside it; None in
+    memory. A cache file is used only for the stored bytes it was made from, so a server
+    database dropped and created again under the same URL is safe (``kb_rows.RowCache``)."""
+    url = resolve_database_url(database)
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            return None
+        db_path = Path(url.database)
+        return db_path.with_name(db_path.name + ".rows")
+    name = hashlib.sha256(url.render_as_string(hide_password=True).encode()).hexdigest()[:32]
+    return cache_dir() / "rows" / name
+
+
 @contextmanager
 def open_knowledge_base(database: str | None = None) -> Iterator[KnowledgeBase]:
     """The store at ``database`` (path, URL, None for $EARMARK_DB/./earmark.db) and its index."""
     with open_store(database) as store:
-        yield KnowledgeBase(store, index_cache_path(database))
+        yield KnowledgeBase(
+            store, index_cache_path(database), rows_path=row_cache_path(database)
+        )
