@@ -229,6 +229,21 @@ def _releases_by_project(files: Sequence[CorpusFile]) -> dict[str, list[str]]:
     }
 
 
+def project_ingest_groups(files: Iterable[CorpusFile], source: str = "bench") -> list[Any]:
+    """earmark ``IngestGroup``s of ``files``: one per project, labelled family = actor =
+    project, in project order, for one ``ingest_groups`` call (as ``bench.attribution_pe``
+    ingests its KB parts)."""
+    from earmark.ingest import IngestGroup, LabelTemplate
+
+    by_project: dict[str, list[str]] = {}
+    for file in files:
+        by_project.setdefault(file.project, []).append(str(file.path))
+    return [
+        IngestGroup(tuple(paths), LabelTemplate(actor=project, family=project, source=source))
+        for project, paths in sorted(by_project.items())
+    ]
+
+
 def split_all_but_newest(files: Sequence[CorpusFile]) -> AttributionSplit:
     """Setting (a): KB = every release but the newest of each project; queries = the newest.
 

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import load_release_corpus, split_all_but_newest
+from bench.common import load_release_corpus, project_ingest_groups, split_all_but_newest
 
 
 def _rss_mb() -> float:
@@ -99,16 +99,12 @@ def measure_once(source: Path, jobs: int = 1) -> dict[str, float | str]:
 def build_pe_a(db: Path) -> None:
     """Ingest the KB files of PE setting (a), files of at most 1 MB, into ``db``."""
     from earmark.attribution import open_knowledge_base
-    from earmark.ingest import LabelTemplate, ingest_paths
+    from earmark.ingest import ingest_groups
 
     files = [f for f in load_release_corpus("pe") if f.size <= 1_000_000]
-    by_project: dict[str, list[str]] = {}
-    for file in split_all_but_newest(files).knowledge_base:
-        by_project.setdefault(file.project, []).append(str(file.path))
+    groups = project_ingest_groups(split_all_but_newest(files).knowledge_base)
     with open_knowledge_base(str(db)) as kb:
-        for project, paths in sorted(by_project.items()):
-            template = LabelTemplate(actor=project, family=project, source="bench")
-            ingest_paths(kb.store, paths, template, jobs=2)
+        ingest_groups(kb.store, groups, jobs=2, rows=kb.row_spool())
 
 
 def pe_sequence() -> None:

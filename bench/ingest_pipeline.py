@@ -1,8 +1,9 @@
 """Cost of the ingest pipeline around the analysis, on the PE bench KB of setting (a).
 
 The KB part of ``bench.attribution_pe --max-file-mb 1.0`` (101 files, 38.9k functions) is
-ingested into a fresh SQLite KB the way that benchmark does it (one ``ingest_paths`` call per
-project, ``--jobs`` worker processes), then ``prepare()`` runs. Printed: ingest wall, the
+ingested into a fresh SQLite KB the way that benchmark does it (one ``ingest_groups`` call, one
+group per project, ``--jobs`` worker processes, the rows its workers make kept for the build),
+then ``prepare(jobs)`` runs. Printed: ingest wall, the
 parent's CPU, the workers' CPU (``RUSAGE_CHILDREN``), prepare wall and CPU, the indexing speed
 (functions / (ingest wall + prepare wall)), and digests of what was stored: the frozen
 features payloads (``analysis_seconds``, a timing, left out) and the function rows, by sha256
@@ -31,18 +32,16 @@ import sqlite3
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
-from bench.common import load_release_corpus, split_all_but_newest
+from bench.common import load_release_corpus, project_ingest_groups, split_all_but_newest
 
 _HEADER_BYTES = 24  # earmark.freeze's header: magic, version, payload length, CRC-32
 
 
-def _kb_files() -> dict[str, list[str]]:
+def _kb_groups() -> list[Any]:
     files = [f for f in load_release_corpus("pe") if f.size <= 1_000_000]
-    by_project: dict[str, list[str]] = {}
-    for file in split_all_but_newest(files).knowledge_base:
-        by_project.setdefault(file.project, []).append(str(file.path))
-    return by_project
+    return project_ingest_groups(split_all_but_newest(files).knowledge_base)
 
 
 def _stored_digests(db: Path) -> tuple[str, str]:
@@ -65,20 +64,18 @@ def _stored_digests(db: Path) -> tuple[str, str]:
 
 def measure_ingest(db: Path, jobs: int) -> None:
     from earmark.attribution import open_knowledge_base
-    from earmark.ingest import LabelTemplate, ingest_paths
+    from earmark.ingest import ingest_groups
 
     for stale in db.parent.glob(db.name + "*"):
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    by_project = _kb_files()
+    groups = _kb_groups()
     wall, cpu = time.perf_counter(), time.process_time()
     with open_knowledge_base(str(db)) as kb:
-        for project, paths in sorted(by_project.items()):
-            template = LabelTemplate(actor=project, family=project, source="bench")
-            ingest_paths(kb.store, paths, template, jobs=jobs)
+        ingest_groups(kb.store, groups, jobs=jobs, rows=kb.row_spool())
         ingest_wall, ingest_cpu = time.perf_counter() - wall, time.process_time() - cpu
         workers = resource.getrusage(resource.RUSAGE_CHILDREN)
         wall, cpu = time.perf_counter(), time.process_time()
-        kb.prepare()
+        kb.prepare(jobs=jobs)
         prepare_wall, prepare_cpu = time.perf_counter() - wall, time.process_time() - cpu
         functions = kb.store.stats().functions
     features, rows = _stored_digests(db)
@@ -99,7 +96,7 @@ def measure_worker_parts() -> None:
     from earmark.intel import indicators_from_strings
     from earmark.store.rows import prepare_sample
 
-    datas = [Path(p).read_bytes() for paths in _kb_files().values() for p in paths]
+    datas = [Path(p).read_bytes() for group in _kb_groups() for p in group.paths]
     seconds = dict.fromkeys(("analysis", "encoding", "compression", "indicators", "rows"), 0.0)
     for data in datas:
         start = time.process_time()
@@ -129,7 +126,7 @@ def measure_worker_cpu(repeat: int) -> None:
     from earmark.ingest import _analyze, _warm_before_fork
     from earmark.store.sql import FreezeCodec
 
-    datas = [Path(p).read_bytes() for paths in _kb_files().values() for p in paths]
+    datas = [Path(p).read_bytes() for group in _kb_groups() for p in group.paths]
     codec = FreezeCodec()
     _warm_before_fork()  # as the parent does before the pool forks
     for _ in range(repeat):

@@ -31,6 +31,7 @@ from bench.common import (
     CorpusFile,
     current_rss_bytes,
     load_release_corpus,
+    project_ingest_groups,
     split_all_but_newest,
     split_third_party_queries,
 )
@@ -73,17 +74,12 @@ def _corpus(max_file_mb: float) -> list[CorpusFile]:
 
 def _build(db: Path, max_file_mb: float) -> None:
     from earmark.attribution import open_knowledge_base
-    from earmark.ingest import LabelTemplate, ingest_paths
+    from earmark.ingest import ingest_groups
 
-    split = split_all_but_newest(_corpus(max_file_mb))
-    by_project: dict[str, list[str]] = {}
-    for file in split.knowledge_base:
-        by_project.setdefault(file.project, []).append(str(file.path))
+    groups = project_ingest_groups(split_all_but_newest(_corpus(max_file_mb)).knowledge_base)
     with open_knowledge_base(str(db)) as kb:
-        for project, paths in sorted(by_project.items()):
-            label = LabelTemplate(actor=project, family=project, source="bench")
-            ingest_paths(kb.store, paths, label, jobs=2)
-        kb.prepare()
+        ingest_groups(kb.store, groups, jobs=2, rows=kb.row_spool())
+        kb.prepare(jobs=2)
 
 
 def _measure(db: Path, setting: str, max_file_mb: float, keep_lief: bool) -> QueryMemory:
