@@ -2,10 +2,11 @@
 places a build finds them without decoding the sample's frozen features again:
 
 - ``RowSpool``: the rows an ingest's workers made for the samples it has just written, held
-  in an unnamed temporary file until the next build of the same ``KnowledgeBase`` (a KB
-  without a cache directory: in memory, or on a database server).
-- ``RowCache``: the same rows kept beside a SQLite KB as ``<db>.rows/``, one file per sample,
-  so that every later build reads them instead of decoding: a build reads every stored
+  in an unnamed temporary file until the next build of the same ``KnowledgeBase`` (an
+  in-memory KB, which has no cache directory).
+- ``RowCache``: the same rows kept beside a SQLite KB as ``<db>.rows/`` (a server KB's under
+  ``$EARMARK_CACHE_DIR/rows/``: ``knowledge_base.row_cache_path``), one file per sample, so
+  that every later build reads them instead of decoding: a build reads every stored
   sample, and decoding was most of its cost once a KB held more than the samples just added
   (PE bench: adding 21 files to a 103-file KB decoded the 103 again, ~1.0 of ~1.7 CPU s).
 
@@ -165,7 +166,7 @@ class RowSpool:
 
 
 class RowCache:
-    """``SampleRows`` kept in ``directory`` (``<db>.rows/``), one file per sample, for every
+    """``SampleRows`` kept in ``directory`` (``row_cache_path``), one file per sample, for every
     later build of that KB: written by ingest as the samples are stored (from the rows its
     workers made) and by a build for each sample it had to decode.
 
