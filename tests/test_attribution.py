@@ -106,6 +106,21 @@ def test_new_version_ranks_its_family_first_despite_shared_zlib(
     assert best.rare_function_count >= 8
 
 
+def test_a_case_weighed_against_a_single_group_says_rarity_cannot_be_trusted(
+    corpora: dict[str, DemoCorpus],
+) -> None:
+    """With one group in the KB everything it holds is "unique to one group": the scores are
+    kept, and the case carries a warning; a KB of two groups does not."""
+    corpus = corpora["gcc-elf64"]
+    group_a = [b for b in corpus.select(role="kb", opt="O2") if b.actor == "Group A"]
+    with demo_kb(group_a) as kb:
+        case = attribute(kb, corpus.binary("bravo-v2", "O2"))
+    assert len(case.warnings) == 1
+    assert "1 attribution group and 0 goodware samples" in case.warnings[0]
+    with standard_kb(corpus) as kb:
+        assert attribute(kb, corpus.binary("bravo-v2", "O2")).warnings == []
+
+
 def test_goodware_lowers_the_weight_of_zlib(
     corpora: dict[str, DemoCorpus], builder: FixtureBuilder
 ) -> None:
