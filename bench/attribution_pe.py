@@ -171,7 +171,7 @@ def build_groups(files: Sequence[CorpusFile], args: argparse.Namespace) -> list[
                 }
             )
         if phases:
-            groups.append({"name": "+".join(p["setting"] for p in phases), "phases": phases})
+            groups.append({"name": "+".join(str(p["setting"]) for p in phases), "phases": phases})
     return groups
 
 
