@@ -30,11 +30,11 @@ from earmark.errors import StoreError
 from earmark.model.kb import Tlp
 from earmark.model.sample import MINHASH_PERMUTATIONS
 from earmark.store import SqlStore, open_store, resolve_database_url, schema_version
+from earmark.store import function_table as table_module
 from earmark.store import migrations as migrations_module
 from earmark.store import schema as schema_module
-from earmark.store import sql as sql_module
+from earmark.store.engine import connect_database
 from earmark.store.migrations import MIGRATIONS, Migration
-from earmark.store.sql import connect_database
 from fixtures.build import FixtureBuilder
 from kb_factories import make_features, make_label
 
@@ -63,7 +63,9 @@ def store(store_url: str) -> Iterator[SqlStore]:
 
 def test_public_api_is_exactly_all() -> None:
     public = {name for name in vars(earmark.store) if not name.startswith("_")}
-    modules = {"base", "intel_sql", "migrations", "rows", "schema", "sql"}
+    modules = {
+        "base", "engine", "function_table", "intel_sql", "migrations", "rows", "schema", "sql"
+    }
     assert public - modules == set(earmark.store.__all__)
 
 
@@ -155,7 +157,7 @@ def test_function_ids_are_the_tables_id_columns(
         store.add_sample(features, None)
     table = store.load_function_table()
     assert max(table.address.tolist()) >= 2**63  # unsigned values above int64 survive
-    monkeypatch.setattr(sql_module, "FUNCTION_TABLE_FETCH_ROWS", 3)  # 13 rows: 5 round trips
+    monkeypatch.setattr(table_module, "FUNCTION_TABLE_FETCH_ROWS", 3)  # 13 rows: 5 round trips
     function_id, sample_id, address = store.load_function_ids()
     assert function_id.tolist() == table.function_id.tolist()
     assert sample_id.tolist() == table.sample_id.tolist()
@@ -348,7 +350,7 @@ def test_function_table_is_read_in_chunks(
     for features in samples:
         store.add_sample(features, None)
     whole = store.load_function_table()
-    monkeypatch.setattr(sql_module, "FUNCTION_TABLE_FETCH_ROWS", 4)  # 21 rows: 6 round trips
+    monkeypatch.setattr(table_module, "FUNCTION_TABLE_FETCH_ROWS", 4)  # 21 rows: 6 round trips
     chunked = store.load_function_table()
     assert len(chunked) == 21
     for field in dataclasses.fields(whole):

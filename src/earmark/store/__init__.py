@@ -12,16 +12,10 @@ from earmark.store.base import (
     Store,
     StoreStats,
 )
+from earmark.store.engine import DATABASE_ENV_VAR, DEFAULT_DATABASE_PATH, resolve_database_url
 from earmark.store.migrations import MIGRATIONS, schema_version
 from earmark.store.rows import PreparedSample, prepare_sample
-from earmark.store.sql import (
-    DATABASE_ENV_VAR,
-    DEFAULT_DATABASE_PATH,
-    FreezeCodec,
-    SqlStore,
-    open_store,
-    resolve_database_url,
-)
+from earmark.store.sql import FreezeCodec, SqlStore, open_store
 
 __all__ = [
     "DATABASE_ENV_VAR",

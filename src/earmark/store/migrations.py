@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection
 from earmark.errors import StoreError
 from earmark.store import schema
 
-# Execution option read by the SQLite "begin" hook in ``earmark.store.sql``: write transactions
+# Execution option read by the SQLite "begin" hook in ``earmark.store.engine``: write transactions
 # start with BEGIN IMMEDIATE so two writers queue on the lock instead of both reading under a
 # shared lock and then failing to upgrade it (SQLITE_BUSY without waiting).
 SQLITE_BEGIN_OPTION = "earmark_sqlite_begin"
@@ -293,7 +293,7 @@ def _applied_ids(connection: Connection) -> set[int]:
 def apply_migrations(engine: Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
     """Bring the database up to date; returns the ids applied now (empty when already current).
 
-    ``engine`` must come from ``earmark.store.sql.connect_database``: on SQLite its BEGIN hook
+    ``engine`` must come from ``earmark.store.engine.connect_database``: on SQLite its BEGIN hook
     is what makes a migration's DDL part of its transaction. Raises ``StoreError`` when the
     database was written by a newer earmark.
     """

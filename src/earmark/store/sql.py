@@ -2,36 +2,31 @@
 
 All SQL in earmark lives in ``earmark.store``. Queries are SQLAlchemy Core built from
 ``earmark.store.schema``, so the same code runs on SQLite and PostgreSQL. What differs by backend
-is kept to a few places: SQLite's connection pragmas and BEGIN hook (below), PostgreSQL's write
-lock (``migrations.begin_write``), snapshot reads (``_read``) and the server-side cursor of
-``load_function_table``.
+is kept to a few places: SQLite's connection pragmas and BEGIN hook (``earmark.store.engine``,
+which also names and opens the database), PostgreSQL's write lock (``migrations.begin_write``),
+snapshot reads (``_read``) and the server-side cursor of the function table's bulk reads
+(``earmark.store.function_table``).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import sqlite3
-import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, update
-from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.engine.url import URL
-from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy import Engine, and_, func, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from earmark.errors import StoreError
 from earmark.model.intel import ActorProfile, Indicator, IntelRelation, IntelReport
 from earmark.model.kb import FunctionTable, Provenance, SampleLabel, SampleRecord, Tlp
-from earmark.model.sample import MINHASH_PERMUTATIONS, SampleFeatures
+from earmark.model.sample import SampleFeatures
 from earmark.store import intel_sql, schema
 from earmark.store.base import (
     FeaturesCodec,
@@ -40,32 +35,19 @@ from earmark.store.base import (
     SampleIndicators,
     StoreStats,
 )
-from earmark.store.migrations import SQLITE_BEGIN_OPTION, apply_migrations, begin_write
+from earmark.store.engine import (
+    connect_database,
+    database_errors,
+    resolve_database_url,
+)
+from earmark.store.function_table import read_function_ids, read_function_table
+from earmark.store.migrations import apply_migrations, begin_write
 from earmark.store.rows import (
     FUNCTION_ROW_COLUMNS,
-    MINHASH_BLOB_BYTES,
     PreparedSample,
     prepare_sample,
 )
 
-# Environment variable naming the knowledge base when no path or URL is given (DESIGN.md §1).
-DATABASE_ENV_VAR = "EARMARK_DB"
-# The knowledge base used when neither an argument nor EARMARK_DB names one.
-DEFAULT_DATABASE_PATH = "earmark.db"
-# How long a SQLite writer waits for another process's write transaction before failing. One
-# sample's write takes milliseconds; 30 s covers a parallel ingest writing a 50k-function sample.
-SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
-# Rows fetched per round trip by load_function_table: each row is ~600 B of Python objects
-# (tuple, ints, a 256-byte MinHash bytes). PE bench (a+c) KB, 47.3k functions, peak over the
-# RSS before the read: 61 MB at 65,536 rows (one chunk held the whole table as objects), 24 MB
-# at 4,096, 17 MB at 1,024 (the arrays themselves are 14 MB), with CPU 0.09 -> 0.05 s (the
-# chunk stays in the CPU caches); a PostgreSQL round trip then still carries ~300 KB.
-FUNCTION_TABLE_FETCH_ROWS = 1_024
-# Name of the PostgreSQL server-side cursor load_function_table reads through (unique within
-# its transaction, which is all a cursor name must be).
-FUNCTION_TABLE_CURSOR = "earmark_function_table"
-# The extra that installs the PostgreSQL driver, named in the error when it is missing.
-POSTGRES_EXTRA = "earmark[postgres]"
 # Provenance given to a sample row stored without a label or explicit provenance.
 UNKNOWN_SOURCE = "unknown"
 
@@ -93,130 +75,17 @@ class FreezeCodec:
         return cast(SampleFeatures, decoded)
 
 
-def resolve_database_url(url_or_path: str | None) -> URL:
-    """None → $EARMARK_DB → ./earmark.db; a plain path → sqlite:///path; a URL as it is."""
-    target = url_or_path or os.environ.get(DATABASE_ENV_VAR) or DEFAULT_DATABASE_PATH
-    if target == ":memory:":
-        return make_url("sqlite://")
-    if "://" not in target:
-        return URL.create("sqlite", database=str(Path(target).expanduser()))
-    try:
-        return make_url(target)
-    except ArgumentError as error:
-        raise StoreError(f"not a database path or URL: {target!r} ({error})") from error
-
-
-def _enable_wal(cursor: Any) -> None:
-    """Switch a database file to WAL once (the mode is stored in the file).
-
-    Changing the journal mode needs the database to itself, and SQLite answers "database is
-    locked" at once, without its busy handler, while another connection is inside a
-    transaction: several processes opening a new knowledge base together hit that. So the mode
-    is only set when it is not WAL yet, and a locked attempt is retried until the busy timeout.
-    """
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
-    delay = 0.01
-    while True:
-        row = cursor.execute("PRAGMA journal_mode").fetchone()
-        if row is not None and str(row[0]).lower() in ("wal", "memory"):
-            return  # already WAL, or an in-memory database (which has no WAL)
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as error:
-            if "locked" not in str(error) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
-def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
-    # Take transactions out of the sqlite3 module's hands (it would not BEGIN before DDL, so a
-    # migration would not be atomic); the "begin" hook below issues BEGIN itself.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA foreign_keys=ON")
-        # WAL: readers (the index) never block the ingest writer, and a killed writer leaves
-        # only uncommitted frames that the next open discards.
-        _enable_wal(cursor)
-        # NORMAL is crash-safe in WAL mode (a power cut may lose the last commits, never
-        # corrupts) and avoids an fsync per sample.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-    finally:
-        cursor.close()
-
-
-def _begin_sqlite_transaction(connection: Connection) -> None:
-    connection.exec_driver_sql(connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "BEGIN"))
-
-
-def connect_database(url: URL) -> Engine:
-    """An engine with earmark's connection settings (SQLite: pragmas, transactional DDL)."""
-    shown = url.render_as_string(hide_password=True)
-    try:
-        if url.get_backend_name() != "sqlite":
-            # pre-ping: a pooled connection the server dropped (restart, idle timeout) is
-            # replaced instead of failing the next write of a long-running `earmark serve`.
-            return create_engine(url, pool_pre_ping=True)
-        connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
-        if url.database in (None, "", ":memory:"):
-            # One shared connection, or every checkout would see a new empty database.
-            connect_args["check_same_thread"] = False
-            engine = create_engine(url, connect_args=connect_args, poolclass=StaticPool)
-        else:
-            parent = Path(url.database).parent
-            if not parent.is_dir():
-                raise StoreError(f"cannot create knowledge base {shown}: no directory {parent}")
-            engine = create_engine(url, connect_args=connect_args)
-    except (ArgumentError, NoSuchModuleError) as error:
-        raise StoreError(f"cannot use database URL {shown}: {error}") from error
-    except ImportError as error:  # the dialect is known but its driver is not installed
-        postgres = url.get_backend_name() == "postgresql"
-        hint = f" (pip install '{POSTGRES_EXTRA}')" if postgres else ""
-        raise StoreError(f"cannot use database URL {shown}: no driver: {error}{hint}") from error
-    event.listen(engine, "connect", _configure_sqlite_connection)
-    event.listen(engine, "begin", _begin_sqlite_transaction)
-    return engine
-
-
-@contextmanager
-def _database_errors(action: str) -> Iterator[None]:
-    """Turn driver failures (locked, corrupt, unreachable database) into ``StoreError``."""
-    try:
-        yield
-    except IntegrityError:
-        raise  # a constraint we did not expect to break is a bug, not a user error
-    except DatabaseError as error:
-        raise StoreError(f"knowledge base: cannot {action}: {error.orig}") from error
-
-
 def open_store(url_or_path: str | None = None, *, codec: FeaturesCodec | None = None) -> SqlStore:
     """Open (creating and migrating as needed) the knowledge base at a path or SQLAlchemy URL."""
     url = resolve_database_url(url_or_path)
     engine = connect_database(url)
     try:
-        with _database_errors(f"open {url.render_as_string(hide_password=True)}"):
+        with database_errors(f"open {url.render_as_string(hide_password=True)}"):
             apply_migrations(engine)
     except BaseException:
         engine.dispose()
         raise
     return SqlStore(engine, codec or FreezeCodec())
-
-
-def _bulk_read_cursor(connection: Connection) -> Any:
-    """The driver's own cursor, inside the connection's open transaction.
-
-    SQLAlchemy's Row objects cost ~2x on a bulk read (measured in docs/store.md) and all values
-    here are plain. On PostgreSQL the cursor is a named (server-side) one in binary format: the
-    server keeps the result and ``fetchmany`` brings one chunk per round trip, where a client
-    cursor would hold the whole table in the driver first; binary skips the hex text form of
-    the MinHash blobs.
-    """
-    dbapi_connection: Any = connection.connection.dbapi_connection
-    if connection.dialect.name == "postgresql":
-        return dbapi_connection.cursor(FUNCTION_TABLE_CURSOR, binary=True)
-    return dbapi_connection.cursor()
 
 
 def _label_from_row(row: Any) -> SampleLabel:
@@ -272,7 +141,7 @@ class SqlStore:
             )
         try:
             with (
-                _database_errors(f"store sample {sample.sha256}"),
+                database_errors(f"store sample {sample.sha256}"),
                 begin_write(self._engine) as connection,
             ):
                 if self._sample_id(connection, sample.sha256) is not None:
@@ -294,7 +163,7 @@ class SqlStore:
         return True
 
     def add_label(self, sha256: str, label: SampleLabel) -> bool:
-        with _database_errors(f"label sample {sha256}"), begin_write(self._engine) as connection:
+        with database_errors(f"label sample {sha256}"), begin_write(self._engine) as connection:
             return self._add_label_in(connection, sha256, label)
 
     def _add_label_in(self, connection: Connection, sha256: str, label: SampleLabel | None) -> bool:
@@ -406,7 +275,7 @@ class SqlStore:
         new snapshot per statement, so reads there ask for REPEATABLE READ, which for a
         read-only transaction never fails and never blocks a writer.
         """
-        with _database_errors(action), self._engine.connect() as connection:
+        with database_errors(action), self._engine.connect() as connection:
             if connection.dialect.name == "postgresql":
                 connection = connection.execution_options(
                     isolation_level="REPEATABLE READ", postgresql_readonly=True
@@ -415,7 +284,7 @@ class SqlStore:
                 yield connection
 
     def has_sample(self, sha256: str) -> bool:
-        with _database_errors("read samples"), self._engine.connect() as connection:
+        with database_errors("read samples"), self._engine.connect() as connection:
             return self._sample_id(connection, sha256) is not None
 
     def get_sample(self, sha256: str) -> SampleRecord | None:
@@ -465,7 +334,7 @@ class SqlStore:
         return self._codec.from_bytes(self.load_features_blob(sha256), instructions=instructions)
 
     def load_features_blob(self, sha256: str) -> bytes:
-        with _database_errors("read features"), self._engine.connect() as connection:
+        with database_errors("read features"), self._engine.connect() as connection:
             blob = connection.scalar(
                 select(schema.samples.c.features).where(schema.samples.c.sha256 == sha256.lower())
             )
@@ -476,86 +345,19 @@ class SqlStore:
     def load_function_ids(
         self,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
-        """(function_id, sample_id, address) of every function, ordered by function id; read
-        in ``FUNCTION_TABLE_FETCH_ROWS`` chunks like the whole table (PE bench (a)+(c) KB,
-        47.3k functions: ~0.02 against ~0.06 s for ``load_function_table``)."""
-        columns = schema.functions.c
-        query = select(columns.id, columns.sample_id, columns.address).order_by(columns.id)
-        chunks: list[npt.NDArray[np.int64]] = []
+        """(function_id, sample_id, address) of every function, ordered by function id
+        (``function_table.read_function_ids``)."""
         with self._read("read function ids") as connection:
-            cursor = _bulk_read_cursor(connection)
-            cursor.execute(str(query.compile(dialect=connection.dialect)))
-            while chunk := cursor.fetchmany(FUNCTION_TABLE_FETCH_ROWS):
-                chunks.append(np.array(chunk, dtype=np.int64).reshape(len(chunk), 3))
-            cursor.close()
-        rows = np.concatenate(chunks) if chunks else np.zeros((0, 3), dtype=np.int64)
-        function_id, sample_id = rows[:, 0].copy(), rows[:, 1].copy()
-        address = rows[:, 2].copy().view(np.uint64)  # stored as the int64 of the same bits
-        for array in (function_id, sample_id, address):
-            array.setflags(write=False)
-        return function_id, sample_id, address
+            return read_function_ids(connection)
 
     def load_function_table(self) -> FunctionTable:
-        """All functions as numpy arrays, ordered by function id; the arrays are read-only."""
-        columns = schema.functions.c
-        query = select(
-            columns.id,
-            columns.sample_id,
-            columns.address,
-            columns.size,
-            columns.instruction_count,
-            columns.exact_hash,
-            columns.minhash,
-        ).order_by(columns.id)
+        """All functions as numpy arrays, ordered by function id; the arrays are read-only
+        (``function_table.read_function_table``)."""
         with self._read("read functions") as connection:  # count and rows: one snapshot
-            expected = int(
-                connection.scalar(select(func.count()).select_from(schema.functions)) or 0
-            )
-            function_id = np.empty(expected, dtype=np.int64)
-            sample_id = np.empty(expected, dtype=np.int64)
-            address = np.empty(expected, dtype=np.int64)
-            size = np.empty(expected, dtype=np.uint32)
-            instruction_count = np.empty(expected, dtype=np.uint32)
-            exact_hash = np.empty(expected, dtype=np.int64)
-            minhash = np.empty((expected, MINHASH_PERMUTATIONS), dtype=np.uint32)
-            filled = 0
-            cursor = _bulk_read_cursor(connection)
-            cursor.execute(str(query.compile(dialect=connection.dialect)))
-            while chunk := cursor.fetchmany(FUNCTION_TABLE_FETCH_ROWS):
-                end = min(filled + len(chunk), expected)
-                taken = chunk[: end - filled]
-                if not taken:
-                    break
-                ids, samples, addresses, sizes, counts, hashes, blobs = zip(*taken, strict=True)
-                function_id[filled:end] = ids
-                sample_id[filled:end] = samples
-                address[filled:end] = addresses
-                size[filled:end] = sizes
-                instruction_count[filled:end] = counts
-                exact_hash[filled:end] = hashes
-                signatures = b"".join(blobs)
-                if len(signatures) != len(taken) * MINHASH_BLOB_BYTES:
-                    raise StoreError("knowledge base damaged: a MinHash blob has a wrong size")
-                minhash[filled:end] = np.frombuffer(signatures, dtype="<u4").reshape(
-                    len(taken), MINHASH_PERMUTATIONS
-                )
-                filled = end
-            cursor.close()
-        arrays = (function_id, sample_id, address, size, instruction_count, exact_hash, minhash)
-        for array in arrays:
-            array.setflags(write=False)
-        return FunctionTable(
-            function_id=function_id[:filled],
-            sample_id=sample_id[:filled],
-            address=address[:filled].view(np.uint64),
-            size=size[:filled],
-            instruction_count=instruction_count[:filled],
-            exact_hash=exact_hash[:filled].view(np.uint64),
-            minhash=minhash[:filled],
-        )
+            return read_function_table(connection)
 
     def revision(self) -> int:
-        with _database_errors("read the revision"), self._engine.connect() as connection:
+        with database_errors("read the revision"), self._engine.connect() as connection:
             value = connection.scalar(
                 select(schema.kb_revision.c.revision).where(schema.kb_revision.c.id == 1)
             )
@@ -594,7 +396,7 @@ class SqlStore:
         relations: Sequence[IntelRelation] = (),
         imported_at: datetime | None = None,
     ) -> IntelWriteSummary:
-        with _database_errors("store intel"), begin_write(self._engine) as connection:
+        with database_errors("store intel"), begin_write(self._engine) as connection:
             return intel_sql.write_intel(connection, reports, actors, relations, imported_at)
 
     def load_intel_reports(self, report_ids: Collection[str] | None = None) -> list[IntelReport]:
