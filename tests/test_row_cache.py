@@ -15,6 +15,7 @@ import pytest
 from earmark.attribution import KnowledgeBase, open_knowledge_base
 from earmark.correlate.code import build_feature_candidates, stored_samples
 from earmark.demo_build import DemoCorpus, build_demo_corpus
+from earmark.index import FunctionIndex
 from earmark.index.artefacts import build_artefact_stats
 from earmark.index.feature_candidates import TextKeys
 from earmark.ingest import IngestGroup, LabelTemplate, ingest_groups, ingest_paths
@@ -173,6 +174,33 @@ def test_files_of_samples_the_kb_does_not_hold_are_deleted_by_the_next_build(
         kb.prepare()
         assert not stray.exists()
         assert set(_cached(database)) == set(cached) == {r.sha256 for r in kb.samples().values()}
+
+
+def test_caches_of_a_kb_created_again_at_the_same_path_are_not_served(
+    corpus: DemoCorpus, tmp_path: Path
+) -> None:
+    """A KB deleted and created again counts its revisions from the start again: at an equal
+    revision the index, stage and statistics left beside it are another KB's."""
+    database = tmp_path / "kb.db"
+    first, second = corpus.select(role="kb")[0], corpus.select(role="kb")[-1]
+    assert first.family != second.family
+    with open_knowledge_base(str(database)) as kb:
+        ingest_paths(kb.store, [first.path], LabelTemplate(actor="first", family="first"))
+        kb.prepare()
+        revision, indexed = kb.index().revision, len(kb.index())
+    for leftover in tmp_path.glob("kb.db*"):
+        if leftover.is_file() and leftover.name != "kb.db.owner":
+            leftover.unlink()  # the database (and its WAL), not the caches beside it
+    with open_knowledge_base(str(database)) as kb:
+        ingest_paths(kb.store, [second.path], LabelTemplate(actor="second", family="second"))
+        assert kb.store.revision() == revision  # the case: the old caches' revision again
+        kb.prepare()
+        assert len(kb.index()) != indexed
+        _assert_built_as_decoding_builds(kb)
+        assert kb.artefact_stats().owner_names == ("second",)
+    with open_knowledge_base(str(database)) as kb:  # its own caches are served again
+        assert FunctionIndex.load(Path(f"{database}.index"), revision) is not None
+        assert len(kb.index()) != indexed
 
 
 def test_a_rows_path_that_cannot_be_written_costs_only_the_decoding(

@@ -12,7 +12,10 @@ under ``$EARMARK_CACHE_DIR/rows/``, see ``row_cache_path``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -77,6 +80,8 @@ class KnowledgeBase:
         self._artefacts = None
         return_free_memory()
         self._samples = dict(self.store.sample_labels())
+        if self.index_path is not None:
+            self._claim_caches(revision)
         index: FunctionIndex | None = None
         if self.index_path is not None:
             try:
@@ -89,6 +94,38 @@ class KnowledgeBase:
                 index.save(self.index_path)
         self._index = index
         return index
+
+    def _claim_caches(self, revision: int) -> None:
+        """Drop the caches beside the SQLite file when another KB built them.
+
+        They are keyed by the store revision, and a KB deleted and created again at the same
+        path counts its revisions from the start again: at an equal revision it would be served
+        the old KB's index, stage and statistics. ``<db>.owner`` names the samples (ids,
+        sha256s, labels) they were built for at that revision. When it names other samples,
+        or is missing (caches from before it), the three caches are deleted before anything
+        reads them, and it is rewritten. The row cache checks each file against the stored
+        bytes instead (``kb_rows.RowCache``)."""
+        assert self.index_path is not None
+        owner = self._cache_path(".owner")
+        expected = {"revision": revision, "samples": _samples_digest(self._samples)}
+        try:
+            recorded = json.loads(owner.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == expected:
+            return
+        stale = (self.index_path, self._cache_path(".features"), self._cache_path(".artefacts"))
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink(missing_ok=True)
+        try:
+            temporary = owner.with_name(owner.name + ".tmp")
+            temporary.write_text(json.dumps(expected), encoding="utf-8")
+            os.replace(temporary, owner)
+        except OSError:
+            pass  # unwritable: the caches are rebuilt (and dropped) each time, never trusted
 
     def row_spool(self) -> BuildRows:
         """Where ``ingest_groups(..., rows=...)`` leaves the build rows of the samples it
@@ -206,21 +243,23 @@ class KnowledgeBase:
         mapped.release_pages()
         return mapped
 
+    def _cache_path(self, suffix: str) -> Path:
+        """``<db><suffix>`` beside ``<db>.index`` (each cache in its own directory: saving the
+        function index replaces ``<db>.index`` wholesale)."""
+        assert self.index_path is not None
+        return self.index_path.with_name(self.index_path.name.removesuffix(".index") + suffix)
+
     def _artefact_cache_path(self) -> Path | None:
-        return None if self.index_path is None else self.index_path.with_suffix(".artefacts")
+        return None if self.index_path is None else self._cache_path(".artefacts")
 
     def _row_cache_path(self) -> Path | None:
         """``rows_path``, or ``<db>.rows`` beside ``<db>.index`` (``kb_rows.RowCache``)."""
         if self.rows_path is not None or self.index_path is None:
             return self.rows_path
-        return self.index_path.with_name(self.index_path.name.removesuffix(".index") + ".rows")
+        return self._cache_path(".rows")
 
     def _feature_cache_path(self) -> Path | None:
-        """``<db>.features`` beside ``<db>.index`` (its own directory: saving the function
-        index replaces ``<db>.index`` wholesale)."""
-        if self.index_path is None:
-            return None
-        return self.index_path.with_name(self.index_path.name.removesuffix(".index") + ".features")
+        return None if self.index_path is None else self._cache_path(".features")
 
     def _cached_feature_candidates(
         self, revision: int, min_instructions: int
@@ -241,6 +280,16 @@ def index_cache_path(database: str | None) -> Path | None:
         return None
     db_path = Path(url.database)
     return db_path.with_name(db_path.name + ".index")
+
+
+def _samples_digest(samples: Mapping[int, SampleRecord]) -> str:
+    """What a KB's caches were built from besides its revision: each sample's id, sha256 and
+    the labels rarity reads (~1 ms per 1,000 samples)."""
+    digest = hashlib.sha256()
+    for sample_id in sorted(samples):
+        record = samples[sample_id]
+        digest.update(f"{sample_id}\t{record.sha256}\t{record.goodware}\t{record.claims}\n".encode())
+    return digest.hexdigest()
 
 
 def row_cache_path(database: str | None) -> Path | None:
