@@ -4,8 +4,10 @@ and never trust a file that does not match the stored sample."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +22,13 @@ from earmark.index.artefacts import build_artefact_stats
 from earmark.index.feature_candidates import TextKeys
 from earmark.ingest import IngestGroup, LabelTemplate, ingest_groups, ingest_paths
 from earmark.intel.warninglists import CACHE_DIR_ENV_VAR
-from earmark.kb_rows import ROW_FORMAT_VERSION, RowCache, origin_of, rows_of
+from earmark.kb_rows import (
+    ABANDONED_WRITE_SECONDS,
+    ROW_FORMAT_VERSION,
+    RowCache,
+    origin_of,
+    rows_of,
+)
 from earmark.model.sample import SampleFeatures
 from earmark.store.sql import FreezeCodec
 from test_prepare import assert_same_stage, assert_same_stats
@@ -169,10 +177,15 @@ def test_files_of_samples_the_kb_does_not_hold_are_deleted_by_the_next_build(
     cached = _cached(database)
     stray = Path(f"{database}.rows") / f"{'e' * 64}.rows"
     shutil.copyfile(next(iter(cached.values())), stray)
+    abandoned, fresh = (Path(f"{database}.rows") / f".rows-{name}" for name in ("old", "new"))
+    abandoned.write_bytes(b"half a write")
+    fresh.write_bytes(b"a write under way")
+    hour_ago = time.time() - ABANDONED_WRITE_SECONDS - 60
+    os.utime(abandoned, (hour_ago, hour_ago))
     _drop_built_caches(database)
     with open_knowledge_base(str(database)) as kb:
         kb.prepare()
-        assert not stray.exists()
+        assert not stray.exists() and not abandoned.exists() and fresh.exists()
         assert set(_cached(database)) == set(cached) == {r.sha256 for r in kb.samples().values()}
 
 

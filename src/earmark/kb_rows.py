@@ -23,6 +23,7 @@ import os
 import pickle
 import struct
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from earmark.index.feature_candidates import StageRows, TextKeys, stage_rows
 from earmark.model.sample import MINHASH_PERMUTATIONS, SampleFeatures
 
 __all__ = [
+    "ABANDONED_WRITE_SECONDS",
     "MAX_ROW_FILE_BYTES",
     "ROW_FORMAT_VERSION",
     "BuildRows",
@@ -58,7 +60,12 @@ ROW_FORMAT_VERSION: Final = 1
 # sample at the analysis limit of 50,000 functions needs ~35 MB; a larger file is not ours.
 MAX_ROW_FILE_BYTES: Final = 128 * 1024 * 1024
 
+# Age past which a temporary file in the cache is a write that a killed process never finished
+# (a write takes milliseconds; a build an hour long would be past the stage's sample limit).
+ABANDONED_WRITE_SECONDS: Final = 3600
+
 _MAGIC: Final = b"EARMARKR"
+_TEMPORARY_PREFIX: Final = ".rows-"
 # magic, row format, min_instructions, stored blob length, stored blob CRC-32, body CRC-32
 _HEADER: Final = struct.Struct("<8sHIQII")
 
@@ -216,7 +223,7 @@ class RowCache:
         )
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=".rows-", dir=self.directory)
+            fd, temporary = tempfile.mkstemp(prefix=_TEMPORARY_PREFIX, dir=self.directory)
             try:
                 with os.fdopen(fd, "wb") as file:
                     file.write(header + body)
@@ -233,10 +240,19 @@ class RowCache:
     def prune(self, stored: set[str]) -> None:
         """Delete the files of samples not in ``stored`` (the KB's sha256s): left by a KB that
         was deleted and created again at the same path, they would hold room under
-        ``max_samples`` forever."""
+        ``max_samples`` forever. Temporary files of writes a killed process never finished go
+        too, once older than ABANDONED_WRITE_SECONDS."""
         try:
-            with os.scandir(self.directory) as entries:
-                names = [entry.name for entry in entries if entry.name.endswith(".rows")]
+            with os.scandir(self.directory) as scan:
+                entries = list(scan)
+            names = [entry.name for entry in entries if entry.name.endswith(".rows")]
+            before = time.time() - ABANDONED_WRITE_SECONDS
+            abandoned = [
+                entry.path
+                for entry in entries
+                if entry.name.startswith(_TEMPORARY_PREFIX)
+                and entry.stat(follow_symlinks=False).st_mtime < before
+            ]
         except OSError:
             return
         for name in names:
@@ -244,6 +260,9 @@ class RowCache:
                 with contextlib.suppress(OSError):  # best effort, as every write
                     (self.directory / name).unlink()
                 self._written.pop(name.removesuffix(".rows"), None)
+        for path in abandoned:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         self._files = None  # counted again when next asked
 
     def origin_needed(self, sha256: str) -> bool:
