@@ -221,18 +221,19 @@ def attribute_sample(
 def _rarity_warnings(kb: KnowledgeBase) -> list[str]:
     """What a reader of a sample's case must know about the KB it was weighed against.
 
-    Rarity counts the attribution groups that hold a function, so in a KB of one group every
-    match is "unique to one group", compiler runtime and library code included: lz4's
-    ``_block.pyd`` against a KB of mmh3 alone gave "mmh3 (almost certain, score 1.00)" on MSVC
-    runtime functions. Scores are left as they are (a new version of that group's program is
-    the same case); the case says why they cannot be trusted."""
-    records = kb.samples().values()
-    groups = {key for record in records if not record.goodware for key in record.owner_keys}
-    if len(groups) > 1:
+    Rarity counts the attribution groups that hold a function, and with one group in the KB
+    (``RarityTable.total_owners``) every match is "unique to one group", compiler runtime and
+    library code included: lz4's ``_block.pyd`` against a KB of mmh3 alone gave "mmh3 (almost
+    certain, score 1.00)" on MSVC runtime functions. Scores are left as they are (a new
+    version of that group's program is the same case); the case says why they cannot be
+    trusted."""
+    rarity = kb.index().rarity
+    if rarity is None or rarity.total_owners > 1:
         return []
-    goodware = sum(1 for record in records if record.goodware)
+    groups = rarity.total_owners
+    goodware = sum(1 for record in kb.samples().values() if record.goodware)
     return [
-        f"the knowledge base holds {len(groups)} attribution group{'' if groups else 's'} and "
+        f"the knowledge base holds {groups} attribution group{'' if groups == 1 else 's'} and "
         f"{goodware} goodware sample{'' if goodware == 1 else 's'}: code found in one group "
         "alone counts as rare even when it is compiler runtime or library code; ingest more "
         "groups, and the runtimes and libraries as --goodware, before relying on this verdict"
