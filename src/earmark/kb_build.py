@@ -19,7 +19,15 @@ from typing import Final
 from earmark.errors import StoreError
 from earmark.index.artefacts import ArtefactStatsBuilder
 from earmark.index.feature_candidates import StageRows, TextKeys
-from earmark.kb_rows import Origin, RowCache, RowSpool, SampleRows, origin_of, rows_of
+from earmark.kb_rows import (
+    BuildRows,
+    Origin,
+    RowCache,
+    RowSpool,
+    SampleRows,
+    origin_of,
+    rows_of,
+)
 from earmark.memory import cyclic_collector_paused, map_large_blocks, return_free_memory
 from earmark.model.kb import SampleRecord
 from earmark.store import FeaturesCodec, Store
@@ -147,7 +155,7 @@ def _result(future: Future[SampleRows]) -> SampleRows:
 
 
 def _kept(
-    store: Store, records: Sequence[SampleRecord], kept: RowSpool | RowCache | None
+    store: Store, records: Sequence[SampleRecord], kept: BuildRows | None
 ) -> dict[str, Origin | None]:
     """The samples whose rows ``kept`` holds, each with the origin its rows must have been
     made from (None: spooled, or cached by that object, so known to be this store's). A cache
@@ -172,7 +180,7 @@ def _merged(
     store: Store,
     records: Sequence[SampleRecord],
     made: Iterator[tuple[Origin, SampleRows]],
-    kept: RowSpool | RowCache | None,
+    kept: BuildRows | None,
     found: Mapping[str, Origin | None],
     maker: _RowMaker,
 ) -> Iterator[SampleRows]:
@@ -187,8 +195,9 @@ def _merged(
             assert kept is not None  # found is empty without it
             rows = kept.get(sha256, found[sha256])
             if rows is None:  # damaged since it was checked: decoded here instead
-                origin, rows = next(_rows_here(store, [record], maker))
-                kept.keep(sha256, rows, origin)
+                blob = store.load_features_blob(sha256)
+                rows = maker(blob)
+                kept.keep(sha256, rows, origin_of(blob))
             yield rows
         else:
             origin, rows = next(made)
@@ -205,7 +214,7 @@ def stored_rows(
     min_instructions: int,
     artefacts: ArtefactStatsBuilder,
     jobs: int = 1,
-    kept: RowSpool | RowCache | None = None,
+    kept: BuildRows | None = None,
 ) -> Iterator[tuple[int, StageRows]]:
     """Every stored sample's (sample id, feature stage rows) in ``correlate.code.
     stored_samples``' order (by sha256), its artefact rows added to ``artefacts`` on the
