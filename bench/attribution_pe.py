@@ -46,6 +46,7 @@ from bench.common import (
     split_all_but_newest,
     split_oldest_only,
     split_third_party_queries,
+    unwatched_memory,
     watch_peak_memory,
 )
 
@@ -93,11 +94,15 @@ disassembly + storage + MinHash ("index build s" = storage + MinHash alone). Fun
 engine's own count (earmark: stored functions; MCRIT: SMDA functions). Query latency:
 earmark = `analyze_file` + `attribute_sample`, MCRIT = SMDA + `getMatchesForSmdaReport`;
 "w/o analysis" leaves out the query's own analysis. CPU seconds include earmark's ingest
-workers and stay comparable when other jobs load the machine. With `--earmark-repeats N`,
-earmark's child runs N times per group of settings and the run with the median index wall of the
-group's first setting is the one reported, every run's index walls listed below the table
-(earmark's (a) index lasts seconds, MCRIT's minutes: one short run measures the machine's
-moment as much as the engine).
+workers and stay comparable when other jobs load the machine. Times and memory come from
+different runs of each engine's child: the timed runs sample no memory, and one more run with
+the memory sampler gives every memory figure (its index walls are listed below the table; the
+sampler's reads of /proc cost CPU that earmark's two busy workers share, single-process
+MCRIT's idle second core absorbs; `--one-run` measures both in one run). With
+`--earmark-repeats N`, earmark's child is timed N times per group of settings and the run with
+the median index wall of the group's first setting is the one reported, every run's index walls
+listed below the table (earmark's (a) index lasts seconds, MCRIT's minutes: one short run
+measures the machine's moment as much as the engine).
 """
 
 
@@ -219,19 +224,25 @@ def earmark_ingest_groups(phase: dict[str, Any]) -> list[Any]:
     return groups
 
 
+def _memory_watch(phase: dict[str, Any]) -> Any:
+    """The memory sampler, or in a timing run (``sample_memory`` false) its null stand-in."""
+    return watch_peak_memory if phase.get("sample_memory", True) else unwatched_memory
+
+
 def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
     from earmark.attribution import attribute_sample
     from earmark.extract import analyze_file
     from earmark.ingest import ingest_groups
 
     groups = earmark_ingest_groups(phase)
+    watch_memory = _memory_watch(phase)
     functions_before = kb.store.stats().functions
     workers_cpu_before = _children_cpu_seconds()
-    with Stopwatch() as ingest_watch, watch_peak_memory() as ingest_memory:
+    with Stopwatch() as ingest_watch, watch_memory() as ingest_memory:
         summary = ingest_groups(kb.store, groups, jobs=phase["jobs"], rows=kb.row_spool())
     failures = [f"{o.name}: {o.error_type}" for o in summary.failures]
     ingest_workers_cpu = _children_cpu_seconds() - workers_cpu_before
-    with Stopwatch() as build_watch, watch_peak_memory() as build_memory:
+    with Stopwatch() as build_watch, watch_memory() as build_memory:
         # Everything a query reads (function index and feature candidate stage), as
         # ``earmark ingest --jobs 2`` builds it: no query pays for index building.
         kb.prepare(jobs=phase["jobs"])
@@ -239,7 +250,7 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
     workers_cpu = _children_cpu_seconds() - workers_cpu_before
     stats = kb.store.stats()
     queries = []
-    with watch_peak_memory() as query_memory:
+    with watch_memory() as query_memory:
         for entry in phase["queries"]:
             with Stopwatch() as analysis_watch:
                 features = analyze_file(Path(entry["path"]))
@@ -308,12 +319,13 @@ def _earmark_phase(kb: Any, phase: dict[str, Any]) -> dict[str, Any]:
 
 def _mcrit_phase(mcrit: Any, phase: dict[str, Any]) -> dict[str, Any]:
     start = len(mcrit.indexed)
-    with Stopwatch() as watch, watch_peak_memory() as memory:
+    watch_memory = _memory_watch(phase)
+    with Stopwatch() as watch, watch_memory() as memory:
         for entry in phase["add"]:
             mcrit.add_file(Path(entry["path"]), family=entry["project"], version=entry["version"])
     added = mcrit.indexed[start:]
     queries = []
-    with watch_peak_memory() as query_memory:
+    with watch_memory() as query_memory:
         for entry in phase["queries"]:
             with Stopwatch() as query_watch:
                 result = mcrit.query_file(Path(entry["path"]))
@@ -368,6 +380,7 @@ def run_child(engine: str, plan_path: Path, out_path: Path) -> None:
                         **phase,
                         "artefacts": group.get("artefacts", True),
                         "jobs": group.get("jobs", EARMARK_INGEST_JOBS),
+                        "sample_memory": group.get("sample_memory", True),
                     }
                     phases_out.append({"setting": phase["setting"], **_earmark_phase(kb, phase)})
         else:
@@ -377,6 +390,7 @@ def run_child(engine: str, plan_path: Path, out_path: Path) -> None:
             logging.getLogger("smda").setLevel(logging.CRITICAL)
             mcrit = McritInProcess()
             for phase in group["phases"]:
+                phase = {**phase, "sample_memory": group.get("sample_memory", True)}
                 phases_out.append({"setting": phase["setting"], **_mcrit_phase(mcrit, phase)})
     result = {
         "engine": engine,
@@ -506,10 +520,14 @@ def summarise(
 # --------------------------------------------------------------------------- parent: run, print
 
 
-def run_engine(engine: str, group: dict[str, Any], work: Path) -> dict[str, Any]:
+def run_engine(
+    engine: str, group: dict[str, Any], work: Path, *, sample_memory: bool = True
+) -> dict[str, Any]:
+    """One child run of ``engine`` over ``group``'s settings; without ``sample_memory`` the
+    child runs no memory sampler and its memory figures are zeros (a timing run)."""
     plan = work / f"plan-{group['name']}.json"
     out = work / f"{engine}-{group['name']}.json"
-    plan.write_text(json.dumps(group), encoding="utf-8")
+    plan.write_text(json.dumps(group | {"sample_memory": sample_memory}), encoding="utf-8")
     command = [sys.executable, "-m", "bench.attribution_pe", "--child", engine, str(plan), str(out)]
     with Stopwatch() as watch:
         subprocess.run(command, check=True)
@@ -538,14 +556,55 @@ def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
+# What a timing run leaves at zero: taken from the memory run (``with_memory_of``).
+_PHASE_MEMORY_KEYS = ("query_peak_rss_bytes", "query_tree_peak_rss_bytes")
+_INDEX_MEMORY_KEYS = ("peak_rss_bytes", "tree_peak_rss_bytes")
+_RUN_MEMORY_KEYS = ("peak_rss_bytes", "peak_child_rss_bytes")
+
+
+def with_memory_of(timed: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
+    """``timed`` (a run without the memory sampler) with the memory figures of ``sampled`` (a
+    run of the same engine and settings with it), the sampled run's index walls kept under
+    ``memory_run``, and whether both runs gave every query the same scores
+    (``memory_run_same_scores``: the engines are deterministic, so False means the two runs
+    did not measure the same work).
+
+    Why two runs: the sampler reads every process's proportional set size from /proc (~6 ms
+    of CPU with two ingest workers) in a thread of the engine's process. On this 2-core
+    machine that CPU and that thread's turns at the interpreter lock are taken from earmark's
+    busy workers and writing process, while single-process MCRIT leaves the second core idle
+    for it: PE (a) ingest, this process's CPU 0.58-0.72 s without the sampler against
+    0.81-0.95 s with it (docs/benchmarks.md, "Timing runs without the memory sampler")."""
+    merged = dict(timed)
+    merged.update({key: sampled[key] for key in _RUN_MEMORY_KEYS if key in sampled})
+    by_setting = {phase["setting"]: phase for phase in sampled["phases"]}
+    phases, same = [], True
+    for phase in timed["phases"]:
+        other = by_setting[phase["setting"]]
+        phase = dict(phase) | {key: other[key] for key in _PHASE_MEMORY_KEYS}
+        phase["index"] = dict(phase["index"]) | {
+            key: other["index"][key] for key in _INDEX_MEMORY_KEYS
+        }
+        same = same and [q["scores"] for q in phase["queries"]] == [
+            q["scores"] for q in other["queries"]
+        ]
+        phases.append(phase)
+    merged["phases"] = phases
+    merged["memory_run"] = {
+        phase["setting"]: {"wall_seconds": phase["index"]["wall_seconds"]}
+        for phase in sampled["phases"]
+    }
+    merged["memory_run_same_scores"] = same
+    return merged
+
+
 def render_repeats(raw: Sequence[dict[str, Any]]) -> str:
-    """Each setting's index wall over an engine's repeated runs: min / median / max."""
+    """Each setting's index wall over an engine's repeated runs (min / median / max), the
+    index wall of its memory run, and a warning where the memory run's scores differed."""
     lines = []
     for result in raw:
         repeats = result.get("repeats", [])
-        if len(repeats) < 2:
-            continue
-        for setting in repeats[0]:
+        for setting in repeats[0] if len(repeats) >= 2 else ():
             walls = sorted(run[setting]["wall_seconds"] for run in repeats)
             added = repeats[0][setting]["functions_added"]
             median = walls[(len(walls) - 1) // 2]
@@ -554,6 +613,16 @@ def render_repeats(raw: Sequence[dict[str, Any]]) -> str:
                 f"{walls[0]:.3f} / {median:.3f} / {walls[-1]:.3f} s (min / median / max), "
                 f"{added / walls[-1]:,.0f} / {added / median:,.0f} / {added / walls[0]:,.0f} "
                 "functions/s"
+            )
+        for setting, memory_run in result.get("memory_run", {}).items():
+            timed = next(p for p in result["phases"] if p["setting"] == setting)["index"]
+            lines.append(
+                f"{result['engine']} ({setting}) index wall {timed['wall_seconds']:.3f} s "
+                f"without the memory sampler, {memory_run['wall_seconds']:.3f} s in the memory run"
+            )
+        if result.get("memory_run_same_scores") is False:
+            lines.append(
+                f"WARNING: {result['engine']}'s memory run gave other scores than its timed run"
             )
     return "\n".join(lines)
 
@@ -811,6 +880,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "index wall of the group's first setting (every run's index walls are listed)",
     )
     parser.add_argument(
+        "--one-run",
+        action="store_true",
+        help="time and sample memory in the same run of each engine (quicker; the memory "
+        "sampler's CPU then slows earmark's parallel ingest, not single-process MCRIT)",
+    )
+    parser.add_argument(
         "--goodware-third-party",
         action="store_true",
         help="earmark-only variant: ingest KB releases' third-party files as goodware",
@@ -854,8 +929,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for engine in engines:
                     repeats = args.earmark_repeats if engine == "earmark" else 1
                     print(f"[{engine}] settings {group['name']} ...", file=sys.stderr, flush=True)
-                    runs = [run_engine(engine, group, Path(temporary)) for _ in range(repeats)]
-                    raw.append(median_run(runs) | {"group": group["name"]})
+                    work, sampled = Path(temporary), args.one_run
+                    runs = [
+                        run_engine(engine, group, work, sample_memory=sampled)
+                        for _ in range(repeats)
+                    ]
+                    chosen = median_run(runs)
+                    if not sampled:
+                        print(f"[{engine}] memory run ...", file=sys.stderr, flush=True)
+                        memory = run_engine(engine, group, work, sample_memory=True)
+                        chosen = with_memory_of(chosen, memory)
+                    raw.append(chosen | {"group": group["name"]})
     summaries = summarise_run(groups, raw)
     print(render_results(summaries, markdown=False))
     print(render_repeats(raw))

@@ -519,6 +519,13 @@ def watch_peak_memory(interval: float = MEMORY_SAMPLE_SECONDS) -> Iterator[Memor
         reading.tree_peak_bytes = max(reading.tree_peak_bytes, process_tree_rss_bytes())
 
 
+@contextmanager
+def unwatched_memory() -> Iterator[MemoryReading]:
+    """``watch_peak_memory``'s place in a run that only times: no sampler thread, and a reading
+    of zeros that must not be reported (a run with the sampler gives the memory figures)."""
+    yield MemoryReading()
+
+
 # --------------------------------------------------------------------------- tables
 
 
