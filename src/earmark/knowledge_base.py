@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from earmark.correlate.artefacts import artefact_stats_for
 from earmark.correlate.code import MAX_FEATURE_STAGE_SAMPLES, build_feature_candidates
 from earmark.errors import UsageError
-from earmark.index import MIN_INSTRUCTIONS, FunctionIndex, IndexCacheError
+from earmark.index import MIN_INSTRUCTIONS, FunctionIndex, IndexCacheError, saved_index_revision
 from earmark.index.artefact_cache import load_artefact_stats, save_artefact_stats
 from earmark.index.artefacts import ArtefactStats, ArtefactStatsBuilder
 from earmark.index.feature_cache import load_feature_candidates, save_feature_candidates
@@ -49,6 +51,7 @@ class KnowledgeBase:
     # one, else no cache (a spool per ingest).
     rows_path: Path | None = None
     _index: FunctionIndex | None = None
+    _revision: int | None = None  # the store revision ``_samples`` and the caches are of
     _samples: dict[int, SampleRecord] = field(default_factory=dict)
     # The second candidate stage of the store revision: built by ``prepare`` (at ingest) and
     # mapped from ``<db>.features``, or built once per process for a KB without a cache path;
@@ -62,7 +65,7 @@ class KnowledgeBase:
         index = self.index()
         if self._artefacts is None or self._artefacts.revision != index.revision:
             # Neither at hand (a server KB's query process): both from one pass, as prepare.
-            self._build_stage_and_artefacts(index, jobs=1)
+            self._build_stage_and_artefacts(index.revision, index.min_instructions, jobs=1)
         if self._artefacts is None or self._artefacts.revision != index.revision:
             self._artefacts = None  # a stale revision's: not kept alive during the build
             cache = self._artefact_cache_path()
@@ -73,15 +76,7 @@ class KnowledgeBase:
         revision = self.store.revision()
         if self._index is not None and self._index.revision == revision:
             return self._index
-        # Nothing of a stale revision (index, stage, statistics) is held while the new index
-        # is loaded or built (PE bench: (c)'s build after (a)'s queries, peak 259 -> 226 MB).
-        self._index = None
-        self._feature_candidates = None
-        self._artefacts = None
-        return_free_memory()
-        self._samples = dict(self.store.sample_labels())
-        if self.index_path is not None:
-            self._claim_caches(revision)
+        self._start_revision(revision)
         index: FunctionIndex | None = None
         if self.index_path is not None:
             try:
@@ -94,6 +89,22 @@ class KnowledgeBase:
                 index.save(self.index_path)
         self._index = index
         return index
+
+    def _start_revision(self, revision: int) -> None:
+        """Forget what was built for another revision and read this one's samples (and,
+        beside a SQLite file, check the caches are this KB's: ``_claim_caches``)."""
+        if self._revision == revision:
+            return
+        # Nothing of a stale revision (index, stage, statistics) is held while the new index
+        # is loaded or built (PE bench: (c)'s build after (a)'s queries, peak 259 -> 226 MB).
+        self._index = None
+        self._feature_candidates = None
+        self._artefacts = None
+        return_free_memory()
+        self._samples = dict(self.store.sample_labels())
+        if self.index_path is not None:
+            self._claim_caches(revision)
+        self._revision = revision
 
     def _claim_caches(self, revision: int) -> None:
         """Drop the caches beside the SQLite file when another KB built them.
@@ -152,12 +163,24 @@ class KnowledgeBase:
         warninglist table. ``earmark ingest`` calls it after writing, so the first query after
         an ingest does not pay the build (seconds: it decodes every stored sample's features,
         once for the feature stage and the artefact statistics together). ``jobs`` > 1
-        decodes the samples in that many processes (the same result)."""
+        decodes the samples in that many processes and, beside a SQLite file, builds the
+        function index in another process meanwhile (``_index_aside``); the same result."""
         if jobs < 1:
             raise UsageError(f"jobs must be at least 1, not {jobs}")
         try:
             with build_pass():
-                self._build_stage_and_artefacts(self.index(), jobs)
+                revision = self.store.revision()
+                self._start_revision(revision)
+                aside = self._index_aside(revision, jobs)
+                # The stage takes the index's minimum size: the default of a build (aside),
+                # else the loaded or built index's own.
+                least = MIN_INSTRUCTIONS if aside is not None else self.index().min_instructions
+                try:
+                    self._build_stage_and_artefacts(revision, least, jobs)
+                finally:
+                    if aside is not None:
+                        aside.join()
+                self.index()  # the one saved aside, else built here
                 self.feature_candidates()
                 self.artefact_stats()
         finally:
@@ -166,12 +189,44 @@ class KnowledgeBase:
         # Compiled once per installation (seconds), mapped by every later process.
         default_warninglist_tables()
 
-    def _build_stage_and_artefacts(self, index: FunctionIndex, jobs: int) -> None:
+    def _index_aside(self, revision: int, jobs: int) -> BaseProcess | None:
+        """A process building and saving the function index of ``revision`` beside the SQLite
+        file while this one builds the stage and statistics, or None (one job, no cache path,
+        no ``fork``, or the index at hand or saved already).
+
+        The two builds share nothing but the store, and the index build alone is ~0.15 of
+        ~0.5 s of ``prepare`` on the PE bench (a) KB; in a thread it gained nothing (both
+        hold the interpreter lock most of the time), in a forked process ``prepare`` took
+        0.36-0.39 s against 0.49-0.55 s (docs/benchmarks.md, "The function index built
+        aside"). The process reads through its own connection (SQLite's WAL lets it read
+        beside this one) and saves only what it read at ``revision``; when it fails or
+        skips, ``index`` builds here as before."""
+        if (
+            jobs < 2
+            or self.index_path is None
+            or (self._index is not None and self._index.revision == revision)
+            or saved_index_revision(self.index_path) == revision
+            or not self.store.url.startswith("sqlite")
+            or "fork" not in multiprocessing.get_all_start_methods()
+        ):
+            return None
+        # Forked, not spawned: a spawned process would import earmark again (~0.6 s), and
+        # ``_samples`` is inherited rather than pickled.
+        context = multiprocessing.get_context("fork")
+        process = context.Process(
+            target=_index_process,
+            args=(self.store.url, self.index_path, revision, self._samples),
+            name="earmark-index-build",
+            daemon=True,
+        )
+        process.start()
+        return process
+
+    def _build_stage_and_artefacts(self, revision: int, min_instructions: int, jobs: int) -> None:
         """When neither the feature stage nor the artefact statistics of this revision are
         at hand, both are built from one decoding pass over the stored samples (PE bench KB:
         prepare 9.1 -> 5.6 CPU s against decoding every sample once per build;
         docs/benchmarks.md, "Query latency and memory")."""
-        revision, min_instructions = index.revision, index.min_instructions
         if (
             len(self._samples) > MAX_FEATURE_STAGE_SAMPLES
             or (self._feature_candidates is not None and self._feature_candidates[0] == revision)
@@ -198,7 +253,8 @@ class KnowledgeBase:
         rows = stored_rows(self.store, self._samples, min_instructions, artefacts, jobs, at_hand)
         kept = self._build_and_keep_feature_candidates(  # the pass feeds the artefacts too
             lambda: build_feature_candidates(self.store, self._samples, min_instructions, rows),
-            index,
+            revision,
+            min_instructions,
         )
         self._feature_candidates = (revision, kept)
         stats = artefacts.finish(revision)
@@ -210,20 +266,24 @@ class KnowledgeBase:
         """The optimisation-robust candidate stage (None past its sample limit)."""
         index = self.index()
         if self._feature_candidates is None or self._feature_candidates[0] != index.revision:
-            self._build_stage_and_artefacts(index, jobs=1)  # see artefact_stats
+            # See artefact_stats.
+            self._build_stage_and_artefacts(index.revision, index.min_instructions, jobs=1)
         if self._feature_candidates is None or self._feature_candidates[0] != index.revision:
             self._feature_candidates = None  # a stale revision's: not kept during the build
             built = self._cached_feature_candidates(index.revision, index.min_instructions)
             if built is None:
                 build = partial(build_feature_candidates, self.store, self._samples)
                 built = self._build_and_keep_feature_candidates(
-                    lambda: build(index.min_instructions), index
+                    lambda: build(index.min_instructions), index.revision, index.min_instructions
                 )
             self._feature_candidates = (index.revision, built)
         return self._feature_candidates[1]
 
     def _build_and_keep_feature_candidates(
-        self, build: Callable[[], FeatureCandidateIndex | None], index: FunctionIndex
+        self,
+        build: Callable[[], FeatureCandidateIndex | None],
+        revision: int,
+        min_instructions: int,
     ) -> FeatureCandidateIndex | None:
         """A stage built, saved beside a SQLite KB and then served from the mapped files (pages
         shared with the page cache). The built arrays are freed before the saved ones are mapped
@@ -231,13 +291,13 @@ class KnowledgeBase:
         built, cache = build(), self._feature_cache_path()
         if built is None or cache is None:
             return built
-        if not save_feature_candidates(built, cache, index.revision, index.min_instructions):
+        if not save_feature_candidates(built, cache, revision, min_instructions):
             return built
         del built  # the only reference
         return_free_memory()
-        mapped = self._cached_feature_candidates(index.revision, index.min_instructions)
+        mapped = self._cached_feature_candidates(revision, min_instructions)
         if mapped is None:  # just written, yet unreadable: built again, kept in memory
-            return build_feature_candidates(self.store, self._samples, index.min_instructions)
+            return build_feature_candidates(self.store, self._samples, min_instructions)
         # The load checks read whole columns (~12 MB of pages on the PE bench KB); a query
         # faults in only what it reads.
         mapped.release_pages()
@@ -273,6 +333,34 @@ class KnowledgeBase:
             return None  # damaged cache: rebuilt by the caller, never trusted
 
 
+def _save_function_index(
+    database: str, path: Path, revision: int, samples: Mapping[int, SampleRecord]
+) -> bool:
+    """The function index of ``revision`` built from the store at ``database`` and saved at
+    ``path`` (atomically, ``FunctionIndex.save``); False, nothing saved, when the store moved
+    past ``revision`` before its function table was read whole."""
+    with open_store(database) as store:
+        if store.revision() != revision:
+            return False
+        table = store.load_function_table()
+        if store.revision() != revision:
+            return False  # written meanwhile: the table may hold functions of a later revision
+        FunctionIndex.build(table, revision, samples).save(path)
+        return True
+
+
+def _index_process(
+    database: str, path: Path, revision: int, samples: Mapping[int, SampleRecord]
+) -> None:
+    """``KnowledgeBase._index_aside``'s process: ``_save_function_index``, ending with exit
+    status 1 on any error, silently: the parent then builds the index itself and meets the
+    same error there, where it is reported."""
+    try:
+        _save_function_index(database, path, revision, samples)
+    except BaseException:
+        os._exit(1)
+
+
 def index_cache_path(database: str | None) -> Path | None:
     """``<db file>.index`` for a SQLite file, None for memory or server databases."""
     url = resolve_database_url(database)
@@ -288,7 +376,9 @@ def _samples_digest(samples: Mapping[int, SampleRecord]) -> str:
     digest = hashlib.sha256()
     for sample_id in sorted(samples):
         record = samples[sample_id]
-        digest.update(f"{sample_id}\t{record.sha256}\t{record.goodware}\t{record.claims}\n".encode())
+        digest.update(
+            f"{sample_id}\t{record.sha256}\t{record.goodware}\t{record.claims}\n".encode()
+        )
     return digest.hexdigest()
 
 
@@ -312,6 +402,4 @@ def row_cache_path(database: str | None) -> Path | None:
 def open_knowledge_base(database: str | None = None) -> Iterator[KnowledgeBase]:
     """The store at ``database`` (path, URL, None for $EARMARK_DB/./earmark.db) and its index."""
     with open_store(database) as store:
-        yield KnowledgeBase(
-            store, index_cache_path(database), rows_path=row_cache_path(database)
-        )
+        yield KnowledgeBase(store, index_cache_path(database), rows_path=row_cache_path(database))

@@ -13,6 +13,7 @@ from earmark.index.function_index import (
     FunctionIndexBuilder,
     FunctionMatches,
     QueryFunctions,
+    saved_index_revision,
 )
 from earmark.index.lsh import candidate_probability, s_curve_threshold
 from earmark.index.rarity import FunctionRarity, RarityTable, rarity_weight
@@ -31,4 +32,5 @@ __all__ = [
     "candidate_probability",
     "rarity_weight",
     "s_curve_threshold",
+    "saved_index_revision",
 ]

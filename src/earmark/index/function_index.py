@@ -527,3 +527,19 @@ def _empty_matches(skipped: int) -> FunctionMatches:
         skipped_small=skipped,
         truncated_buckets=0,
     )
+
+
+def saved_index_revision(path: Path) -> int | None:
+    """The revision of the index saved at ``path`` when its manifest is of this format and
+    version, else None (absent or unreadable: ``FunctionIndex.load`` decides about damage).
+    Reads the manifest alone."""
+    try:
+        manifest = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    if manifest.get("format") != INDEX_FORMAT or manifest.get("version") != INDEX_FORMAT_VERSION:
+        return None
+    revision = manifest.get("revision")
+    return revision if isinstance(revision, int) else None

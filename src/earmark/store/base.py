@@ -95,6 +95,12 @@ class Store(Protocol):
         """How this store freezes features; ingest workers use it to encode in parallel."""
         ...
 
+    @property
+    def url(self) -> str:
+        """The database's SQLAlchemy URL, any password hidden (enough to reopen a SQLite
+        file from another process: ``KnowledgeBase.prepare``'s function index build)."""
+        ...
+
     def add_sample(
         self,
         features: SampleFeatures,
