@@ -838,14 +838,17 @@ def explain_failures(summaries: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def update_doc(doc: Path, body: str) -> None:
-    """Replace (or append) only this benchmark's section of the shared benchmarks document."""
+    """Replace (or append) only this benchmark's generated text in the shared benchmarks
+    document: from its section title to the section's first subsection (the hand-written
+    analyses of earlier runs, kept) or the next section."""
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
     start = text.find(SECTION_TITLE + "\n")
     section = f"{SECTION_TITLE}\n\n{body.strip()}\n"
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        following = text.find("\n## ", start + len(SECTION_TITLE))
+        ends = [text.find(mark, start + len(SECTION_TITLE)) for mark in ("\n## ", "\n### ")]
+        following = min((end for end in ends if end >= 0), default=-1)
         text = text[:start] + section + ("" if following < 0 else text[following:])
     doc.write_text(text, encoding="utf-8")
 

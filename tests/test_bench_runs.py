@@ -77,3 +77,19 @@ def test_unwatched_memory_runs_no_sampler() -> None:
     with unwatched_memory() as reading:
         assert "rss-sampler" not in {t.name for t in threading.enumerate()} - before
     assert (reading.start_bytes, reading.peak_bytes, reading.tree_peak_bytes) == (0, 0, 0)
+
+
+def test_update_doc_replaces_the_generated_text_and_keeps_the_analyses(tmp_path: Path) -> None:
+    from bench.attribution_pe import SECTION_TITLE, update_doc
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        f"# Benchmarks\n\n## Before\n\nkept\n\n{SECTION_TITLE}\n\nold table\n\n"
+        "### Analysis of a run\n\nhand-written\n\n## After\n\nalso kept\n",
+        encoding="utf-8",
+    )
+    update_doc(doc, "new table")
+    assert doc.read_text(encoding="utf-8") == (
+        f"# Benchmarks\n\n## Before\n\nkept\n\n{SECTION_TITLE}\n\nnew table\n\n"
+        "### Analysis of a run\n\nhand-written\n\n## After\n\nalso kept\n"
+    )
