@@ -28,6 +28,7 @@ from earmark.kb_rows import (
     RowCache,
     origin_of,
     rows_of,
+    write_rows_file,
 )
 from earmark.model.sample import SampleFeatures
 from earmark.store.sql import FreezeCodec
@@ -98,6 +99,8 @@ def test_a_later_build_reads_every_earlier_sample_from_the_cache(
         ingest_paths(kb.store, list(kb_groups[-1].paths), LabelTemplate(goodware=True))
         assert isinstance(kb.row_spool(), RowCache)
         written_by_ingest = set(_cached(database))
+        # With workers, each wrote its sample's file and this process renamed it: none left.
+        assert not list(Path(f"{database}.rows").glob(".rows-*"))
         kb.prepare(jobs=jobs)  # decodes the goodware (no rows from ingest) and caches them
         samples = {record.sha256 for record in kb.samples().values()}
         assert written_by_ingest and written_by_ingest < samples == set(_cached(database))
@@ -216,13 +219,14 @@ def test_caches_of_a_kb_created_again_at_the_same_path_are_not_served(
         assert len(kb.index()) != indexed
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
 def test_a_rows_path_that_cannot_be_written_costs_only_the_decoding(
-    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int
 ) -> None:
     database = tmp_path / "kb.db"
     Path(f"{database}.rows").write_text("not a directory")
     with open_knowledge_base(str(database)) as kb:
-        summary = ingest_groups(kb.store, _groups(corpus), rows=kb.row_spool())
+        summary = ingest_groups(kb.store, _groups(corpus), rows=kb.row_spool(), jobs=jobs)
         assert summary.failed == 0
         decoded = _count_decodes(monkeypatch)
         kb.prepare()
@@ -262,6 +266,37 @@ def test_rows_of_an_irregular_sample_or_past_the_limit_are_not_kept(
     assert again.get("b" * 64, origin_of(blobs[1])) is None  # made from other bytes
     assert again.get("b" * 64) is None  # not written by this object: the origin is needed
     assert RowCache(tmp_path / "rows", 6, max_samples=2).get("b" * 64, origin_of(blobs[0])) is None
+
+
+def test_a_file_written_for_the_cache_is_adopted_once_its_sample_is_stored(
+    corpus: DemoCorpus, tmp_path: Path
+) -> None:
+    """What an ingest worker writes (``write_rows_file``) becomes the sample's file when the
+    writing process adopts it, reads back as the rows it was made from, and is deleted
+    instead when the cache has no room."""
+    codec = FreezeCodec()
+    binaries = corpus.select(role="kb")
+    blobs = [codec.to_bytes(_features(b.path)) for b in binaries[:2]]
+    made = [rows_of(codec.from_bytes(blob), 5, TextKeys()) for blob in blobs]
+    directory = tmp_path / "rows"
+    cache = RowCache(directory, 5, max_samples=1)
+    written = write_rows_file(directory, made[0], origin_of(blobs[0]), 5)
+    assert written is not None and Path(written.path).name.startswith(".rows-")
+    assert cache.get("b" * 64) is None
+    cache.adopt("b" * 64, written)
+    assert not Path(written.path).exists() and "b" * 64 in cache
+    read = RowCache(directory, 5, max_samples=1).get("b" * 64, origin_of(blobs[0]))
+    assert read is not None and read.stage.block is not None and made[0].stage.block is not None
+    assert np.array_equal(read.stage.block.minhash, made[0].stage.block.minhash)
+    assert read.artefacts == made[0].artefacts and read.stage.addresses == made[0].stage.addresses
+    second = write_rows_file(directory, made[1], origin_of(blobs[1]), 5)
+    assert second is not None
+    cache.adopt("c" * 64, second)  # full: deleted, not kept
+    assert not Path(second.path).exists() and "c" * 64 not in cache
+    assert sorted(p.name for p in directory.iterdir()) == [f"{'b' * 64}.rows"]
+    assert write_rows_file(tmp_path / "rows.db", made[0], origin_of(blobs[0]), 5) is not None
+    (tmp_path / "file").write_text("not a directory")
+    assert write_rows_file(tmp_path / "file", made[0], origin_of(blobs[0]), 5) is None
 
 
 def _features(path: Path) -> SampleFeatures:

@@ -46,7 +46,15 @@ from earmark.ingest_pool import run_in_pool
 from earmark.intel import indicators_from_strings
 from earmark.intel.indicators import compile_patterns
 from earmark.intel.public_suffixes import host_parts
-from earmark.kb_rows import BuildRows, SampleRows, sample_rows
+from earmark.kb_rows import (
+    BuildRows,
+    RowCache,
+    SampleRows,
+    WrittenRows,
+    origin_of,
+    sample_rows,
+    write_rows_file,
+)
 from earmark.memory import cyclic_collector_paused
 from earmark.model.intel import Indicator
 from earmark.model.kb import Provenance, SampleLabel, Tlp
@@ -390,17 +398,26 @@ def _jobs(groups: Iterable[IngestGroup], recorded_at: datetime, batch: _Batch) -
                 batch.report(_failure(_printable(str(path)), missing))
 
 
-_Prepared = tuple[PreparedSample, list[Indicator], SampleRows | None]
+_Prepared = tuple[PreparedSample, list[Indicator], SampleRows | WrittenRows | None]
 _Analysis = _Prepared | InputError
 
 
 def _prepare(
-    features: SampleFeatures, codec: FeaturesCodec, rows_for: int | None = None
+    features: SampleFeatures,
+    codec: FeaturesCodec,
+    rows_for: int | None = None,
+    rows_to: Path | None = None,
 ) -> _Prepared:
     """The rows to insert, the indicators in the sample's strings, and with ``rows_for``
-    (a ``min_instructions``) the sample's build rows (``kb_rows.BuildRows``)."""
+    (a ``min_instructions``) the sample's build rows (``kb_rows.BuildRows``): with
+    ``rows_to`` (a ``RowCache``'s directory) written there under a temporary name
+    (``kb_rows.write_rows_file``) for the writing process to adopt, else as they are."""
     sample = prepare_sample(features, codec.to_bytes(features))
-    rows = None if rows_for is None else sample_rows(features, rows_for)
+    rows: SampleRows | WrittenRows | None = None
+    if rows_for is not None:
+        rows = sample_rows(features, rows_for)
+        if rows_to is not None:
+            rows = write_rows_file(rows_to, rows, origin_of(sample.features_blob), rows_for)
     return sample, indicators_from_strings(features.strings), rows
 
 
@@ -410,11 +427,13 @@ def _analyze(
     data: bytes,
     limits: Limits,
     rows_for: int | None = None,
+    rows_to: Path | None = None,
 ) -> _Analysis:
     """Runs in a worker: analysis, then everything the writing parent would otherwise compute
     (frozen bytes, rows, indicators); only the rows travel back, not the features (the
-    parent's unpickling and row building measured more than its inserts). Typed input errors
-    come back as values, bugs propagate.
+    parent's unpickling and row building measured more than its inserts), and with
+    ``rows_to`` not even the build rows, only the name of the file they were written to
+    (``_prepare``). Typed input errors come back as values, bugs propagate.
 
     The cyclic collector is paused throughout, and the features are dropped before it runs
     again: they (~10 tuples and strings per function) hold no cycles and die with this call,
@@ -426,7 +445,7 @@ def _analyze(
             features = analyzer(data, limits)
         except InputError as error:
             return error
-        prepared = _prepare(features, codec, rows_for)
+        prepared = _prepare(features, codec, rows_for, rows_to)
         del features  # freed here, by reference counting, not walked when the pause ends
     return prepared
 
@@ -436,21 +455,33 @@ def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
         batch.fail(job.name, job.sha256, result)
         return
     sample, indicators, rows = result
+    stored = False
     if sample.sha256 != job.sha256:
         error = InputError(f"analysis reported sha256 {sample.sha256}, the bytes hash otherwise")
         batch.fail(job.name, job.sha256, error)
-    elif (
-        batch.write(job.name, sample, indicators, job.claim)  # features stored by this call
-        and rows is not None
-        and batch.spool is not None
-    ):
-        batch.spool.add(sample.sha256, rows, sample.features_blob)
+    else:
+        stored = batch.write(job.name, sample, indicators, job.claim)  # features stored now
+    spool = batch.spool
+    if isinstance(rows, WrittenRows):  # only ever asked for with a RowCache (_rows_to)
+        if stored and isinstance(spool, RowCache):
+            spool.adopt(sample.sha256, rows)
+        else:
+            Path(rows.path).unlink(missing_ok=True)
+    elif stored and rows is not None and spool is not None:
+        spool.add(sample.sha256, rows, sample.features_blob)
 
 
 def _rows_wanted(batch: _Batch) -> int | None:
     """The ``min_instructions`` to make build rows for, while the batch's spool has room."""
     spool = batch.spool
     return spool.min_instructions if spool is not None and spool.has_room() else None
+
+
+def _rows_to(batch: _Batch) -> Path | None:
+    """Where workers write the build rows themselves: the batch's row cache directory (a
+    spool of an in-memory KB takes the rows in this process)."""
+    spool = batch.spool
+    return spool.directory if isinstance(spool, RowCache) else None
 
 
 def _warm_before_fork() -> None:
@@ -469,7 +500,9 @@ def _run_in_pool(
     def submit(pool: ProcessPoolExecutor, job: _Job) -> Future[_Analysis]:
         rows_for = _rows_wanted(batch)
         if job.frozen is None:
-            return pool.submit(_analyze, analyzer, codec, job.data, batch.limits, rows_for)
+            return pool.submit(
+                _analyze, analyzer, codec, job.data, batch.limits, rows_for, _rows_to(batch)
+            )
         prepared: Future[_Analysis] = Future()  # a result already at hand, for its turn
         prepared.set_result(_prepare(job.frozen, codec, rows_for))
         return prepared

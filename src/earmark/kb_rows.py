@@ -48,9 +48,11 @@ __all__ = [
     "RowCache",
     "RowSpool",
     "SampleRows",
+    "WrittenRows",
     "origin_of",
     "rows_of",
     "sample_rows",
+    "write_rows_file",
 ]
 
 # Version of the cache files' rows: raised whenever what ``rows_of`` makes from the same
@@ -215,27 +217,27 @@ class RowCache:
     def keep(self, sha256: str, rows: SampleRows, origin: Origin) -> None:
         if not self.has_room() or not _is_sha256(sha256):
             return
-        body = _encoded(rows)
-        if body is None:  # a value the file format cannot hold: decoded by every build
-            return
-        header = _HEADER.pack(
-            _MAGIC, ROW_FORMAT_VERSION, self.min_instructions, *origin, zlib.crc32(body)
-        )
+        written = write_rows_file(self.directory, rows, origin, self.min_instructions)
+        if written is not None:
+            self.adopt(sha256, written)
+
+    def adopt(self, sha256: str, written: WrittenRows) -> None:
+        """Make the file ``write_rows_file`` left (by an ingest worker, for the stored sample
+        ``sha256``) the rows file of ``sha256``; deleted instead when the cache is full."""
+        temporary = Path(written.path)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=_TEMPORARY_PREFIX, dir=self.directory)
-            try:
-                with os.fdopen(fd, "wb") as file:
-                    file.write(header + body)
-                os.replace(temporary, self.directory / f"{sha256}.rows")
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
+            elsewhere = temporary.parent != Path(os.path.abspath(self.directory))
+            if not self.has_room() or not _is_sha256(sha256) or elsewhere:
+                temporary.unlink(missing_ok=True)
+                return
+            os.replace(temporary, self.directory / f"{sha256}.rows")
         except OSError:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
             return  # best effort (see the class)
         if self._files is not None and sha256 not in self._written:
             self._files += 1
-        self._written[sha256] = origin
+        self._written[sha256] = written.origin
 
     def prune(self, stored: set[str]) -> None:
         """Delete the files of samples not in ``stored`` (the KB's sha256s): left by a KB that
@@ -306,6 +308,41 @@ class RowCache:
         if not self._fits(data, expected) or zlib.crc32(body) != _HEADER.unpack_from(data)[5]:
             return None
         return _decoded(body)
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenRows:
+    """A sample's rows written whole by ``write_rows_file`` under a temporary name, for
+    ``RowCache.adopt`` once the sample is stored."""
+
+    path: str
+    origin: Origin
+
+
+def write_rows_file(
+    directory: Path, rows: SampleRows, origin: Origin, min_instructions: int
+) -> WrittenRows | None:
+    """``rows`` (made for ``min_instructions`` from stored bytes of ``origin``) written whole
+    to a temporary file in ``directory``; None when they cannot be kept or written (best
+    effort, as every write of the cache). An ingest worker writes its sample's rows so, and
+    sends back the name rather than the rows (~40 % of what it sent, and the parent's encoding
+    and writing); a temporary file nobody adopts is deleted by a later build's ``prune``."""
+    body = _encoded(rows)
+    if body is None:  # a value the file format cannot hold: decoded by every build
+        return None
+    header = _HEADER.pack(_MAGIC, ROW_FORMAT_VERSION, min_instructions, *origin, zlib.crc32(body))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=_TEMPORARY_PREFIX, dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(header + body)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    except OSError:
+        return None
+    return WrittenRows(temporary, origin)
 
 
 def _is_sha256(name: str) -> bool:
