@@ -42,25 +42,20 @@ from earmark.errors import (
 )
 from earmark.extract import analyze_bytes
 from earmark.freeze import load_features as load_frozen_features
+from earmark.ingest_analysis import Analysis, Analyzer, analyze_for_store, prepare_for_store
 from earmark.ingest_pool import run_in_pool
-from earmark.intel import indicators_from_strings
 from earmark.intel.indicators import compile_patterns
 from earmark.intel.public_suffixes import host_parts
 from earmark.kb_rows import (
     BuildRows,
     RowCache,
-    SampleRows,
     WrittenRows,
-    origin_of,
-    sample_rows,
-    write_rows_file,
 )
-from earmark.memory import cyclic_collector_paused
 from earmark.model.intel import Indicator
 from earmark.model.kb import Provenance, SampleLabel, Tlp
 from earmark.model.sample import SampleFeatures
 from earmark.store.base import FeaturesCodec, Store
-from earmark.store.rows import PreparedSample, prepare_sample
+from earmark.store.rows import PreparedSample
 
 # Password the malware-sharing community puts on sample archives (VirusTotal, MalwareBazaar, ...).
 COMMUNITY_ARCHIVE_PASSWORD = b"infected"
@@ -79,9 +74,6 @@ QUEUED_ANALYSES_PER_WORKER = 2
 QUEUED_RESULTS_HELD_PER_WORKER = 8
 ZIP_MAGIC = b"PK\x03\x04"
 DEFAULT_SOURCE = "ingest"
-
-Analyzer = Callable[[bytes, Limits], SampleFeatures]
-
 
 class IngestStatus(StrEnum):
     INGESTED = "ingested"  # new sample written
@@ -398,59 +390,7 @@ def _jobs(groups: Iterable[IngestGroup], recorded_at: datetime, batch: _Batch) -
                 batch.report(_failure(_printable(str(path)), missing))
 
 
-_Prepared = tuple[PreparedSample, list[Indicator], SampleRows | WrittenRows | None]
-_Analysis = _Prepared | InputError
-
-
-def _prepare(
-    features: SampleFeatures,
-    codec: FeaturesCodec,
-    rows_for: int | None = None,
-    rows_to: Path | None = None,
-) -> _Prepared:
-    """The rows to insert, the indicators in the sample's strings, and with ``rows_for``
-    (a ``min_instructions``) the sample's build rows (``kb_rows.BuildRows``): with
-    ``rows_to`` (a ``RowCache``'s directory) written there under a temporary name
-    (``kb_rows.write_rows_file``) for the writing process to adopt, else as they are."""
-    sample = prepare_sample(features, codec.to_bytes(features))
-    rows: SampleRows | WrittenRows | None = None
-    if rows_for is not None:
-        rows = sample_rows(features, rows_for)
-        if rows_to is not None:
-            rows = write_rows_file(rows_to, rows, origin_of(sample.features_blob), rows_for)
-    return sample, indicators_from_strings(features.strings), rows
-
-
-def _analyze(
-    analyzer: Analyzer,
-    codec: FeaturesCodec,
-    data: bytes,
-    limits: Limits,
-    rows_for: int | None = None,
-    rows_to: Path | None = None,
-) -> _Analysis:
-    """Runs in a worker: analysis, then everything the writing parent would otherwise compute
-    (frozen bytes, rows, indicators); only the rows travel back, not the features (the
-    parent's unpickling and row building measured more than its inserts), and with
-    ``rows_to`` not even the build rows, only the name of the file they were written to
-    (``_prepare``). Typed input errors come back as values, bugs propagate.
-
-    The cyclic collector is paused throughout, and the features are dropped before it runs
-    again: they (~10 tuples and strings per function) hold no cycles and die with this call,
-    but every collection after the recovery's own pause walked them again, the first one as
-    soon as the pause ended (~0.7 of ~7.5 CPU s of a worker on the PE bench (a) KB,
-    docs/benchmarks.md "Ingest worker CPU (2)")."""
-    with cyclic_collector_paused():
-        try:
-            features = analyzer(data, limits)
-        except InputError as error:
-            return error
-        prepared = _prepare(features, codec, rows_for, rows_to)
-        del features  # freed here, by reference counting, not walked when the pause ends
-    return prepared
-
-
-def _finish(job: _Job, result: _Analysis, batch: _Batch) -> None:
+def _finish(job: _Job, result: Analysis, batch: _Batch) -> None:
     if isinstance(result, InputError):
         batch.fail(job.name, job.sha256, result)
         return
@@ -497,14 +437,16 @@ def _run_in_pool(
     jobs: Iterator[_Job], analyzer: Analyzer, codec: FeaturesCodec, workers: int, batch: _Batch
 ) -> None:
     """Analyse in ``workers`` processes; this process writes (``earmark.ingest_pool``)."""
-    def submit(pool: ProcessPoolExecutor, job: _Job) -> Future[_Analysis]:
+    def submit(pool: ProcessPoolExecutor, job: _Job) -> Future[Analysis]:
         rows_for = _rows_wanted(batch)
         if job.frozen is None:
+            rows_to = _rows_to(batch)
+            limits = batch.limits
             return pool.submit(
-                _analyze, analyzer, codec, job.data, batch.limits, rows_for, _rows_to(batch)
+                analyze_for_store, analyzer, codec, job.data, limits, rows_for, rows_to
             )
-        prepared: Future[_Analysis] = Future()  # a result already at hand, for its turn
-        prepared.set_result(_prepare(job.frozen, codec, rows_for))
+        prepared: Future[Analysis] = Future()  # a result already at hand, for its turn
+        prepared.set_result(prepare_for_store(job.frozen, codec, rows_for))
         return prepared
 
     def crashed(job: _Job) -> None:
@@ -555,9 +497,9 @@ def ingest_groups(
         for job in pending_jobs:
             rows_for = _rows_wanted(batch)
             if job.frozen is None:
-                result = _analyze(analyzer, store.codec, job.data, limits, rows_for)
+                result = analyze_for_store(analyzer, store.codec, job.data, limits, rows_for)
             else:
-                result = _prepare(job.frozen, store.codec, rows_for)
+                result = prepare_for_store(job.frozen, store.codec, rows_for)
             _finish(job, result, batch)
     else:
         _run_in_pool(pending_jobs, analyzer, store.codec, jobs, batch)
