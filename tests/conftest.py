@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from earmark.demo_build import DemoCorpus, build_demo_corpus
 from fixtures.build import FixtureBuilder
 
 # CI runs the property tests on a fixed sequence of examples so a red run is reproducible and a
@@ -32,6 +34,16 @@ POSTGRES_URL_ENV_VAR = "EARMARK_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_ENV_VAR = "EARMARK_TEST_REQUIRE_POSTGRES"
 
 FreshPostgresDatabase = Callable[[], AbstractContextManager[str]]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
+    """The demo corpus (``earmark.demo_build``) built by gcc at -O2, once per session, for the
+    modules that ingest real binaries into a KB; a module that needs another corpus defines
+    its own ``corpus``. Tests only read it."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    return build_demo_corpus(tmp_path_factory.getbasetemp() / "demo-corpus", "gcc", ("O2",))
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,7 @@ from click.testing import CliRunner
 
 from earmark.attribution import open_knowledge_base
 from earmark.cli import cli
-from earmark.demo_build import DemoCorpus, build_demo_corpus
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    return build_demo_corpus(tmp_path_factory.getbasetemp() / "demo-corpus", "gcc", ("O2",))
+from earmark.demo_build import DemoCorpus
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from earmark.attribution import compare_samples
-from earmark.demo_build import DemoCorpus, build_demo_corpus
+from earmark.demo_build import DemoCorpus
 from earmark.extract import analyze_file
 from earmark.index.similarity import function_similarity, similarity_matrix
 from earmark.model.sample import SampleFeatures
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    return build_demo_corpus(tmp_path_factory.getbasetemp() / "demo-corpus", "gcc", ("O2",))
 
 
 def features(path: Path) -> SampleFeatures:

@@ -17,28 +17,18 @@ import pytest
 
 from earmark import knowledge_base
 from earmark.attribution import open_knowledge_base
-from earmark.demo_build import DemoCorpus, build_demo_corpus
+from earmark.demo_build import DemoCorpus
 from earmark.index import FunctionIndex, saved_index_revision
-from earmark.ingest import IngestGroup, LabelTemplate, ingest_groups, ingest_paths
+from earmark.index.artefacts import ArtefactStats
+from earmark.index.feature_candidates import FeatureCandidateIndex
+from earmark.ingest import LabelTemplate, ingest_groups, ingest_paths
 from test_prepare import assert_same_stage, assert_same_stats
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    return build_demo_corpus(tmp_path_factory.mktemp("aside") / "corpus", "gcc", ("O2",))
+from test_row_cache import _groups
 
 
 def _ingest(database: Path, corpus: DemoCorpus) -> None:
-    groups = [
-        IngestGroup((str(b.path),), LabelTemplate(actor=b.actor, family=b.family, source="t"))
-        for b in corpus.select(role="kb")
-    ]
-    goodware = tuple(str(b.path) for b in corpus.select(role="goodware"))
-    groups.append(IngestGroup(goodware, LabelTemplate(goodware=True, source="t")))
     with open_knowledge_base(str(database)) as kb:
-        ingest_groups(kb.store, groups, rows=kb.row_spool())
+        ingest_groups(kb.store, _groups(corpus), rows=kb.row_spool())
 
 
 def _builds_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -73,7 +63,9 @@ def assert_same_index(a: FunctionIndex, b: FunctionIndex) -> None:
     )
 
 
-def _built_in_this_process(database: Path) -> tuple[FunctionIndex, object, object]:
+def _built_in_this_process(
+    database: Path,
+) -> tuple[FunctionIndex, FeatureCandidateIndex | None, ArtefactStats]:
     """Index, stage and statistics of a copy of the KB built with ``jobs=1``."""
     copy = database.with_name("copy.db")
     shutil.copy(database, copy)
@@ -97,8 +89,8 @@ def test_the_index_is_built_aside_and_is_the_index_a_build_here_gives(
         assert_same_index(kb.index(), index)
         aside_stage = kb.feature_candidates()
         assert aside_stage is not None and stage is not None
-        assert_same_stage(aside_stage, stage)  # type: ignore[arg-type]
-        assert_same_stats(kb.artefact_stats(), stats)  # type: ignore[arg-type]
+        assert_same_stage(aside_stage, stage)
+        assert_same_stats(kb.artefact_stats(), stats)
         kb.prepare(jobs=2)  # all at hand: nothing built again, in either process
         assert built == []
 
@@ -155,7 +147,7 @@ def test_no_process_for_one_job_or_a_kb_without_a_cache_path(
         forks.append(method)
         return get_context(method)
 
-    monkeypatch.setattr(knowledge_base.multiprocessing, "get_context", recording)
+    monkeypatch.setattr(multiprocessing, "get_context", recording)
     with open_knowledge_base(str(database) if jobs == 1 else ":memory:") as kb:
         if jobs == 2:
             for binary in corpus.select(role="kb"):

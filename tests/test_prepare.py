@@ -6,7 +6,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 
 from earmark.attribution import KnowledgeBase, index_cache_path, open_knowledge_base
 from earmark.correlate.code import build_feature_candidates, stored_samples
-from earmark.demo_build import DemoCorpus, build_demo_corpus
+from earmark.demo_build import DemoCorpus
 from earmark.errors import StoreError
 from earmark.extract import analyze_file
 from earmark.index.artefacts import ArtefactStats, build_artefact_stats
@@ -42,13 +41,6 @@ from earmark.ingest import IngestGroup, LabelTemplate, ingest_groups, ingest_pat
 from earmark.kb_rows import RowSpool
 from earmark.model.sample import MINHASH_PERMUTATIONS, FunctionFeatures, SampleFeatures
 from earmark.store.sql import FreezeCodec, open_store
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    return build_demo_corpus(tmp_path_factory.mktemp("prepare") / "corpus", "gcc", ("O2",))
 
 
 def _ingest(kb: KnowledgeBase, corpus: DemoCorpus) -> None:

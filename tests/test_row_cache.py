@@ -16,7 +16,7 @@ import pytest
 
 from earmark.attribution import KnowledgeBase, open_knowledge_base
 from earmark.correlate.code import build_feature_candidates, stored_samples
-from earmark.demo_build import DemoCorpus, build_demo_corpus
+from earmark.demo_build import DemoCorpus
 from earmark.index import FunctionIndex
 from earmark.index.artefacts import build_artefact_stats
 from earmark.index.feature_candidates import TextKeys
@@ -33,13 +33,6 @@ from earmark.kb_rows import (
 from earmark.model.sample import SampleFeatures
 from earmark.store.sql import FreezeCodec
 from test_prepare import assert_same_stage, assert_same_stats
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    return build_demo_corpus(tmp_path_factory.mktemp("rows") / "corpus", "gcc", ("O2",))
 
 
 def _groups(corpus: DemoCorpus) -> list[IngestGroup]:
