@@ -46,11 +46,7 @@ from earmark.ingest_analysis import Analysis, Analyzer, analyze_for_store, prepa
 from earmark.ingest_pool import run_in_pool
 from earmark.intel.indicators import compile_patterns
 from earmark.intel.public_suffixes import host_parts
-from earmark.kb_rows import (
-    BuildRows,
-    RowCache,
-    WrittenRows,
-)
+from earmark.kb_rows import BuildRows, RowCache, WrittenRows
 from earmark.model.intel import Indicator
 from earmark.model.kb import Provenance, SampleLabel, Tlp
 from earmark.model.sample import SampleFeatures
@@ -74,6 +70,7 @@ QUEUED_ANALYSES_PER_WORKER = 2
 QUEUED_RESULTS_HELD_PER_WORKER = 8
 ZIP_MAGIC = b"PK\x03\x04"
 DEFAULT_SOURCE = "ingest"
+
 
 class IngestStatus(StrEnum):
     INGESTED = "ingested"  # new sample written
@@ -437,6 +434,7 @@ def _run_in_pool(
     jobs: Iterator[_Job], analyzer: Analyzer, codec: FeaturesCodec, workers: int, batch: _Batch
 ) -> None:
     """Analyse in ``workers`` processes; this process writes (``earmark.ingest_pool``)."""
+
     def submit(pool: ProcessPoolExecutor, job: _Job) -> Future[Analysis]:
         rows_for = _rows_wanted(batch)
         if job.frozen is None:
